@@ -1,0 +1,25 @@
+//! The pure domain of bar-fulfillment.
+//!
+//! Layout:
+//! - [`ids`]: typed identifiers (orders, payments, SKUs, stores, users) and their validation.
+//! - [`money`]: integer cents, with overflow-checked arithmetic.
+//! - [`order`]: order states, the allowed-transition table and the compare-and-set contract.
+//! - [`stock`]: the stock ledger model (pre-lock, confirm, release, expiry, deduction) that the
+//!   Redis scripts and the Postgres ledger both implement, and the in-process sold-out marker.
+//! - [`payment`]: providers, payment states, and what a confirmed payment does to an order.
+//! - [`ports`]: the traits adapters implement, each with its written contract.
+//!
+//! This crate owns the rules. It must never do I/O: no tokio, sqlx, redis or axum here, and no
+//! serde either (wire formats belong to the adapters that speak them).
+
+pub mod ids;
+pub mod money;
+pub mod order;
+pub mod payment;
+pub mod ports;
+pub mod stock;
+
+pub use ids::{IdError, OrderId, PaymentId, SkuId, StoreId, UserId};
+pub use money::Money;
+pub use order::{OrderState, TransitionError};
+pub use payment::{PaymentPlan, PaymentStatus, Provider};

@@ -1,0 +1,110 @@
+//! The outbox events and delayed jobs the use cases write. Kinds and payload fields here are
+//! the contract with the scheduler and the Kafka consumers; each event type carries a schema
+//! version, bumped on any change a consumer could notice.
+
+use chrono::{DateTime, Utc};
+use postgres_store::effects::{NewJob, OutboxEvent};
+use postgres_store::orders::OrderRow;
+use serde_json::json;
+
+pub const ORDER_CREATED: &str = "OrderCreated";
+pub const ORDER_CANCELLED: &str = "OrderCancelled";
+pub const ORDER_PAID: &str = "OrderPaid";
+pub const ORDER_EXPIRED: &str = "OrderExpired";
+pub const REFUND_REQUESTED: &str = "RefundRequested";
+
+pub const JOB_ORDER_EXPIRE: &str = "order.expire";
+pub const JOB_STOCK_DEDUCT: &str = "stock.deduct";
+pub const JOB_VOUCHER_ISSUE: &str = "voucher.issue";
+pub const JOB_ORDER_NOTIFY: &str = "order.notify";
+pub const JOB_PAYMENT_REFUND: &str = "payment.refund";
+
+/// P0: money and stock. P1: user-facing follow-ups.
+const P0: i16 = 0;
+const P1: i16 = 1;
+
+pub fn order_event<'a>(
+    event_type: &'a str,
+    order: &OrderRow,
+    extra: serde_json::Value,
+) -> OutboxEvent<'a> {
+    let mut payload = json!({
+        "order_id": order.id,
+        "user_id": order.user_id,
+        "sku_id": order.sku_id,
+        "store_id": order.store_id,
+        "quantity": order.quantity,
+        "amount_cents": order.amount_cents,
+    });
+    if let (Some(p), Some(e)) = (payload.as_object_mut(), extra.as_object()) {
+        p.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    OutboxEvent {
+        aggregate_type: "order",
+        aggregate_id: order.id.to_string(),
+        event_type,
+        schema_version: 1,
+        payload,
+    }
+}
+
+pub fn expiry_job(order: &OrderRow) -> NewJob<'static> {
+    NewJob {
+        kind: JOB_ORDER_EXPIRE,
+        payload: json!({ "order_id": order.id, "sku_id": order.sku_id }),
+        priority: P0,
+        run_at: order.expires_at,
+        dedupe_key: expiry_job_key(order),
+    }
+}
+
+pub fn expiry_job_key(order: &OrderRow) -> String {
+    format!("{JOB_ORDER_EXPIRE}:{}", order.id)
+}
+
+/// The follow-up actions of a kept payment: deduct real stock, issue the voucher, notify the
+/// buyer and the bar. One job per action, deduplicated by order.
+pub fn follow_up_jobs(order: &OrderRow, due: DateTime<Utc>) -> [NewJob<'static>; 3] {
+    let job = |kind: &'static str, priority: i16, payload: serde_json::Value| NewJob {
+        kind,
+        payload,
+        priority,
+        run_at: due,
+        dedupe_key: format!("{kind}:{}", order.id),
+    };
+    [
+        job(
+            JOB_STOCK_DEDUCT,
+            P0,
+            json!({ "order_id": order.id, "sku_id": order.sku_id, "quantity": order.quantity }),
+        ),
+        job(
+            JOB_VOUCHER_ISSUE,
+            P0,
+            json!({ "order_id": order.id, "user_id": order.user_id, "store_id": order.store_id }),
+        ),
+        job(
+            JOB_ORDER_NOTIFY,
+            P1,
+            json!({ "order_id": order.id, "user_id": order.user_id, "store_id": order.store_id }),
+        ),
+    ]
+}
+
+pub fn refund_job(
+    payment_id: uuid::Uuid,
+    order: &OrderRow,
+    amount_cents: i64,
+    reason: &str,
+) -> NewJob<'static> {
+    NewJob {
+        kind: JOB_PAYMENT_REFUND,
+        payload: json!({
+            "payment_id": payment_id, "order_id": order.id,
+            "amount_cents": amount_cents, "reason": reason,
+        }),
+        priority: P0,
+        run_at: Utc::now(),
+        dedupe_key: format!("{JOB_PAYMENT_REFUND}:{payment_id}"),
+    }
+}

@@ -1,0 +1,72 @@
+//! Use cases of the order lifecycle, shared by every entry point: order-api's handlers, the
+//! payment webhook, and (later) the compensation worker and manual replay, which all call the
+//! same [`Fulfillment::apply_payment`].
+//!
+//! Layout:
+//! - [`error`]: what callers branch on.
+//! - [`orders`]: create (pre-lock + order + reservation + outbox + expiry job in one
+//!   transaction) and cancel.
+//! - [`payments`]: apply a confirmed payment exactly once.
+//! - [`events`]: the outbox events and jobs these write (kinds, payloads, versions).
+//!
+//! Concurrency contract: every transaction that changes a SKU's reservations and the Redis
+//! pre-lock holds that SKU's shared advisory lock while it talks to Redis; a rebuild holds it
+//! exclusively (see `postgres_store::lock_sku_shared`). Order state changes are
+//! compare-and-set on the version; a conflict is retried from a fresh read, never overwritten.
+//! This crate decides the order of side effects; it must never speak HTTP or SQL itself.
+
+pub mod error;
+pub mod events;
+pub mod orders;
+pub mod payments;
+
+use std::time::Duration;
+
+use domain::ports::StockPrelock;
+use domain::stock::SoldOutMarker;
+use postgres_store::PgStore;
+
+pub use error::FulfillmentError;
+
+#[derive(Debug, Clone)]
+pub struct FulfillmentConfig {
+    /// Largest quantity one order may take (a flash sale's per-order limit).
+    pub max_quantity: u32,
+    /// Follow-up jobs of a payment are due this long after it commits (paper: 2 s).
+    pub follow_up_delay: Duration,
+    /// How many times a create waits for a SKU whose Redis state is being rebuilt.
+    pub not_loaded_retries: u32,
+    /// How long a "sold out" answer is remembered in-process (0 disables the marker).
+    pub sold_out_ttl: Duration,
+}
+
+impl Default for FulfillmentConfig {
+    fn default() -> Self {
+        FulfillmentConfig {
+            max_quantity: 20,
+            follow_up_delay: Duration::from_secs(2),
+            not_loaded_retries: 4,
+            sold_out_ttl: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct Fulfillment<P> {
+    pub store: PgStore,
+    pub prelock: P,
+    pub config: FulfillmentConfig,
+    /// Hot SKUs known to be empty, answered without a database transaction.
+    pub sold_out: SoldOutMarker,
+}
+
+impl<P: StockPrelock> Fulfillment<P> {
+    pub fn new(store: PgStore, prelock: P, config: FulfillmentConfig) -> Self {
+        let sold_out = SoldOutMarker::new(config.sold_out_ttl);
+        Fulfillment {
+            store,
+            prelock,
+            config,
+            sold_out,
+        }
+    }
+}

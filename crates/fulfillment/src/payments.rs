@@ -1,0 +1,264 @@
+//! Applying a confirmed payment, exactly once.
+//!
+//! The webhook, the compensation poller and manual replay all call
+//! [`Fulfillment::apply_payment`]. Exactly-once rests on three things, none on a lock in
+//! Redis: the payment row is locked `FOR UPDATE` (applications of one payment run one at a
+//! time), each provider event id is recorded once (a unique key), and the order moves by
+//! compare-and-set on its version.
+
+use chrono::{DateTime, Utc};
+use domain::order::OrderState;
+use domain::payment::{resolve_payment, stock_step, StockStep};
+use domain::ports::{PrelockError, StockPrelock};
+use domain::stock::{ConfirmOutcome, ReserveOutcome};
+use domain::{OrderId, PaymentStatus, Provider, SkuId};
+use postgres_store::orders::{self, TransitionFailure};
+use postgres_store::payments::{self, NewPaymentEvent};
+use postgres_store::{effects, lock_sku_shared, Tx};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::events;
+use crate::{Fulfillment, FulfillmentError};
+
+/// Where a payment result came from (recorded with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Webhook,
+    Compensation,
+    Replay,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Webhook => "webhook",
+            Source::Compensation => "compensation",
+            Source::Replay => "replay",
+        }
+    }
+}
+
+/// A provider's word that a payment succeeded (a verified callback or a query answer).
+#[derive(Debug, Clone)]
+pub struct PaymentConfirmation {
+    pub provider: Provider,
+    pub event_id: String,
+    pub payment_id: Uuid,
+    pub amount_cents: i64,
+    pub paid_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// The order is now PAID; follow-up jobs are scheduled.
+    Paid,
+    /// The money cannot be kept (no stock after a lapse, cancelled, paid twice): the payment
+    /// is marked REFUND_REQUIRED and a refund job is scheduled. `state` is the order's state.
+    RefundRequired { state: OrderState },
+    /// This result was applied before: nothing changed.
+    Duplicate,
+}
+
+impl<P: StockPrelock> Fulfillment<P> {
+    pub async fn apply_payment(
+        &self,
+        conf: &PaymentConfirmation,
+        source: Source,
+    ) -> Result<ApplyOutcome, FulfillmentError> {
+        if conf.event_id.is_empty() || conf.event_id.len() > 128 {
+            return Err(FulfillmentError::Validation {
+                field: "event_id",
+                message: "must be 1 to 128 characters".into(),
+            });
+        }
+        // A conflict means the order moved under us (a cancel, a second payment): start over
+        // from a fresh read; the payment lock makes this converge in a step or two.
+        for _ in 0..5 {
+            let mut tx = self.store.begin().await?;
+            match self.apply_in(&mut tx, conf, source).await {
+                Ok(outcome) => {
+                    tx.commit().await?;
+                    return Ok(outcome);
+                }
+                Err(FulfillmentError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(FulfillmentError::Conflict)
+    }
+
+    async fn apply_in(
+        &self,
+        tx: &mut Tx,
+        conf: &PaymentConfirmation,
+        source: Source,
+    ) -> Result<ApplyOutcome, FulfillmentError> {
+        let payment = payments::lock_payment(tx, conf.payment_id)
+            .await?
+            .filter(|p| p.provider == conf.provider)
+            .ok_or(FulfillmentError::UnknownPayment)?;
+        if payment.amount_cents != conf.amount_cents {
+            return Err(FulfillmentError::AmountMismatch {
+                expected: payment.amount_cents,
+                got: conf.amount_cents,
+            });
+        }
+        let record = |outcome: &'static str| NewPaymentEvent {
+            provider: conf.provider,
+            provider_event_id: &conf.event_id,
+            payment_id: payment.id,
+            source: source.as_str(),
+            amount_cents: conf.amount_cents,
+            outcome,
+        };
+        if payment.status != PaymentStatus::Created {
+            // Settled by an earlier result. Record this event id (once) and change nothing.
+            payments::record_event(tx, &record("ALREADY_SETTLED")).await?;
+            return Ok(ApplyOutcome::Duplicate);
+        }
+
+        let order = orders::find_order(&mut **tx, payment.order_id)
+            .await?
+            .ok_or(FulfillmentError::UnknownPayment)?;
+        let sku = SkuId::parse(&order.sku_id).map_err(|_| FulfillmentError::UnknownSku)?;
+        let id = OrderId(order.id);
+        lock_sku_shared(tx, sku.as_str()).await?;
+
+        let stock = match stock_step(order.state) {
+            StockStep::None => HeldStock::No,
+            StockStep::Confirm => match self.prelock.confirm(&sku, id).await? {
+                ConfirmOutcome::Confirmed { .. } => HeldStock::Yes(None),
+                ConfirmOutcome::Lapsed | ConfirmOutcome::NotFound => {
+                    self.reserve_and_confirm(&sku, id, order.quantity as u32)
+                        .await?
+                }
+            },
+            StockStep::Reserve => {
+                self.reserve_and_confirm(&sku, id, order.quantity as u32)
+                    .await?
+            }
+        };
+        let held = matches!(stock, HeldStock::Yes(_));
+        let plan = resolve_payment(order.state, held);
+
+        let mut at = order.versioned();
+        for &to in &plan.path {
+            at = orders::transition(tx, order.id, at, to)
+                .await
+                .map_err(|f| match f {
+                    TransitionFailure::Conflict => FulfillmentError::Conflict,
+                    other => other.into(),
+                })?;
+            if to == OrderState::Expired {
+                effects::append_event(
+                    tx,
+                    events::order_event(events::ORDER_EXPIRED, &order, json!({})),
+                )
+                .await?;
+            }
+        }
+
+        if plan.keep_money {
+            let new_expiry = match stock {
+                HeldStock::Yes(e) => e,
+                HeldStock::No => None,
+            };
+            orders::set_reservation(tx, order.id, "CONFIRMED", new_expiry).await?;
+            payments::settle_payment(
+                tx,
+                payment.id,
+                PaymentStatus::Succeeded,
+                &conf.event_id,
+                conf.paid_at,
+            )
+            .await?;
+            effects::append_event(
+                tx,
+                events::order_event(
+                    events::ORDER_PAID,
+                    &order,
+                    json!({ "payment_id": payment.id, "provider": conf.provider.as_str(), "paid_at": conf.paid_at }),
+                ),
+            )
+            .await?;
+            let due = Utc::now() + self.config.follow_up_delay;
+            for job in events::follow_up_jobs(&order, due) {
+                effects::schedule_job(tx, job).await?;
+            }
+            effects::cancel_job(tx, &events::expiry_job_key(&order)).await?;
+            payments::record_event(tx, &record("PAID")).await?;
+            tracing::info!(order_id = %order.id, payment_id = %payment.id, source = source.as_str(), "payment applied");
+            return Ok(ApplyOutcome::Paid);
+        }
+
+        // The money goes back. Nothing of this order holds stock now (a lapsed pre-lock was
+        // reclaimed; a cancelled or paid order's units are accounted elsewhere).
+        let reason = match order.state {
+            OrderState::Pending | OrderState::Expired => "no stock left after the pre-lock lapsed",
+            OrderState::Cancelled => "order was cancelled",
+            _ => "order was already paid",
+        };
+        if matches!(order.state, OrderState::Pending | OrderState::Expired) {
+            orders::set_reservation(tx, order.id, "RELEASED", None).await?;
+            effects::cancel_job(tx, &events::expiry_job_key(&order)).await?;
+        }
+        payments::settle_payment(
+            tx,
+            payment.id,
+            PaymentStatus::RefundRequired,
+            &conf.event_id,
+            conf.paid_at,
+        )
+        .await?;
+        effects::append_event(
+            tx,
+            events::order_event(
+                events::REFUND_REQUESTED,
+                &order,
+                json!({ "payment_id": payment.id, "provider": conf.provider.as_str(), "reason": reason }),
+            ),
+        )
+        .await?;
+        effects::schedule_job(
+            tx,
+            events::refund_job(payment.id, &order, conf.amount_cents, reason),
+        )
+        .await?;
+        payments::record_event(tx, &record("REFUND_REQUIRED")).await?;
+        tracing::warn!(order_id = %order.id, payment_id = %payment.id, reason, "payment cannot be kept; refund scheduled");
+        Ok(ApplyOutcome::RefundRequired { state: at.state })
+    }
+
+    /// The pre-lock lapsed (or the order expired) before the money came: take the units
+    /// again if they are still there, and pin them.
+    async fn reserve_and_confirm(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+        quantity: u32,
+    ) -> Result<HeldStock, FulfillmentError> {
+        let expires_at_ms = match self.prelock.reserve(sku, id, quantity).await {
+            Ok(ReserveOutcome::Reserved { expires_at_ms, .. }) => Some(expires_at_ms),
+            Ok(ReserveOutcome::Existing { expires_at_ms, .. }) => expires_at_ms,
+            Ok(ReserveOutcome::Shortage { .. }) | Err(PrelockError::Mismatch) => {
+                return Ok(HeldStock::No)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match self.prelock.confirm(sku, id).await? {
+            ConfirmOutcome::Confirmed { .. } => Ok(HeldStock::Yes(
+                expires_at_ms.and_then(DateTime::<Utc>::from_timestamp_millis),
+            )),
+            // Lapsed within the same instant: treat as no stock (the money goes back).
+            ConfirmOutcome::Lapsed | ConfirmOutcome::NotFound => Ok(HeldStock::No),
+        }
+    }
+}
+
+/// Whether stock is held for the paying order; `Yes(Some(t))` when it was re-reserved with a
+/// new lapse time that the ledger row must record.
+enum HeldStock {
+    Yes(Option<DateTime<Utc>>),
+    No,
+}

@@ -1,0 +1,287 @@
+//! Payment provider wire formats, shared by order-api (which verifies) and the gateway
+//! simulator (which signs), plus the client order-api and the compensation worker use.
+//!
+//! Callbacks are signed with HMAC-SHA256 over `"{timestamp}.{raw body}"` (hex), with a
+//! per-provider secret. Headers per provider:
+//!
+//! | provider | timestamp header      | signature header      |
+//! |----------|-----------------------|-----------------------|
+//! | wechat   | `Wechatpay-Timestamp` | `Wechatpay-Signature` |
+//! | alipay   | `Alipay-Timestamp`    | `Alipay-Signature`    |
+//! | douyin   | `Douyin-Timestamp`    | `Douyin-Signature`    |
+//!
+//! A callback whose timestamp is more than [`MAX_SKEW_SECS`] away from our clock is refused,
+//! so a captured callback cannot be replayed later. This crate owns these formats; it must
+//! never touch orders.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::Provider;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+pub const MAX_SKEW_SECS: i64 = 300;
+
+pub fn timestamp_header(p: Provider) -> &'static str {
+    match p {
+        Provider::Wechat => "Wechatpay-Timestamp",
+        Provider::Alipay => "Alipay-Timestamp",
+        Provider::Douyin => "Douyin-Timestamp",
+    }
+}
+
+pub fn signature_header(p: Provider) -> &'static str {
+    match p {
+        Provider::Wechat => "Wechatpay-Signature",
+        Provider::Alipay => "Alipay-Signature",
+        Provider::Douyin => "Douyin-Signature",
+    }
+}
+
+/// Per-provider signing secrets (`PAYMENT_SECRET_WECHAT`, `..._ALIPAY`, `..._DOUYIN`).
+#[derive(Clone)]
+pub struct ProviderSecrets {
+    wechat: String,
+    alipay: String,
+    douyin: String,
+}
+
+impl std::fmt::Debug for ProviderSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProviderSecrets { <redacted> }")
+    }
+}
+
+impl ProviderSecrets {
+    pub fn from_env() -> Self {
+        let get = |p: Provider| {
+            let var = format!("PAYMENT_SECRET_{}", p.as_str().to_uppercase());
+            match std::env::var(&var) {
+                Ok(v) if !v.is_empty() => v,
+                _ => format!("dev-{}-secret", p.as_str()),
+            }
+        };
+        ProviderSecrets {
+            wechat: get(Provider::Wechat),
+            alipay: get(Provider::Alipay),
+            douyin: get(Provider::Douyin),
+        }
+    }
+
+    pub fn get(&self, p: Provider) -> &str {
+        match p {
+            Provider::Wechat => &self.wechat,
+            Provider::Alipay => &self.alipay,
+            Provider::Douyin => &self.douyin,
+        }
+    }
+}
+
+fn mac(secret: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    m.update(timestamp.as_bytes());
+    m.update(b".");
+    m.update(body);
+    m
+}
+
+pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    hex::encode(mac(secret, timestamp, body).finalize().into_bytes())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignatureError {
+    Missing,
+    Stale,
+    Bad,
+}
+
+impl std::error::Error for SignatureError {}
+
+impl std::fmt::Display for SignatureError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SignatureError::Missing => "missing timestamp or signature header",
+            SignatureError::Stale => "timestamp outside the 300 s window",
+            SignatureError::Bad => "signature does not match",
+        })
+    }
+}
+
+/// Verifies a callback: timestamp within [`MAX_SKEW_SECS`] of `now`, and the HMAC (constant
+/// time) over the raw body bytes as received.
+pub fn verify(
+    secret: &str,
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Result<(), SignatureError> {
+    let (Some(ts), Some(sig)) = (timestamp, signature) else {
+        return Err(SignatureError::Missing);
+    };
+    let secs: i64 = ts.trim().parse().map_err(|_| SignatureError::Stale)?;
+    if (now.timestamp() - secs).abs() > MAX_SKEW_SECS {
+        return Err(SignatureError::Stale);
+    }
+    let sig = hex::decode(sig.trim()).map_err(|_| SignatureError::Bad)?;
+    mac(secret, ts.trim(), body)
+        .verify_slice(&sig)
+        .map_err(|_| SignatureError::Bad)
+}
+
+/// The body of a "payment succeeded" callback (all three providers, in this simulation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PaymentNotification {
+    /// The provider's id for this result; the same id comes back from the query API, so a
+    /// webhook and a compensation query of one payment deduplicate to one record.
+    pub event_id: String,
+    pub payment_id: String,
+    pub order_id: String,
+    pub amount_cents: i64,
+    /// Always `SUCCESS` for now; other values are refused.
+    pub status: String,
+    pub paid_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatePayment {
+    pub payment_id: String,
+    pub order_id: String,
+    pub amount_cents: i64,
+    /// Where the provider sends the signed callback.
+    pub notify_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedPayment {
+    pub pay_url: String,
+}
+
+/// The query API's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentQuery {
+    pub payment_id: String,
+    /// `CREATED` (not paid yet) or `PAID`.
+    pub status: String,
+    pub amount_cents: i64,
+    pub event_id: Option<String>,
+    pub paid_at: Option<DateTime<Utc>>,
+}
+
+/// Client for the providers' merchant APIs (create payment, query payment).
+#[derive(Clone)]
+pub struct GatewayClient {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+#[derive(Debug)]
+pub enum GatewayError {
+    /// Timed out or unreachable: try again later.
+    Unavailable(String),
+    /// The provider answered with an error.
+    Rejected(String),
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GatewayError::Unavailable(m) => write!(f, "payment gateway unavailable: {m}"),
+            GatewayError::Rejected(m) => write!(f, "payment gateway refused: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+impl GatewayClient {
+    pub fn new(base_url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        Ok(GatewayClient {
+            http: reqwest::Client::builder().timeout(timeout).build()?,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, GatewayError> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+        let status = resp.status();
+        if status.is_server_error() {
+            return Err(GatewayError::Unavailable(format!("answered {status}")));
+        }
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(GatewayError::Rejected(format!("{status}: {text}")));
+        }
+        resp.json()
+            .await
+            .map_err(|e| GatewayError::Unavailable(format!("bad reply: {e}")))
+    }
+
+    pub async fn create_payment(
+        &self,
+        provider: Provider,
+        req: &CreatePayment,
+    ) -> Result<CreatedPayment, GatewayError> {
+        let url = format!("{}/v1/{provider}/payments", self.base_url);
+        Self::send(self.http.post(url).json(req)).await
+    }
+
+    pub async fn query_payment(
+        &self,
+        provider: Provider,
+        payment_id: &str,
+    ) -> Result<PaymentQuery, GatewayError> {
+        let url = format!("{}/v1/{provider}/payments/{payment_id}", self.base_url);
+        Self::send(self.http.get(url)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_and_refuse_tampering_and_staleness() {
+        let now = Utc::now();
+        let ts = now.timestamp().to_string();
+        let body = br#"{"a":1}"#;
+        let sig = sign("k", &ts, body);
+        assert_eq!(verify("k", Some(&ts), Some(&sig), body, now), Ok(()));
+        assert_eq!(
+            verify("k", Some(&ts), Some(&sig), br#"{"a":2}"#, now),
+            Err(SignatureError::Bad)
+        );
+        assert_eq!(
+            verify("other", Some(&ts), Some(&sig), body, now),
+            Err(SignatureError::Bad)
+        );
+        let old = (now.timestamp() - 301).to_string();
+        let old_sig = sign("k", &old, body);
+        assert_eq!(
+            verify("k", Some(&old), Some(&old_sig), body, now),
+            Err(SignatureError::Stale)
+        );
+        let edge = (now.timestamp() - 300).to_string();
+        let edge_sig = sign("k", &edge, body);
+        assert_eq!(verify("k", Some(&edge), Some(&edge_sig), body, now), Ok(()));
+        assert_eq!(
+            verify("k", None, Some(&sig), body, now),
+            Err(SignatureError::Missing)
+        );
+    }
+
+    #[test]
+    fn headers_differ_per_provider() {
+        let names: std::collections::HashSet<_> =
+            Provider::ALL.iter().map(|p| signature_header(*p)).collect();
+        assert_eq!(names.len(), 3);
+    }
+}

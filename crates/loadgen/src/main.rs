@@ -1,0 +1,217 @@
+//! loadgen: flash-sale bursts against a running stack, with latency percentiles.
+//!
+//! ```text
+//! loadgen burst [--buyers 2000] [--concurrency 64] [--stock 1000] [--sku sku-loadgen]
+//! loadgen token <user>      # prints a development JWT for curl
+//! ```
+//! `burst` stocks a SKU through prelock-service, then sends `--buyers` distinct buyers at
+//! `POST /v1/orders` with `--concurrency` in flight, and reports p50/p90/p99/max latency and
+//! outcomes. In the same run it measures a baseline, the same load against `GET /healthz`
+//! (the HTTP round trip with no work behind it), and prints each figure as a ratio to it and
+//! to the 150 ms "buy now" SLA. Targets: `ORDER_API_URL`, `PRELOCK_URL` (defaults are the
+//! local stack's), `AUTH_JWT_SECRET`, `OPS_TOKEN`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use service_kit::auth::{mint_token, DEV_JWT_SECRET, DEV_OPS_TOKEN};
+use service_kit::config::env_string;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+struct Args {
+    buyers: usize,
+    concurrency: usize,
+    stock: i64,
+    sku: String,
+}
+
+fn parse(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
+    let mut a = Args {
+        buyers: 2000,
+        concurrency: 64,
+        stock: 1000,
+        sku: "sku-loadgen".into(),
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--buyers" => a.buyers = value()?.parse().context("--buyers")?,
+            "--concurrency" => a.concurrency = value()?.parse().context("--concurrency")?,
+            "--stock" => a.stock = value()?.parse().context("--stock")?,
+            "--sku" => a.sku = value()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if a.buyers == 0 || a.concurrency == 0 || a.concurrency > 4096 {
+        bail!("--buyers must be positive and --concurrency 1 to 4096");
+    }
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("token") => {
+            let user = args.next().context("usage: loadgen token <user>")?;
+            let secret = env_string("AUTH_JWT_SECRET", DEV_JWT_SECRET);
+            println!("{}", mint_token(&secret, &user, 24 * 3600));
+            Ok(())
+        }
+        Some("burst") => burst(parse(args)?).await,
+        _ => bail!("usage: loadgen burst [--buyers N] [--concurrency C] [--stock S] [--sku ID] | loadgen token <user>"),
+    }
+}
+
+struct Sample {
+    latency: Duration,
+    status: u16,
+    code: String,
+}
+
+async fn burst(a: Args) -> anyhow::Result<()> {
+    let order_api = env_string("ORDER_API_URL", "http://127.0.0.1:8080");
+    let prelock = env_string("PRELOCK_URL", "http://127.0.0.1:8081");
+    let secret = env_string("AUTH_JWT_SECRET", DEV_JWT_SECRET);
+    let ops = env_string("OPS_TOKEN", DEV_OPS_TOKEN);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(a.concurrency)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+
+    let r = http
+        .put(format!("{prelock}/v1/skus/{}", a.sku))
+        .bearer_auth(&ops)
+        .json(&json!({"store_id": "store-loadgen", "price_cents": 9_900, "stock": a.stock}))
+        .send()
+        .await
+        .context("stock the SKU at prelock-service")?;
+    if !r.status().is_success() {
+        bail!(
+            "stocking the SKU failed: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    // tokens are minted before the clock starts
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let tokens: Vec<String> = (0..a.buyers)
+        .map(|i| mint_token(&secret, &format!("lg-{run}-{i}"), 3600))
+        .collect();
+
+    eprintln!(
+        "baseline: {} x GET /healthz, {} in flight",
+        a.buyers, a.concurrency
+    );
+    let health = format!("{order_api}/healthz");
+    let (baseline, _) = run_load(&http, &a, move |http, _| http.get(&health)).await;
+    eprintln!(
+        "burst: {} buyers x POST /v1/orders on {} ({} units), {} in flight",
+        a.buyers, a.sku, a.stock, a.concurrency
+    );
+    let tokens = Arc::new(tokens);
+    let sku = a.sku.clone();
+    let (orders, wall) = run_load(&http, &a, move |http, i| {
+        http.post(format!("{order_api}/v1/orders"))
+            .bearer_auth(&tokens[i])
+            .header("Idempotency-Key", format!("lg-{i}"))
+            .json(&json!({"sku_id": sku, "store_id": "store-loadgen", "quantity": 1}))
+    })
+    .await;
+
+    let mut outcomes = std::collections::BTreeMap::new();
+    for s in &orders {
+        *outcomes
+            .entry(format!("{} {}", s.status, s.code))
+            .or_insert(0usize) += 1;
+    }
+    let p = |v: &[Sample], q: f64| percentile(v, q);
+    println!(
+        "POST /v1/orders burst: {} buyers, {} in flight, {} units, {:.0} req/s",
+        a.buyers,
+        a.concurrency,
+        a.stock,
+        a.buyers as f64 / wall.as_secs_f64()
+    );
+    for (k, n) in &outcomes {
+        println!("  outcome {k}: {n}");
+    }
+    println!(
+        "  {:<5} {:>10} {:>14} {:>16} {:>12}",
+        "", "orders", "healthz (base)", "ratio to base", "ratio to SLA"
+    );
+    for (name, q) in [("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("max", 1.0)] {
+        let (o, b) = (p(&orders, q), p(&baseline, q));
+        println!(
+            "  {name:<5} {:>8.2}ms {:>12.2}ms {:>15.1}x {:>11.2}x",
+            ms(o),
+            ms(b),
+            o.as_secs_f64() / b.as_secs_f64().max(1e-9),
+            o.as_secs_f64() / 0.150
+        );
+    }
+    let created = orders.iter().filter(|s| s.status == 201).count() as i64;
+    if created > a.stock {
+        bail!("OVERSOLD: {created} orders for {} units", a.stock);
+    }
+    Ok(())
+}
+
+async fn run_load<F>(http: &reqwest::Client, a: &Args, make: F) -> (Vec<Sample>, Duration)
+where
+    F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    let gate = Arc::new(Semaphore::new(a.concurrency));
+    let mut set = JoinSet::new();
+    let started = Instant::now();
+    for i in 0..a.buyers {
+        let (http, make, gate) = (http.clone(), make.clone(), gate.clone());
+        set.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("semaphore open");
+            let t = Instant::now();
+            let r = make(&http, i).send().await;
+            let latency = t.elapsed();
+            match r {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                    let code = body["code"].as_str().unwrap_or("").to_owned();
+                    Sample {
+                        latency,
+                        status,
+                        code,
+                    }
+                }
+                Err(e) => Sample {
+                    latency,
+                    status: 0,
+                    code: format!("transport: {e}"),
+                },
+            }
+        });
+    }
+    let mut out = Vec::with_capacity(a.buyers);
+    while let Some(s) = set.join_next().await {
+        out.push(s.expect("load task"));
+    }
+    let wall = started.elapsed();
+    out.sort_by_key(|s| s.latency);
+    (out, wall)
+}
+
+fn percentile(sorted: &[Sample], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx].latency
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,15 @@
+//! order-api binary: config -> telemetry -> app -> run(shutdown).
+
+use gateway_protocol::ProviderSecrets;
+use order_api::{App, Config};
+use service_kit::{auth::AuthConfig, config::listen_addr, http, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init_logging("order-api");
+    let config = Config::from_env()?;
+    let addr = listen_addr("ORDER_API_ADDR", "127.0.0.1:8080")?;
+    let app = App::build(config, AuthConfig::from_env(), ProviderSecrets::from_env()).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    http::serve(listener, app.router(), http::shutdown_signal()).await
+}

@@ -1,0 +1,363 @@
+//! payment-gateway-sim: WeChat Pay, Alipay and Douyin Pay as the rest of the system sees them,
+//! with faults that can be dialled in at run time.
+//!
+//! Routes:
+//! - `POST /v1/{provider}/payments`            create (called by order-api) -> `{"pay_url"}`
+//! - `GET  /v1/{provider}/payments/{id}`       query API (status, event id, amount)
+//! - `POST /v1/sim/payments/{id}/pay`          "the buyer pays": marks it paid, sends callbacks
+//! - `GET  /v1/sim/payments/{id}`              what the simulator did (deliveries, drops)
+//! - `GET|PUT /v1/sim/faults`                  fault rates (see [`Faults`])
+//!
+//! Callbacks are signed per `gateway_protocol` and retried on 5xx or network errors with
+//! exponential backoff, as real providers do. Random delays (`delay_rate`, `delay_ms`) also
+//! reorder callbacks relative to each other. State is in memory: this is a test double, and
+//! it must never be pointed at real money.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use domain::Provider;
+use gateway_protocol::{
+    CreatePayment, CreatedPayment, PaymentNotification, PaymentQuery, ProviderSecrets,
+};
+use serde::{Deserialize, Serialize};
+use service_kit::http::ApiJson;
+use service_kit::telemetry::Metrics;
+use service_kit::{ApiError, ErrorCode};
+
+/// Fault rates, each a probability in [0, 1], applied independently per event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// A paid payment's callback is never sent (the lost callback compensation must repair).
+    pub drop_rate: f64,
+    /// A callback waits a random 0..=`delay_ms` before its first attempt.
+    pub delay_rate: f64,
+    pub delay_ms: u64,
+    /// A callback is sent `duplicate_count` extra times.
+    pub duplicate_rate: f64,
+    pub duplicate_count: u32,
+    /// A query answers only after `query_timeout_ms` (past the caller's timeout).
+    pub query_timeout_rate: f64,
+    pub query_timeout_ms: u64,
+    /// A query answers 500.
+    pub query_error_rate: f64,
+    /// Attempts per callback copy before giving up (retries on 5xx and network errors).
+    pub callback_attempts: u32,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            drop_rate: 0.0,
+            delay_rate: 0.0,
+            delay_ms: 1000,
+            duplicate_rate: 0.0,
+            duplicate_count: 1,
+            query_timeout_rate: 0.0,
+            query_timeout_ms: 10_000,
+            query_error_rate: 0.0,
+            callback_attempts: 5,
+        }
+    }
+}
+
+impl Faults {
+    fn validate(&self) -> Result<(), ApiError> {
+        for (name, rate) in [
+            ("drop_rate", self.drop_rate),
+            ("delay_rate", self.delay_rate),
+            ("duplicate_rate", self.duplicate_rate),
+            ("query_timeout_rate", self.query_timeout_rate),
+            ("query_error_rate", self.query_error_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ApiError::field(name, "must be between 0 and 1"));
+            }
+        }
+        if self.duplicate_count > 100 {
+            return Err(ApiError::field("duplicate_count", "must be at most 100"));
+        }
+        if self.delay_ms > 600_000 || self.query_timeout_ms > 600_000 {
+            return Err(ApiError::field(
+                "delay_ms",
+                "delays must be at most 600000 ms",
+            ));
+        }
+        if !(1..=20).contains(&self.callback_attempts) {
+            return Err(ApiError::field("callback_attempts", "must be 1 to 20"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SimPayment {
+    pub payment_id: String,
+    pub provider: String,
+    pub order_id: String,
+    pub amount_cents: i64,
+    pub notify_url: String,
+    /// CREATED or PAID.
+    pub status: String,
+    pub event_id: Option<String>,
+    pub paid_at: Option<DateTime<Utc>>,
+    /// Whether the callback was dropped by the drop fault.
+    pub callback_dropped: bool,
+    /// Callback copies sent (1 + duplicates), and how many were acknowledged with 2xx.
+    pub callbacks_planned: u32,
+    pub callbacks_acknowledged: u32,
+    pub callback_attempts: u32,
+}
+
+pub struct Sim {
+    payments: Mutex<HashMap<String, SimPayment>>,
+    faults: RwLock<Faults>,
+    secrets: ProviderSecrets,
+    http: reqwest::Client,
+    public_url: String,
+    pub metrics: Metrics,
+}
+
+#[derive(Clone)]
+pub struct SimState(pub Arc<Sim>);
+
+impl Sim {
+    pub fn new(secrets: ProviderSecrets, public_url: &str) -> anyhow::Result<Arc<Sim>> {
+        Ok(Arc::new(Sim {
+            payments: Mutex::new(HashMap::new()),
+            faults: RwLock::new(Faults::default()),
+            secrets,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            metrics: Metrics::new("payment-gateway-sim"),
+        }))
+    }
+
+    pub fn router(self: &Arc<Sim>) -> Router {
+        let api = Router::new()
+            .route("/v1/{provider}/payments", post(create_payment))
+            .route("/v1/{provider}/payments/{payment_id}", get(query_payment))
+            .route("/v1/sim/payments/{payment_id}/pay", post(pay))
+            .route("/v1/sim/payments/{payment_id}", get(inspect))
+            .route("/v1/sim/faults", get(get_faults).put(put_faults))
+            .with_state(SimState(self.clone()));
+        let ready: service_kit::http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+        service_kit::http::finish(api, self.metrics.clone(), ready)
+    }
+
+    fn faults(&self) -> Faults {
+        self.faults
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn with_payment<T>(&self, id: &str, f: impl FnOnce(&mut SimPayment) -> T) -> Option<T> {
+        let mut map = self.payments.lock().unwrap_or_else(|p| p.into_inner());
+        map.get_mut(id).map(f)
+    }
+}
+
+fn provider(s: &str) -> Result<Provider, ApiError> {
+    s.parse().map_err(|_| ApiError::not_found("provider"))
+}
+
+async fn create_payment(
+    State(s): State<SimState>,
+    Path(p): Path<String>,
+    ApiJson(req): ApiJson<CreatePayment>,
+) -> Result<(StatusCode, Json<CreatedPayment>), ApiError> {
+    let p = provider(&p)?;
+    if req.amount_cents < 0 {
+        return Err(ApiError::field("amount_cents", "must not be negative"));
+    }
+    if req.payment_id.is_empty()
+        || req.payment_id.len() > 64
+        || !req
+            .payment_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(ApiError::field(
+            "payment_id",
+            "must be 1 to 64 characters of A-Z, a-z, 0-9, '-'",
+        ));
+    }
+    let pay_url = format!("{}/v1/sim/payments/{}/pay", s.0.public_url, req.payment_id);
+    let mut map = s.0.payments.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(req.payment_id.clone())
+        .or_insert_with(|| SimPayment {
+            payment_id: req.payment_id.clone(),
+            provider: p.as_str().to_owned(),
+            order_id: req.order_id.clone(),
+            amount_cents: req.amount_cents,
+            notify_url: req.notify_url.clone(),
+            status: "CREATED".into(),
+            event_id: None,
+            paid_at: None,
+            callback_dropped: false,
+            callbacks_planned: 0,
+            callbacks_acknowledged: 0,
+            callback_attempts: 0,
+        });
+    Ok((StatusCode::CREATED, Json(CreatedPayment { pay_url })))
+}
+
+async fn query_payment(
+    State(s): State<SimState>,
+    Path((p, id)): Path<(String, String)>,
+) -> Result<Json<PaymentQuery>, ApiError> {
+    let p = provider(&p)?;
+    let f = s.0.faults();
+    if fastrand::f64() < f.query_error_rate {
+        return Err(ApiError::new(
+            ErrorCode::Internal,
+            "simulated provider error",
+        ));
+    }
+    if fastrand::f64() < f.query_timeout_rate {
+        tokio::time::sleep(Duration::from_millis(f.query_timeout_ms)).await;
+    }
+    let found =
+        s.0.with_payment(&id, |sp| sp.clone())
+            .filter(|sp| sp.provider == p.as_str())
+            .ok_or_else(|| ApiError::not_found("payment"))?;
+    Ok(Json(PaymentQuery {
+        payment_id: found.payment_id,
+        status: found.status,
+        amount_cents: found.amount_cents,
+        event_id: found.event_id,
+        paid_at: found.paid_at,
+    }))
+}
+
+/// The buyer pays: the payment becomes PAID and its callback goes out under the current
+/// faults. Paying twice is a no-op that reports the first result.
+async fn pay(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+) -> Result<Json<SimPayment>, ApiError> {
+    let faults = s.0.faults();
+    let (snapshot, newly_paid) =
+        s.0.with_payment(&id, |sp| {
+            if sp.status == "PAID" {
+                return (sp.clone(), false);
+            }
+            sp.status = "PAID".into();
+            sp.event_id = Some(format!(
+                "evt_{}_{}",
+                sp.provider,
+                uuid::Uuid::new_v4().simple()
+            ));
+            sp.paid_at = Some(Utc::now());
+            if fastrand::f64() < faults.drop_rate {
+                sp.callback_dropped = true;
+            } else {
+                let dups = if fastrand::f64() < faults.duplicate_rate {
+                    faults.duplicate_count
+                } else {
+                    0
+                };
+                sp.callbacks_planned = 1 + dups;
+            }
+            (sp.clone(), true)
+        })
+        .ok_or_else(|| ApiError::not_found("payment"))?;
+    if newly_paid {
+        if snapshot.callback_dropped {
+            tracing::info!(payment_id = %id, "callback dropped (fault)");
+        }
+        for _ in 0..snapshot.callbacks_planned {
+            let sim = s.0.clone();
+            let p = snapshot.clone();
+            let f = faults.clone();
+            tokio::spawn(async move { deliver(sim, p, f).await });
+        }
+    }
+    Ok(Json(snapshot))
+}
+
+/// Sends one callback copy, retrying on 5xx / network errors with exponential backoff.
+async fn deliver(sim: Arc<Sim>, p: SimPayment, f: Faults) {
+    if fastrand::f64() < f.delay_rate && f.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=f.delay_ms))).await;
+    }
+    let Ok(provider) = p.provider.parse::<Provider>() else {
+        return;
+    };
+    let note = PaymentNotification {
+        event_id: p.event_id.clone().unwrap_or_default(),
+        payment_id: p.payment_id.clone(),
+        order_id: p.order_id.clone(),
+        amount_cents: p.amount_cents,
+        status: "SUCCESS".into(),
+        paid_at: p.paid_at.unwrap_or_else(Utc::now),
+    };
+    let body = serde_json::to_vec(&note).expect("notification serialises");
+    for attempt in 0..f.callback_attempts {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt.min(6))).await;
+        }
+        let ts = Utc::now().timestamp().to_string();
+        let sig = gateway_protocol::sign(sim.secrets.get(provider), &ts, &body);
+        sim.with_payment(&p.payment_id, |sp| sp.callback_attempts += 1);
+        let sent = sim
+            .http
+            .post(&p.notify_url)
+            .header("Content-Type", "application/json")
+            .header(gateway_protocol::timestamp_header(provider), &ts)
+            .header(gateway_protocol::signature_header(provider), &sig)
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                sim.with_payment(&p.payment_id, |sp| sp.callbacks_acknowledged += 1);
+                return;
+            }
+            Ok(r) if r.status().is_client_error() => {
+                tracing::warn!(payment_id = %p.payment_id, status = %r.status(), "callback refused; not retrying");
+                return;
+            }
+            Ok(r) => {
+                tracing::info!(payment_id = %p.payment_id, status = %r.status(), attempt, "callback failed; will retry")
+            }
+            Err(e) => {
+                tracing::info!(payment_id = %p.payment_id, error = %e, attempt, "callback failed; will retry")
+            }
+        }
+    }
+    tracing::warn!(payment_id = %p.payment_id, "callback gave up");
+}
+
+async fn inspect(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+) -> Result<Json<SimPayment>, ApiError> {
+    s.0.with_payment(&id, |sp| sp.clone())
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("payment"))
+}
+
+async fn get_faults(State(s): State<SimState>) -> Json<Faults> {
+    Json(s.0.faults())
+}
+
+async fn put_faults(
+    State(s): State<SimState>,
+    ApiJson(f): ApiJson<Faults>,
+) -> Result<Json<Faults>, ApiError> {
+    f.validate()?;
+    *s.0.faults.write().unwrap_or_else(|p| p.into_inner()) = f.clone();
+    tracing::info!(faults = ?f, "faults set");
+    Ok(Json(f))
+}

@@ -1,0 +1,196 @@
+//! Orders and their reservations.
+
+use chrono::{DateTime, Utc};
+use domain::order::{check_transition, OrderState, TransitionError, Versioned};
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct OrderRow {
+    pub id: Uuid,
+    pub user_id: String,
+    pub sku_id: String,
+    pub store_id: String,
+    pub quantity: i32,
+    pub unit_price_cents: i64,
+    pub amount_cents: i64,
+    pub state: OrderState,
+    pub version: i32,
+    pub request_fingerprint: String,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl OrderRow {
+    pub fn versioned(&self) -> Versioned {
+        Versioned {
+            state: self.state,
+            version: self.version,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RawOrder {
+    id: Uuid,
+    user_id: String,
+    sku_id: String,
+    store_id: String,
+    quantity: i32,
+    unit_price_cents: i64,
+    amount_cents: i64,
+    state: String,
+    version: i32,
+    request_fingerprint: String,
+    expires_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<RawOrder> for OrderRow {
+    type Error = sqlx::Error;
+    fn try_from(r: RawOrder) -> Result<Self, Self::Error> {
+        let state = r
+            .state
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        Ok(OrderRow {
+            id: r.id,
+            user_id: r.user_id,
+            sku_id: r.sku_id,
+            store_id: r.store_id,
+            quantity: r.quantity,
+            unit_price_cents: r.unit_price_cents,
+            amount_cents: r.amount_cents,
+            state,
+            version: r.version,
+            request_fingerprint: r.request_fingerprint,
+            expires_at: r.expires_at,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+const ORDER_COLUMNS: &str = "id, user_id, sku_id, store_id, quantity, unit_price_cents, \
+    amount_cents, state, version, request_fingerprint, expires_at, created_at, updated_at";
+
+pub async fn find_order(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+) -> Result<Option<OrderRow>, sqlx::Error> {
+    let raw: Option<RawOrder> =
+        sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(ex)
+            .await?;
+    raw.map(OrderRow::try_from).transpose()
+}
+
+pub struct NewOrder<'a> {
+    pub id: Uuid,
+    pub user_id: &'a str,
+    pub sku_id: &'a str,
+    pub store_id: &'a str,
+    pub quantity: i32,
+    pub unit_price_cents: i64,
+    pub amount_cents: i64,
+    pub idempotency_key: &'a str,
+    pub request_fingerprint: &'a str,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Inserts a PENDING order (version 1) and its ACTIVE reservation. A concurrent twin with the
+/// same idempotency key surfaces as a unique violation on `orders_pkey`.
+pub async fn insert_order_with_reservation(
+    conn: &mut PgConnection,
+    o: &NewOrder<'_>,
+) -> Result<OrderRow, sqlx::Error> {
+    let raw: RawOrder = sqlx::query_as(&format!(
+        "INSERT INTO orders (id, user_id, sku_id, store_id, quantity, unit_price_cents,
+             amount_cents, state, version, idempotency_key, request_fingerprint, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'PENDING', 1, $8, $9, $10)
+         RETURNING {ORDER_COLUMNS}"
+    ))
+    .bind(o.id)
+    .bind(o.user_id)
+    .bind(o.sku_id)
+    .bind(o.store_id)
+    .bind(o.quantity)
+    .bind(o.unit_price_cents)
+    .bind(o.amount_cents)
+    .bind(o.idempotency_key)
+    .bind(o.request_fingerprint)
+    .bind(o.expires_at)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO reservations (order_id, sku_id, quantity, status, expires_at)
+         VALUES ($1, $2, $3, 'ACTIVE', $4)",
+    )
+    .bind(o.id)
+    .bind(o.sku_id)
+    .bind(o.quantity)
+    .bind(o.expires_at)
+    .execute(conn)
+    .await?;
+    raw.try_into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionFailure {
+    #[error(transparent)]
+    Illegal(#[from] TransitionError),
+    /// Zero rows matched `(id, state, version)`: somebody else moved the order first.
+    #[error("order changed concurrently")]
+    Conflict,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// The compare-and-set: moves the order from `from` to `to` only if it is still exactly at
+/// `from` (state and version). Zero rows is a conflict, never a silent overwrite.
+pub async fn transition(
+    conn: &mut PgConnection,
+    id: Uuid,
+    from: Versioned,
+    to: OrderState,
+) -> Result<Versioned, TransitionFailure> {
+    check_transition(from.state, to)?;
+    let done = sqlx::query(
+        "UPDATE orders SET state = $2, version = version + 1
+         WHERE id = $1 AND state = $3 AND version = $4",
+    )
+    .bind(id)
+    .bind(to.as_str())
+    .bind(from.state.as_str())
+    .bind(from.version)
+    .execute(conn)
+    .await?;
+    if done.rows_affected() == 1 {
+        Ok(from.next(to)?)
+    } else {
+        Err(TransitionFailure::Conflict)
+    }
+}
+
+/// Sets a reservation's ledger status (and, when re-reserved, its new expiry).
+pub async fn set_reservation(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    status: &str,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE reservations SET status = $2, expires_at = COALESCE($3, expires_at),
+             updated_at = now()
+         WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(status)
+    .bind(expires_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}

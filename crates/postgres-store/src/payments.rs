@@ -1,0 +1,157 @@
+//! Payments and the provider events applied to them.
+
+use chrono::{DateTime, Utc};
+use domain::{PaymentStatus, Provider};
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct PaymentRow {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    pub provider: Provider,
+    pub amount_cents: i64,
+    pub status: PaymentStatus,
+    pub pay_url: String,
+}
+
+type RawPayment = (Uuid, Uuid, String, i64, String, String);
+
+fn decode(r: RawPayment) -> Result<PaymentRow, sqlx::Error> {
+    let (id, order_id, provider, amount_cents, status, pay_url) = r;
+    Ok(PaymentRow {
+        id,
+        order_id,
+        provider: provider
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        amount_cents,
+        status: PaymentStatus::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("payment status {status:?}").into()))?,
+        pay_url,
+    })
+}
+
+const PAYMENT_COLUMNS: &str = "id, order_id, provider, amount_cents, status, pay_url";
+
+pub async fn insert_payment(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    order_id: Uuid,
+    provider: Provider,
+    amount_cents: i64,
+    pay_url: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO payments (id, order_id, provider, amount_cents, status, pay_url)
+         VALUES ($1, $2, $3, $4, 'CREATED', $5)",
+    )
+    .bind(id)
+    .bind(order_id)
+    .bind(provider.as_str())
+    .bind(amount_cents)
+    .bind(pay_url)
+    .execute(ex)
+    .await
+    .map(|_| ())
+}
+
+/// The order's open (CREATED) payment at `provider`, if any: starting a payment twice at one
+/// provider returns the first.
+pub async fn open_payment(
+    ex: impl PgExecutor<'_>,
+    order_id: Uuid,
+    provider: Provider,
+) -> Result<Option<PaymentRow>, sqlx::Error> {
+    let raw: Option<RawPayment> = sqlx::query_as(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments
+         WHERE order_id = $1 AND provider = $2 AND status = 'CREATED'
+         ORDER BY created_at LIMIT 1"
+    ))
+    .bind(order_id)
+    .bind(provider.as_str())
+    .fetch_optional(ex)
+    .await?;
+    raw.map(decode).transpose()
+}
+
+pub async fn payments_of_order(
+    ex: impl PgExecutor<'_>,
+    order_id: Uuid,
+) -> Result<Vec<PaymentRow>, sqlx::Error> {
+    let raw: Vec<RawPayment> = sqlx::query_as(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE order_id = $1 ORDER BY created_at"
+    ))
+    .bind(order_id)
+    .fetch_all(ex)
+    .await?;
+    raw.into_iter().map(decode).collect()
+}
+
+/// Locks the payment row for the rest of the transaction: every application of one payment
+/// (webhook, compensation, replay, duplicates) is serialised here.
+pub async fn lock_payment(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<PaymentRow>, sqlx::Error> {
+    let raw: Option<RawPayment> = sqlx::query_as(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    raw.map(decode).transpose()
+}
+
+pub struct NewPaymentEvent<'a> {
+    pub provider: Provider,
+    pub provider_event_id: &'a str,
+    pub payment_id: Uuid,
+    pub source: &'a str,
+    pub amount_cents: i64,
+    pub outcome: &'a str,
+}
+
+/// Records a provider event; `false` if this provider event id was recorded before. A
+/// concurrent duplicate waits on the unique index until the first transaction ends.
+pub async fn record_event(
+    conn: &mut PgConnection,
+    e: &NewPaymentEvent<'_>,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO payment_events (provider, provider_event_id, payment_id, source,
+             amount_cents, outcome)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (provider, provider_event_id) DO NOTHING",
+    )
+    .bind(e.provider.as_str())
+    .bind(e.provider_event_id)
+    .bind(e.payment_id)
+    .bind(e.source)
+    .bind(e.amount_cents)
+    .bind(e.outcome)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub async fn settle_payment(
+    conn: &mut PgConnection,
+    id: Uuid,
+    status: PaymentStatus,
+    provider_event_id: &str,
+    paid_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE payments SET status = $2, provider_event_id = $3, paid_at = $4,
+             updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status.as_str())
+    .bind(provider_event_id)
+    .bind(paid_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}

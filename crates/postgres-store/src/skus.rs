@@ -1,0 +1,112 @@
+//! SKUs and the reservations ledger, as stock sees it.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SkuRow {
+    pub id: String,
+    pub store_id: String,
+    pub price_cents: i64,
+    pub stock_real: i64,
+    pub prelock_ttl_seconds: Option<i32>,
+}
+
+const SKU_COLUMNS: &str = "id, store_id, price_cents, stock_real, prelock_ttl_seconds";
+
+/// Units held by live reservations: confirmed ones, and active ones not yet lapsed. Uses the
+/// wall clock (not the transaction start), since a rebuild may wait for its lock.
+const HELD: &str =
+    "(status = 'CONFIRMED' OR (status = 'ACTIVE' AND expires_at > clock_timestamp()))";
+
+pub async fn get_sku(ex: impl PgExecutor<'_>, id: &str) -> Result<Option<SkuRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {SKU_COLUMNS} FROM skus WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(ex)
+        .await
+}
+
+/// Creates or updates a SKU (stock admin). Returns the row as stored.
+pub async fn upsert_sku(
+    conn: &mut PgConnection,
+    id: &str,
+    store_id: &str,
+    price_cents: i64,
+    stock_real: i64,
+    prelock_ttl_seconds: Option<i32>,
+) -> Result<SkuRow, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "INSERT INTO skus (id, store_id, price_cents, stock_real, prelock_ttl_seconds)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO UPDATE SET store_id = EXCLUDED.store_id,
+             price_cents = EXCLUDED.price_cents, stock_real = EXCLUDED.stock_real,
+             prelock_ttl_seconds = EXCLUDED.prelock_ttl_seconds, updated_at = now()
+         RETURNING {SKU_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(store_id)
+    .bind(price_cents)
+    .bind(stock_real)
+    .bind(prelock_ttl_seconds)
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn held_units(ex: impl PgExecutor<'_>, sku: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT COALESCE(SUM(quantity), 0)::bigint FROM reservations WHERE sku_id = $1 AND {HELD}"
+    ))
+    .bind(sku)
+    .fetch_one(ex)
+    .await
+}
+
+/// A live reservation, as a rebuild writes it back to Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveReservation {
+    pub order_id: Uuid,
+    pub quantity: i32,
+    /// `None` once confirmed (it never lapses).
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+pub async fn live_reservations(
+    ex: impl PgExecutor<'_>,
+    sku: &str,
+) -> Result<Vec<LiveReservation>, sqlx::Error> {
+    let rows: Vec<(Uuid, i32, String, DateTime<Utc>)> = sqlx::query_as(&format!(
+        "SELECT order_id, quantity, status, expires_at FROM reservations
+         WHERE sku_id = $1 AND {HELD} ORDER BY order_id"
+    ))
+    .bind(sku)
+    .fetch_all(ex)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(order_id, quantity, status, expires_at)| LiveReservation {
+            order_id,
+            quantity,
+            expires_at: (status == "ACTIVE").then_some(expires_at),
+        })
+        .collect())
+}
+
+/// SKU ids in id order, a page at a time (rebuild walks the catalogue with this).
+pub async fn sku_ids_after(
+    ex: impl PgExecutor<'_>,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM skus WHERE id > $1 ORDER BY id LIMIT $2")
+        .bind(after)
+        .bind(limit)
+        .fetch_all(ex)
+        .await
+}
+
+pub async fn count_skus(ex: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM skus")
+        .fetch_one(ex)
+        .await
+}

@@ -1,0 +1,265 @@
+//! The wire contract of prelock-service's reservation endpoints, and the HTTP client that
+//! implements [`domain::ports::StockPrelock`] for order-api.
+//!
+//! Routes (all take `Authorization: Bearer <OPS_TOKEN>`; reservation id = order id):
+//! - `PUT    /v1/skus/{sku_id}/reservations/{id}`          `{"quantity"}` -> [`ReserveReply`]
+//! - `POST   /v1/skus/{sku_id}/reservations/{id}/confirm`  -> [`ConfirmReply`]
+//! - `DELETE /v1/skus/{sku_id}/reservations/{id}`          -> [`ReleaseReply`]
+//!
+//! Outcomes (reserved, shortage, lapsed, ...) are 200 bodies; failures are the house error
+//! body with `ERR_PRELOCK_NOT_LOADED`, `ERR_UNKNOWN_SKU`, `ERR_IDEMPOTENCY_MISMATCH` or
+//! `ERR_PRELOCK_UNAVAILABLE`. This crate owns that mapping and nothing else.
+
+use std::time::Duration;
+
+use domain::ports::{PrelockError, StockPrelock};
+use domain::stock::{ConfirmOutcome, ReleaseOutcome, ReserveOutcome};
+use domain::{OrderId, SkuId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReserveRequest {
+    pub quantity: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReserveStatus {
+    Reserved,
+    Existing,
+    Shortage,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReserveReply {
+    pub outcome: ReserveStatus,
+    pub quantity: u32,
+    /// Lapse time (ms since epoch, Redis clock); absent on shortage or once confirmed.
+    pub expires_at_ms: Option<i64>,
+    /// Units left after the call (absent for `existing`).
+    pub available: Option<i64>,
+}
+
+impl ReserveReply {
+    pub fn from_outcome(quantity: u32, o: ReserveOutcome) -> Self {
+        match o {
+            ReserveOutcome::Reserved {
+                expires_at_ms,
+                available,
+            } => ReserveReply {
+                outcome: ReserveStatus::Reserved,
+                quantity,
+                expires_at_ms: Some(expires_at_ms),
+                available: Some(available),
+            },
+            ReserveOutcome::Existing {
+                quantity,
+                expires_at_ms,
+            } => ReserveReply {
+                outcome: ReserveStatus::Existing,
+                quantity,
+                expires_at_ms,
+                available: None,
+            },
+            ReserveOutcome::Shortage { available } => ReserveReply {
+                outcome: ReserveStatus::Shortage,
+                quantity,
+                expires_at_ms: None,
+                available: Some(available),
+            },
+        }
+    }
+
+    pub fn into_outcome(self) -> Result<ReserveOutcome, PrelockError> {
+        let bad = || PrelockError::Unavailable("incomplete reserve reply".into());
+        Ok(match self.outcome {
+            ReserveStatus::Reserved => ReserveOutcome::Reserved {
+                expires_at_ms: self.expires_at_ms.ok_or_else(bad)?,
+                available: self.available.ok_or_else(bad)?,
+            },
+            ReserveStatus::Existing => ReserveOutcome::Existing {
+                quantity: self.quantity,
+                expires_at_ms: self.expires_at_ms,
+            },
+            ReserveStatus::Shortage => ReserveOutcome::Shortage {
+                available: self.available.ok_or_else(bad)?,
+            },
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfirmStatus {
+    Confirmed,
+    Lapsed,
+    NotFound,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfirmReply {
+    pub outcome: ConfirmStatus,
+    pub quantity: Option<u32>,
+}
+
+impl From<ConfirmOutcome> for ConfirmReply {
+    fn from(o: ConfirmOutcome) -> Self {
+        match o {
+            ConfirmOutcome::Confirmed { quantity } => ConfirmReply {
+                outcome: ConfirmStatus::Confirmed,
+                quantity: Some(quantity),
+            },
+            ConfirmOutcome::Lapsed => ConfirmReply {
+                outcome: ConfirmStatus::Lapsed,
+                quantity: None,
+            },
+            ConfirmOutcome::NotFound => ConfirmReply {
+                outcome: ConfirmStatus::NotFound,
+                quantity: None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseStatus {
+    Released,
+    NotFound,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseReply {
+    pub outcome: ReleaseStatus,
+    pub quantity: Option<u32>,
+    pub available: Option<i64>,
+}
+
+impl From<ReleaseOutcome> for ReleaseReply {
+    fn from(o: ReleaseOutcome) -> Self {
+        match o {
+            ReleaseOutcome::Released {
+                quantity,
+                available,
+            } => ReleaseReply {
+                outcome: ReleaseStatus::Released,
+                quantity: Some(quantity),
+                available: Some(available),
+            },
+            ReleaseOutcome::NotFound => ReleaseReply {
+                outcome: ReleaseStatus::NotFound,
+                quantity: None,
+                available: None,
+            },
+        }
+    }
+}
+
+/// Error codes this contract uses (the house `{"code","message"}` body).
+pub const CODE_NOT_LOADED: &str = "ERR_PRELOCK_NOT_LOADED";
+pub const CODE_UNKNOWN_SKU: &str = "ERR_UNKNOWN_SKU";
+pub const CODE_MISMATCH: &str = "ERR_IDEMPOTENCY_MISMATCH";
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    code: String,
+    message: String,
+}
+
+/// order-api's handle on prelock-service.
+#[derive(Clone)]
+pub struct PrelockClient {
+    http: reqwest::Client,
+    base_url: String,
+    token: String,
+}
+
+impl PrelockClient {
+    /// `timeout` bounds each call end to end; past it the order answers 503 and the call
+    /// counts toward `prelock_timeout_rate`.
+    pub fn new(base_url: &str, token: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(PrelockClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    fn url(&self, sku: &SkuId, id: OrderId, tail: &str) -> String {
+        format!("{}/v1/skus/{sku}/reservations/{id}{tail}", self.base_url)
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, PrelockError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| PrelockError::Unavailable(format!("prelock-service: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .json()
+                .await
+                .map_err(|e| PrelockError::Unavailable(format!("prelock-service reply: {e}")));
+        }
+        let body: Option<ErrorBody> = resp.json().await.ok();
+        Err(match body {
+            Some(b) if b.code == CODE_NOT_LOADED => PrelockError::NotLoaded,
+            Some(b) if b.code == CODE_UNKNOWN_SKU => PrelockError::UnknownSku,
+            Some(b) if b.code == CODE_MISMATCH => PrelockError::Mismatch,
+            Some(b) => PrelockError::Unavailable(format!("{status} {}: {}", b.code, b.message)),
+            None => PrelockError::Unavailable(format!("prelock-service answered {status}")),
+        })
+    }
+}
+
+impl StockPrelock for PrelockClient {
+    async fn reserve(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+        quantity: u32,
+    ) -> Result<ReserveOutcome, PrelockError> {
+        let reply: ReserveReply = self
+            .call(
+                self.http
+                    .put(self.url(sku, id, ""))
+                    .json(&ReserveRequest { quantity }),
+            )
+            .await?;
+        reply.into_outcome()
+    }
+
+    async fn confirm(&self, sku: &SkuId, id: OrderId) -> Result<ConfirmOutcome, PrelockError> {
+        let reply: ConfirmReply = self
+            .call(self.http.post(self.url(sku, id, "/confirm")))
+            .await?;
+        Ok(match reply.outcome {
+            ConfirmStatus::Confirmed => ConfirmOutcome::Confirmed {
+                quantity: reply.quantity.unwrap_or(0),
+            },
+            ConfirmStatus::Lapsed => ConfirmOutcome::Lapsed,
+            ConfirmStatus::NotFound => ConfirmOutcome::NotFound,
+        })
+    }
+
+    async fn release(&self, sku: &SkuId, id: OrderId) -> Result<ReleaseOutcome, PrelockError> {
+        let reply: ReleaseReply = self.call(self.http.delete(self.url(sku, id, ""))).await?;
+        Ok(match reply.outcome {
+            ReleaseStatus::Released => ReleaseOutcome::Released {
+                quantity: reply.quantity.unwrap_or(0),
+                available: reply.available.unwrap_or(0),
+            },
+            ReleaseStatus::NotFound => ReleaseOutcome::NotFound,
+        })
+    }
+}

@@ -1,0 +1,159 @@
+//! prelock-service: owns stock.
+//!
+//! Layout:
+//! - this file: configuration, the app state, the router.
+//! - [`routes`]: stock admin (`PUT/GET /v1/skus/{sku_id}`), reservations (reserve, confirm,
+//!   release), `POST /v1/admin/rebuild`.
+//! - [`rebuild`]: recomputing Redis from Postgres, per SKU under its exclusive lock, so it is
+//!   safe while orders flow; also started on its own when a SKU is found not loaded (Redis
+//!   lost its data).
+//!
+//! Postgres is the source of truth (`skus.stock_real` + the reservations ledger); Redis is a
+//! derived, losable index of it. This service never writes orders.
+
+pub mod rebuild;
+pub mod routes;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use axum::Router;
+use domain::stock::SoldOutMarker;
+use postgres_store::PgStore;
+use prometheus::IntCounterVec;
+use redis_prelock::RedisPrelock;
+use service_kit::auth::AuthConfig;
+use service_kit::config::{env_millis, env_or, env_string};
+use service_kit::telemetry::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub redis_url: String,
+    /// Prepended to every Redis key (environments sharing one Redis; tests).
+    pub redis_prefix: String,
+    /// Bound on each Redis call; past it the answer is 503 and a timeout is counted.
+    pub redis_timeout: Duration,
+    /// Pre-lock lifetime for SKUs without their own (SPEC: 15 minutes).
+    pub default_ttl: Duration,
+    pub sold_out_ttl: Duration,
+    pub pg_max_connections: u32,
+    pub run_migrations: bool,
+}
+
+impl Config {
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Config {
+            database_url: env_string(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/bar_fulfillment",
+            ),
+            redis_url: env_string("REDIS_URL", "redis://127.0.0.1:6379"),
+            redis_prefix: env_string("REDIS_KEY_PREFIX", ""),
+            redis_timeout: env_millis("REDIS_TIMEOUT_MS", 100)?,
+            default_ttl: Duration::from_secs(env_or("PRELOCK_TTL_SECS", 900u64)?),
+            sold_out_ttl: env_millis("SOLD_OUT_TTL_MS", 500)?,
+            pg_max_connections: env_or("PG_MAX_CONNECTIONS", 16u32)?,
+            run_migrations: env_or("RUN_MIGRATIONS", true)?,
+        })
+    }
+}
+
+/// Metrics of the pre-lock itself (beside the HTTP ones).
+#[derive(Clone)]
+pub struct PrelockMetrics {
+    /// `prelock_requests_total{op,outcome}`: every Redis pre-lock call and how it ended.
+    pub requests: IntCounterVec,
+    /// `prelock_timeouts_total{op}`: calls that timed out or could not reach Redis; with
+    /// `prelock_requests_total` this gives the paper's `prelock_timeout_rate`.
+    pub timeouts: IntCounterVec,
+    /// `prelock_rebuilds_total{trigger,outcome}`: SKU rebuilds (admin, not_loaded, restock).
+    pub rebuilds: IntCounterVec,
+}
+
+pub struct App {
+    pub config: Config,
+    pub store: PgStore,
+    pub redis: RedisPrelock,
+    pub auth: AuthConfig,
+    pub metrics: Metrics,
+    pub prelock_metrics: PrelockMetrics,
+    pub sold_out: SoldOutMarker,
+    /// SKUs with a background rebuild under way, so a burst of "not loaded" answers starts
+    /// one rebuild, not hundreds.
+    pub rebuilding: Mutex<HashSet<String>>,
+}
+
+#[derive(Clone)]
+pub struct AppState(pub Arc<App>);
+
+impl FromRef<AppState> for AuthConfig {
+    fn from_ref(s: &AppState) -> AuthConfig {
+        s.0.auth.clone()
+    }
+}
+
+impl App {
+    pub async fn build(config: Config, auth: AuthConfig) -> anyhow::Result<Arc<App>> {
+        let store = PgStore::connect(&config.database_url, config.pg_max_connections).await?;
+        if config.run_migrations {
+            store.migrate().await?;
+        }
+        let redis = RedisPrelock::connect(
+            &config.redis_url,
+            &config.redis_prefix,
+            config.redis_timeout,
+        )
+        .await?;
+        let metrics = Metrics::new("prelock-service");
+        let prelock_metrics = PrelockMetrics {
+            requests: metrics.counter(
+                "prelock_requests_total",
+                "Pre-lock calls by operation and outcome",
+                &["op", "outcome"],
+            ),
+            timeouts: metrics.counter(
+                "prelock_timeouts_total",
+                "Pre-lock calls that timed out or found Redis unreachable",
+                &["op"],
+            ),
+            rebuilds: metrics.counter(
+                "prelock_rebuilds_total",
+                "SKU pre-lock rebuilds from Postgres",
+                &["trigger", "outcome"],
+            ),
+        };
+        Ok(Arc::new(App {
+            sold_out: SoldOutMarker::new(config.sold_out_ttl),
+            config,
+            store,
+            redis,
+            auth,
+            metrics,
+            prelock_metrics,
+            rebuilding: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    pub fn router(self: &Arc<App>) -> Router {
+        let app = self.clone();
+        let ready: service_kit::http::ReadyCheck = Arc::new(move || {
+            let app = app.clone();
+            Box::pin(async move {
+                app.store
+                    .ping()
+                    .await
+                    .map_err(|e| format!("postgres: {e}"))?;
+                app.redis.ping().await.map_err(|e| format!("redis: {e}"))?;
+                Ok(())
+            })
+        });
+        service_kit::http::finish(
+            routes::router(AppState(self.clone())),
+            self.metrics.clone(),
+            ready,
+        )
+    }
+}

@@ -1,0 +1,174 @@
+//! Rebuilding Redis from Postgres.
+//!
+//! `available = stock_real - units held by live reservations`, and every live reservation is
+//! written back with its lapse time (or pinned, if confirmed). Each SKU is rebuilt in its own
+//! transaction holding that SKU's *exclusive* advisory lock: order creation, payment and
+//! cancellation hold the shared one while they talk to Redis, so the rebuild waits for
+//! in-flight reservations to commit (or roll back) and no new one starts until it is done.
+//! That is what makes it safe while orders flow, including right after Redis lost everything.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use domain::stock::rebuilt_available;
+use domain::SkuId;
+use postgres_store::{lock_sku_exclusive, skus};
+use serde::Serialize;
+
+use crate::App;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuiltSku {
+    pub available: i64,
+    pub reservations: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("unknown SKU")]
+    UnknownSku,
+    #[error("postgres: {0}")]
+    Db(#[from] postgres_store::sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] domain::ports::PrelockError),
+}
+
+/// Rebuilds one SKU under its exclusive lock.
+pub async fn rebuild_sku(app: &App, sku: &SkuId) -> Result<RebuiltSku, RebuildError> {
+    let mut tx = app.store.begin().await?;
+    lock_sku_exclusive(&mut tx, sku.as_str()).await?;
+    let row = skus::get_sku(&mut *tx, sku.as_str())
+        .await?
+        .ok_or(RebuildError::UnknownSku)?;
+    let rebuilt = write_back(app, &mut tx, sku, &row).await?;
+    tx.commit().await?;
+    app.sold_out.clear(sku);
+    Ok(rebuilt)
+}
+
+/// Writes the SKU's ledger to Redis. The caller holds the SKU's exclusive lock in `conn`.
+pub async fn write_back(
+    app: &App,
+    conn: &mut postgres_store::sqlx::PgConnection,
+    sku: &SkuId,
+    row: &skus::SkuRow,
+) -> Result<RebuiltSku, RebuildError> {
+    let live = skus::live_reservations(&mut *conn, sku.as_str()).await?;
+    let held: i64 = live.iter().map(|r| i64::from(r.quantity)).sum();
+    let available = rebuilt_available(row.stock_real, held).unwrap_or_else(|| {
+        tracing::error!(%sku, stock_real = row.stock_real, held, "ledger over-committed: more units held than stock; pre-locking nothing more");
+        0
+    });
+    let entries: Vec<_> = live
+        .iter()
+        .map(|r| {
+            (
+                r.order_id.to_string(),
+                r.quantity as u32,
+                r.expires_at.map(|t| t.timestamp_millis()),
+            )
+        })
+        .collect();
+    let ttl = row
+        .prelock_ttl_seconds
+        .map(|s| Duration::from_secs(s as u64));
+    app.redis.replace_sku(sku, available, ttl, &entries).await?;
+    Ok(RebuiltSku {
+        available,
+        reservations: live.len(),
+    })
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RebuildReport {
+    pub skus: u64,
+    pub reservations: u64,
+    pub failed: Vec<String>,
+    pub duration_ms: u64,
+}
+
+/// Rebuilds every SKU, a page at a time, logging progress. A SKU that fails is reported and
+/// skipped (its reserves answer 503 and retry their own rebuild); the rest go on.
+pub async fn rebuild_all(app: &App, trigger: &str) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
+    let total = skus::count_skus(&app.store.pool).await?;
+    let mut report = RebuildReport::default();
+    let mut after = String::new();
+    tracing::info!(total, trigger, "rebuild started");
+    loop {
+        let page = skus::sku_ids_after(&app.store.pool, &after, 500).await?;
+        let Some(last) = page.last() else { break };
+        after = last.clone();
+        for id in page {
+            let Ok(sku) = SkuId::parse(&id) else { continue };
+            match rebuild_sku(app, &sku).await {
+                Ok(r) => {
+                    report.skus += 1;
+                    report.reservations += r.reservations as u64;
+                    app.prelock_metrics
+                        .rebuilds
+                        .with_label_values(&[trigger, "ok"])
+                        .inc();
+                }
+                Err(e) => {
+                    tracing::error!(%sku, error = %e, "rebuild of SKU failed");
+                    app.prelock_metrics
+                        .rebuilds
+                        .with_label_values(&[trigger, "error"])
+                        .inc();
+                    report.failed.push(id);
+                }
+            }
+            let done = report.skus + report.failed.len() as u64;
+            if done % 1000 == 0 {
+                tracing::info!(done, total, "rebuild progress");
+            }
+        }
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(
+        skus = report.skus,
+        reservations = report.reservations,
+        failed = report.failed.len(),
+        duration_ms = report.duration_ms,
+        "rebuild finished"
+    );
+    Ok(report)
+}
+
+/// Starts a background rebuild of `sku` unless one is already running. Used when Redis says
+/// a SKU is not loaded: the caller answers 503 at once (it may hold the SKU's shared lock,
+/// which the rebuild must wait for), and its retry finds the SKU loaded.
+pub fn spawn_rebuild(app: &Arc<App>, sku: &SkuId) {
+    {
+        let mut running = app.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        if !running.insert(sku.as_str().to_owned()) {
+            return;
+        }
+    }
+    let app = app.clone();
+    let sku = sku.clone();
+    tokio::spawn(async move {
+        let result = rebuild_sku(&app, &sku).await;
+        app.rebuilding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sku.as_str());
+        match result {
+            Ok(r) => {
+                app.prelock_metrics
+                    .rebuilds
+                    .with_label_values(&["not_loaded", "ok"])
+                    .inc();
+                tracing::warn!(%sku, available = r.available, reservations = r.reservations, "SKU was not loaded in Redis; rebuilt from Postgres");
+            }
+            Err(e) => {
+                app.prelock_metrics
+                    .rebuilds
+                    .with_label_values(&["not_loaded", "error"])
+                    .inc();
+                tracing::error!(%sku, error = %e, "background rebuild failed");
+            }
+        }
+    });
+}

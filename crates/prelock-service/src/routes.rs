@@ -1,0 +1,312 @@
+//! HTTP handlers of prelock-service.
+
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::routing::{post, put};
+use axum::{Json, Router};
+use domain::ports::PrelockError;
+use domain::stock::{ReleaseOutcome, ReserveOutcome};
+use domain::{Money, OrderId, SkuId, StoreId};
+use postgres_store::{lock_sku_exclusive, skus};
+use prelock_api::{ConfirmReply, ReleaseReply, ReserveReply, ReserveRequest};
+use serde::{Deserialize, Serialize};
+use service_kit::auth::Ops;
+use service_kit::http::ApiJson;
+use service_kit::{ApiError, ErrorCode};
+
+use crate::rebuild::{self, RebuildError, RebuildReport};
+use crate::{App, AppState};
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/skus/{sku_id}", put(put_sku).get(get_sku))
+        .route("/v1/admin/rebuild", post(rebuild_all))
+        .route(
+            "/v1/skus/{sku_id}/reservations/{reservation_id}",
+            put(reserve).delete(release),
+        )
+        .route(
+            "/v1/skus/{sku_id}/reservations/{reservation_id}/confirm",
+            post(confirm),
+        )
+        .with_state(state)
+}
+
+fn parse_sku(s: &str) -> Result<SkuId, ApiError> {
+    SkuId::parse(s).map_err(|e| ApiError::field("sku_id", e))
+}
+
+fn parse_ids(sku: &str, id: &str) -> Result<(SkuId, OrderId), ApiError> {
+    Ok((
+        parse_sku(sku)?,
+        OrderId::parse(id).map_err(|e| ApiError::field("reservation_id", e))?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PutSku {
+    pub store_id: String,
+    pub price_cents: i64,
+    pub stock: i64,
+    /// Pre-lock lifetime for this SKU; absent = the service default.
+    #[serde(default)]
+    pub prelock_ttl_seconds: Option<i32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SkuView {
+    pub sku_id: String,
+    pub store_id: String,
+    pub price_cents: i64,
+    /// Real stock (Postgres): units not yet deducted by a paid order's deduction job.
+    pub stock_real: i64,
+    /// Units still available for pre-lock (Redis); null while the SKU is not loaded.
+    pub available: Option<i64>,
+    /// Units held by live reservations (Postgres ledger): pre-locked or paid, not deducted.
+    pub reserved: i64,
+    pub prelock_ttl_seconds: Option<i32>,
+}
+
+/// Stock admin: creates or updates a SKU and sets its real stock, then rewrites its Redis
+/// state, all under the SKU's exclusive lock.
+async fn put_sku(
+    State(s): State<AppState>,
+    _ops: Ops,
+    Path(sku_id): Path<String>,
+    ApiJson(body): ApiJson<PutSku>,
+) -> Result<Json<SkuView>, ApiError> {
+    let app = &s.0;
+    let sku = parse_sku(&sku_id)?;
+    let store = StoreId::parse(&body.store_id).map_err(|e| ApiError::field("store_id", e))?;
+    if Money::from_cents(body.price_cents).is_none() {
+        return Err(ApiError::field(
+            "price_cents",
+            format!("must be 0 to {}", Money::MAX_CENTS),
+        ));
+    }
+    if !(0..=1_000_000_000).contains(&body.stock) {
+        return Err(ApiError::field("stock", "must be 0 to 1000000000"));
+    }
+    if body
+        .prelock_ttl_seconds
+        .is_some_and(|t| !(1..=86_400).contains(&t))
+    {
+        return Err(ApiError::field("prelock_ttl_seconds", "must be 1 to 86400"));
+    }
+    let mut tx = app.store.begin().await.map_err(ApiError::internal)?;
+    lock_sku_exclusive(&mut tx, sku.as_str())
+        .await
+        .map_err(ApiError::internal)?;
+    let held = skus::held_units(&mut *tx, sku.as_str())
+        .await
+        .map_err(ApiError::internal)?;
+    if body.stock < held {
+        return Err(ApiError::new(
+            ErrorCode::StockBelowReserved,
+            format!("stock: cannot go below the {held} units held by live reservations"),
+        ));
+    }
+    let row = skus::upsert_sku(
+        &mut tx,
+        sku.as_str(),
+        store.as_str(),
+        body.price_cents,
+        body.stock,
+        body.prelock_ttl_seconds,
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    let rebuilt = rebuild::write_back(app, &mut tx, &sku, &row)
+        .await
+        .map_err(rebuild_error)?;
+    tx.commit().await.map_err(ApiError::internal)?;
+    app.sold_out.clear(&sku);
+    app.prelock_metrics
+        .rebuilds
+        .with_label_values(&["restock", "ok"])
+        .inc();
+    tracing::info!(%sku, stock_real = row.stock_real, available = rebuilt.available, "stock set");
+    Ok(Json(SkuView {
+        sku_id: row.id,
+        store_id: row.store_id,
+        price_cents: row.price_cents,
+        stock_real: row.stock_real,
+        available: Some(rebuilt.available),
+        reserved: held,
+        prelock_ttl_seconds: row.prelock_ttl_seconds,
+    }))
+}
+
+async fn get_sku(
+    State(s): State<AppState>,
+    Path(sku_id): Path<String>,
+) -> Result<Json<SkuView>, ApiError> {
+    let app = &s.0;
+    let sku = parse_sku(&sku_id)?;
+    let row = skus::get_sku(&app.store.pool, sku.as_str())
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found("SKU"))?;
+    let reserved = skus::held_units(&app.store.pool, sku.as_str())
+        .await
+        .map_err(ApiError::internal)?;
+    let available = app.redis.available(&sku).await.map_err(unavailable)?;
+    if available.is_none() {
+        rebuild::spawn_rebuild(&s.0, &sku);
+    }
+    Ok(Json(SkuView {
+        sku_id: row.id,
+        store_id: row.store_id,
+        price_cents: row.price_cents,
+        stock_real: row.stock_real,
+        available,
+        reserved,
+        prelock_ttl_seconds: row.prelock_ttl_seconds,
+    }))
+}
+
+async fn rebuild_all(
+    State(s): State<AppState>,
+    _ops: Ops,
+) -> Result<Json<RebuildReport>, ApiError> {
+    let report = rebuild::rebuild_all(&s.0, "admin")
+        .await
+        .map_err(rebuild_error)?;
+    Ok(Json(report))
+}
+
+async fn reserve(
+    State(s): State<AppState>,
+    _ops: Ops,
+    Path((sku_id, id)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ReserveRequest>,
+) -> Result<Json<ReserveReply>, ApiError> {
+    let app = &s.0;
+    let (sku, id) = parse_ids(&sku_id, &id)?;
+    if body.quantity == 0 {
+        return Err(ApiError::field("quantity", "must be positive"));
+    }
+    if app.sold_out.is_sold_out(&sku, Instant::now()) {
+        count(app, "reserve", "sold_out_marker");
+        return Ok(Json(ReserveReply::from_outcome(
+            body.quantity,
+            ReserveOutcome::Shortage { available: 0 },
+        )));
+    }
+    let outcome = app
+        .redis
+        .reserve(&sku, id, body.quantity, app.config.default_ttl)
+        .await;
+    let outcome = settle(&s, &sku, "reserve", outcome).await?;
+    match outcome {
+        ReserveOutcome::Shortage { available } if available <= 0 => {
+            app.sold_out.mark(&sku, Instant::now())
+        }
+        _ => {}
+    }
+    count(
+        app,
+        "reserve",
+        match outcome {
+            ReserveOutcome::Reserved { .. } => "reserved",
+            ReserveOutcome::Existing { .. } => "existing",
+            ReserveOutcome::Shortage { .. } => "shortage",
+        },
+    );
+    Ok(Json(ReserveReply::from_outcome(body.quantity, outcome)))
+}
+
+async fn confirm(
+    State(s): State<AppState>,
+    _ops: Ops,
+    Path((sku_id, id)): Path<(String, String)>,
+) -> Result<Json<ConfirmReply>, ApiError> {
+    let (sku, id) = parse_ids(&sku_id, &id)?;
+    let outcome = s.0.redis.confirm(&sku, id).await;
+    let outcome = settle(&s, &sku, "confirm", outcome).await?;
+    count(&s.0, "confirm", "ok");
+    Ok(Json(outcome.into()))
+}
+
+async fn release(
+    State(s): State<AppState>,
+    _ops: Ops,
+    Path((sku_id, id)): Path<(String, String)>,
+) -> Result<Json<ReleaseReply>, ApiError> {
+    let (sku, id) = parse_ids(&sku_id, &id)?;
+    let outcome = s.0.redis.release(&sku, id).await;
+    let outcome = settle(&s, &sku, "release", outcome).await?;
+    if let ReleaseOutcome::Released { .. } = outcome {
+        s.0.sold_out.clear(&sku);
+    }
+    count(&s.0, "release", "ok");
+    Ok(Json(outcome.into()))
+}
+
+fn count(app: &App, op: &str, outcome: &str) {
+    app.prelock_metrics
+        .requests
+        .with_label_values(&[op, outcome])
+        .inc();
+}
+
+/// Maps a Redis pre-lock failure to the wire, counting timeouts and starting a rebuild of a
+/// SKU that is not loaded (or answering `ERR_UNKNOWN_SKU` if Postgres has no such SKU).
+async fn settle<T>(
+    s: &AppState,
+    sku: &SkuId,
+    op: &str,
+    r: Result<T, PrelockError>,
+) -> Result<T, ApiError> {
+    let app = &s.0;
+    match r {
+        Ok(v) => Ok(v),
+        Err(PrelockError::NotLoaded) => {
+            count(app, op, "not_loaded");
+            let known = skus::get_sku(&app.store.pool, sku.as_str())
+                .await
+                .map_err(ApiError::internal)?;
+            if known.is_none() {
+                return Err(ApiError::new(
+                    ErrorCode::UnknownSku,
+                    format!("sku_id: unknown SKU {sku}"),
+                ));
+            }
+            rebuild::spawn_rebuild(&s.0, sku);
+            Err(ApiError::new(
+                ErrorCode::PrelockNotLoaded,
+                "SKU pre-lock is being rebuilt; retry shortly",
+            ))
+        }
+        Err(PrelockError::Mismatch) => {
+            count(app, op, "mismatch");
+            Err(ApiError::new(
+                ErrorCode::IdempotencyMismatch,
+                "reservation exists with a different quantity",
+            ))
+        }
+        Err(PrelockError::UnknownSku) => Err(ApiError::new(ErrorCode::UnknownSku, "unknown SKU")),
+        Err(e @ PrelockError::Unavailable(_)) => {
+            count(app, op, "timeout");
+            app.prelock_metrics.timeouts.with_label_values(&[op]).inc();
+            Err(unavailable(e))
+        }
+    }
+}
+
+fn unavailable(e: PrelockError) -> ApiError {
+    tracing::warn!(error = %e, "redis pre-lock unavailable");
+    ApiError::new(
+        ErrorCode::PrelockUnavailable,
+        "stock pre-lock store unavailable",
+    )
+}
+
+fn rebuild_error(e: RebuildError) -> ApiError {
+    match e {
+        RebuildError::UnknownSku => ApiError::not_found("SKU"),
+        RebuildError::Redis(e) => unavailable(e),
+        RebuildError::Db(e) => ApiError::internal(e),
+    }
+}

@@ -1,0 +1,195 @@
+//! The one HTTP error: `{"code": "...", "message": "..."}` with a stable code.
+//!
+//! `ErrorCode::status` is the single table from code to HTTP status. 5xx bodies are opaque:
+//! the cause is logged once, here, where the error becomes a response.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Validation,
+    MalformedJson,
+    Unauthorized,
+    BadSignature,
+    StaleTimestamp,
+    NotFound,
+    UnknownSku,
+    UnknownPayment,
+    StockShortage,
+    InvalidTransition,
+    OrderExpired,
+    Conflict,
+    IdempotencyMismatch,
+    AmountMismatch,
+    StockBelowReserved,
+    PrelockUnavailable,
+    PrelockNotLoaded,
+    GatewayUnavailable,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            Validation => "ERR_VALIDATION",
+            MalformedJson => "ERR_MALFORMED_JSON",
+            Unauthorized => "ERR_UNAUTHORIZED",
+            BadSignature => "ERR_BAD_SIGNATURE",
+            StaleTimestamp => "ERR_STALE_TIMESTAMP",
+            NotFound => "ERR_NOT_FOUND",
+            UnknownSku => "ERR_UNKNOWN_SKU",
+            UnknownPayment => "ERR_UNKNOWN_PAYMENT",
+            StockShortage => "ERR_STOCK_SHORTAGE_PRELOCK",
+            InvalidTransition => "ERR_INVALID_TRANSITION",
+            OrderExpired => "ERR_ORDER_EXPIRED",
+            Conflict => "ERR_CONFLICT",
+            IdempotencyMismatch => "ERR_IDEMPOTENCY_MISMATCH",
+            AmountMismatch => "ERR_AMOUNT_MISMATCH",
+            StockBelowReserved => "ERR_STOCK_BELOW_RESERVED",
+            PrelockUnavailable => "ERR_PRELOCK_UNAVAILABLE",
+            PrelockNotLoaded => "ERR_PRELOCK_NOT_LOADED",
+            GatewayUnavailable => "ERR_GATEWAY_UNAVAILABLE",
+            Unavailable => "ERR_UNAVAILABLE",
+            Internal => "ERR_INTERNAL",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            Validation | MalformedJson => StatusCode::BAD_REQUEST,
+            Unauthorized | BadSignature | StaleTimestamp => StatusCode::UNAUTHORIZED,
+            NotFound | UnknownPayment => StatusCode::NOT_FOUND,
+            StockShortage | InvalidTransition | OrderExpired | Conflict | StockBelowReserved => {
+                StatusCode::CONFLICT
+            }
+            UnknownSku | IdempotencyMismatch | AmountMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayUnavailable => StatusCode::BAD_GATEWAY,
+            PrelockUnavailable | PrelockNotLoaded | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        [
+            Validation,
+            MalformedJson,
+            Unauthorized,
+            BadSignature,
+            StaleTimestamp,
+            NotFound,
+            UnknownSku,
+            UnknownPayment,
+            StockShortage,
+            InvalidTransition,
+            OrderExpired,
+            Conflict,
+            IdempotencyMismatch,
+            AmountMismatch,
+            StockBelowReserved,
+            PrelockUnavailable,
+            PrelockNotLoaded,
+            GatewayUnavailable,
+            Unavailable,
+            Internal,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `ERR_STOCK_SHORTAGE_PRELOCK`.
+    #[schema(example = "ERR_VALIDATION")]
+    pub code: String,
+    /// Human-readable detail; names the offending field for validation errors.
+    #[schema(example = "quantity: must be 1 to 20")]
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// `ERR_VALIDATION` naming the offending field: `"quantity: must be 1 to 20"`.
+    pub fn field(field: &str, problem: impl std::fmt::Display) -> Self {
+        ApiError::new(ErrorCode::Validation, format!("{field}: {problem}"))
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        ApiError::new(ErrorCode::NotFound, format!("{what} not found"))
+    }
+
+    /// An unexpected failure: logged here with its full cause chain, answered opaquely.
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        let err = err.into();
+        tracing::error!(error = format!("{err:#}"), "request failed");
+        ApiError::new(ErrorCode::Internal, "internal error")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.code.status();
+        let body = ErrorBody {
+            code: self.code.as_str().to_owned(),
+            message: self.message,
+        };
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_5xx_are_only_infrastructure() {
+        for code in [
+            ErrorCode::Validation,
+            ErrorCode::StockShortage,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::StockShortage.status(), StatusCode::CONFLICT);
+        assert_eq!(
+            ErrorCode::PrelockUnavailable.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn unavailable_carries_retry_after() {
+        let r = ApiError::new(ErrorCode::PrelockUnavailable, "x").into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+}

@@ -1,0 +1,155 @@
+//! HTTP plumbing: health/readiness/metrics routes, per-route metrics, JSON input that fails as
+//! `ERR_VALIDATION`, and serving with graceful shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::telemetry::Metrics;
+
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested; draining");
+}
+
+/// Serves `app` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A readiness probe: `Ok` or the name of the dependency that failed.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct OpsState {
+    metrics: Metrics,
+    ready: ReadyCheck,
+}
+
+/// `/healthz` (the process runs), `/readyz` (its dependencies answer), `/metrics`.
+pub fn ops_routes(metrics: Metrics, ready: ReadyCheck) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(OpsState { metrics, ready })
+}
+
+async fn readyz(State(s): State<OpsState>) -> Response {
+    match (s.ready)().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(what) => {
+            tracing::warn!(dependency = %what, "not ready");
+            ApiError::new(ErrorCode::Unavailable, format!("not ready: {what}")).into_response()
+        }
+    }
+}
+
+async fn render_metrics(State(s): State<OpsState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Middleware: counts and times every request by method, route template and status.
+pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics
+        .http_requests
+        .with_label_values(&[&method, &route, &status])
+        .inc();
+    metrics
+        .http_duration
+        .with_label_values(&[&method, &route])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Adds the ops routes and the metrics middleware to a service's router.
+pub fn finish(app: Router, metrics: Metrics, ready: ReadyCheck) -> Router {
+    app.merge(ops_routes(metrics.clone(), ready))
+        .layer(axum::middleware::from_fn_with_state(metrics, track))
+}
+
+/// JSON body extractor whose failures are `ERR_MALFORMED_JSON` / `ERR_VALIDATION` in the house
+/// error format, naming the field when serde can.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::JsonDataError(e)) => {
+                // serde's message names the field: "quantity: invalid value: -1 ..."
+                let detail = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.body_text());
+                Err(ApiError::new(ErrorCode::Validation, detail))
+            }
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::new(
+                ErrorCode::MalformedJson,
+                format!("malformed JSON: {}", e.body_text()),
+            )),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+                ErrorCode::Validation,
+                "Content-Type must be application/json",
+            )),
+            Err(e) => Err(ApiError::new(ErrorCode::Validation, e.body_text())),
+        }
+    }
+}

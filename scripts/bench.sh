@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Latency of "buy now" under a burst, on the local stack (release build), as ratios to a
+# baseline measured in the same run. Brings the stack up first if it is not running.
+#   scripts/bench.sh [--buyers 2000] [--concurrency 64] [--stock 1000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1 || scripts/dev-up.sh >/dev/null
+cargo build --release --bins --locked -q
+exec target/release/loadgen burst --sku "sku-bench-$(date +%s)" "$@"

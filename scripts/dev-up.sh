@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Brings the whole local stack up: PostgreSQL and Redis (started if not answering), the
+# database, the binaries (each runs the migrations on start), and prints the URLs.
+# Stop it with scripts/dev-down.sh. Logs: .run/logs/, pids: .run/pids/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/services.sh
+DB=${DB_NAME:-bar_fulfillment}
+psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc "select 1 from pg_database where datname = '$DB'" | grep -q 1 ||
+  psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "create database $DB"
+
+echo "building (release)..."
+cargo build --release --bins --locked -q
+scripts/dev-down.sh >/dev/null 2>&1 || true
+mkdir -p .run/logs .run/pids
+
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$DB}
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+start() { # name
+  nohup "target/release/$1" >".run/logs/$1.log" 2>&1 &
+  echo $! >".run/pids/$1.pid"
+}
+wait_ready() { # name url
+  for _ in $(seq 1 100); do
+    curl -fsS "$2/readyz" >/dev/null 2>&1 && return 0
+    kill -0 "$(cat ".run/pids/$1.pid")" 2>/dev/null || { echo "$1 exited; see .run/logs/$1.log" >&2; tail -n 20 ".run/logs/$1.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  echo "$1 not ready; see .run/logs/$1.log" >&2; exit 1
+}
+start prelock-service;      wait_ready prelock-service http://127.0.0.1:8081
+start payment-gateway-sim;  wait_ready payment-gateway-sim http://127.0.0.1:8090
+start order-api;            wait_ready order-api http://127.0.0.1:8080
+
+cat <<MSG
+bar-fulfillment is up:
+  order-api            http://127.0.0.1:8080   (OpenAPI: http://127.0.0.1:8080/openapi.json)
+  prelock-service      http://127.0.0.1:8081
+  payment-gateway-sim  http://127.0.0.1:8090
+  metrics              each service's /metrics; health /healthz, /readyz
+  database             $DATABASE_URL
+Try it (development secrets):
+  curl -X PUT localhost:8081/v1/skus/sku-1 -H 'Authorization: Bearer dev-ops-token' \\
+       -H 'Content-Type: application/json' -d '{"store_id":"bar-1","price_cents":9900,"stock":100}'
+  TOKEN=\$(target/release/loadgen token alice)
+  curl -X POST localhost:8080/v1/orders -H "Authorization: Bearer \$TOKEN" -H 'Idempotency-Key: k1' \\
+       -H 'Content-Type: application/json' -d '{"sku_id":"sku-1","store_id":"bar-1","quantity":2}'
+Stop: scripts/dev-down.sh
+MSG

@@ -1,0 +1,173 @@
+//! The real binaries, started as processes: an order placed, paid through the simulator's
+//! signed callback, PAID read back; then each stops gracefully on SIGTERM.
+
+use std::time::Duration;
+
+use integration_tests::binaries::{free_port, wait_ready, Proc};
+use integration_tests::{
+    eventually, fresh_database, redis_url, token, unique_prefix, JWT_SECRET, OPS_TOKEN,
+};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_binaries_take_an_order_from_buy_now_to_paid() {
+    let db = fresh_database().await;
+    let (order_port, prelock_port, gateway_port) = (free_port(), free_port(), free_port());
+    let order_api = format!("http://127.0.0.1:{order_port}");
+    let prelock = format!("http://127.0.0.1:{prelock_port}");
+    let gateway = format!("http://127.0.0.1:{gateway_port}");
+    let common = vec![
+        ("DATABASE_URL", db.clone()),
+        ("REDIS_URL", redis_url(0)),
+        ("REDIS_KEY_PREFIX", unique_prefix()),
+        ("AUTH_JWT_SECRET", JWT_SECRET.to_owned()),
+        ("OPS_TOKEN", OPS_TOKEN.to_owned()),
+        ("PG_MAX_CONNECTIONS", "4".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ];
+    let with = |extra: &[(&'static str, String)]| {
+        let mut env = common.clone();
+        env.extend_from_slice(extra);
+        env
+    };
+    let http = reqwest::Client::new();
+
+    let mut p = Proc::spawn(
+        "prelock-service",
+        &with(&[("PRELOCK_ADDR", format!("127.0.0.1:{prelock_port}"))]),
+    );
+    wait_ready(&http, &prelock, &mut p).await;
+    let mut g = Proc::spawn(
+        "payment-gateway-sim",
+        &with(&[("GATEWAY_SIM_ADDR", format!("127.0.0.1:{gateway_port}"))]),
+    );
+    wait_ready(&http, &gateway, &mut g).await;
+    let mut o = Proc::spawn(
+        "order-api",
+        &with(&[
+            ("ORDER_API_ADDR", format!("127.0.0.1:{order_port}")),
+            ("PRELOCK_URL", prelock.clone()),
+            ("GATEWAY_URL", gateway.clone()),
+            ("PUBLIC_URL", order_api.clone()),
+            ("PRELOCK_TIMEOUT_MS", "2000".to_owned()),
+        ]),
+    );
+    wait_ready(&http, &order_api, &mut o).await;
+
+    let r = http
+        .put(format!("{prelock}/v1/skus/sku-e2e"))
+        .bearer_auth(OPS_TOKEN)
+        .json(&json!({"store_id": "bar-e2e", "price_cents": 12_800, "stock": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let r = http
+        .post(format!("{order_api}/v1/orders"))
+        .bearer_auth(token("e2e-user"))
+        .header("Idempotency-Key", "e2e-1")
+        .json(&json!({"sku_id": "sku-e2e", "store_id": "bar-e2e", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let order: Value = r.json().await.unwrap();
+    let id = order["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(order["state"], "PENDING");
+
+    let started: Value = http
+        .post(format!("{order_api}/v1/orders/{id}/payments"))
+        .bearer_auth(token("e2e-user"))
+        .json(&json!({"provider": "alipay"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pay_url = started["pay_url"].as_str().expect("pay_url").to_owned();
+    assert!(pay_url.starts_with(&gateway));
+    assert_eq!(
+        http.post(&pay_url).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    let paid = eventually(
+        "order PAID via the simulator's callback",
+        Duration::from_secs(15),
+        || async {
+            let o: Value = http
+                .get(format!("{order_api}/v1/orders/{id}"))
+                .bearer_auth(token("e2e-user"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (o["state"] == "PAID").then_some(o)
+        },
+    )
+    .await;
+    assert_eq!(paid["version"], 2);
+
+    let sku: Value = http
+        .get(format!("{prelock}/v1/skus/sku-e2e"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            sku["stock_real"].as_i64(),
+            sku["available"].as_i64(),
+            sku["reserved"].as_i64()
+        ),
+        (Some(3), Some(2), Some(1))
+    );
+
+    // metrics are labelled by route template, never by raw id
+    let metrics = http
+        .get(format!("{order_api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"route="/v1/orders/{order_id}""#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&id));
+    assert!(
+        metrics.contains(r#"payment_callbacks_total{outcome="PAID",provider="alipay""#)
+            || metrics.contains("payment_callbacks_total")
+    );
+
+    for proc in [&mut o, &mut g, &mut p] {
+        let status = proc.terminate(Duration::from_secs(15));
+        assert!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            proc.name,
+            proc.log_text()
+        );
+        let log = proc.log_text();
+        assert!(
+            log.contains("shutdown requested"),
+            "{} did not drain:\n{log}",
+            proc.name
+        );
+        let first = log.lines().next().unwrap_or_default();
+        assert!(
+            serde_json::from_str::<Value>(first).is_ok(),
+            "{} logs are not JSON lines: {first}",
+            proc.name
+        );
+    }
+}

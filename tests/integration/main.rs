@@ -1,0 +1,12 @@
+//! One integration-test binary; each module is one area. See `tests/src/lib.rs` for the harness.
+
+mod burst;
+mod callbacks;
+mod deploy;
+mod end_to_end;
+mod lifecycle;
+mod openapi;
+mod prelock_scripts;
+mod rebuild;
+mod schema;
+mod validation;

@@ -1,0 +1,119 @@
+//! Running the real binaries as child processes (end-to-end tests).
+//!
+//! The binaries are the workspace's own build output (`target/<profile>/<name>`); the test
+//! script builds them before the suite (`cargo build --bins`). Each child logs to
+//! `target/test-logs/`, so a failing run can be read afterwards.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin_path(name: &str) -> PathBuf {
+    // current_exe = target/<profile>/deps/integration-<hash>
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, as scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+fn log_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.ancestors().nth(3).expect("target").join("test-logs");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir
+}
+
+/// A child process, killed when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, env: &[(&str, String)]) -> Proc {
+        let log = log_dir().join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(bin_path(name));
+        cmd.stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a graceful exit.
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if start.elapsed() > within {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not stop within {within:?} after SIGTERM; log: {}",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits until `GET {base}/readyz` answers 200, or panics with the child's log.
+pub async fn wait_ready(http: &reqwest::Client, base: &str, proc: &mut Proc) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("{} exited with {status}:\n{}", proc.name, proc.log_text());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            panic!("{} not ready after 60 s:\n{}", proc.name, proc.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

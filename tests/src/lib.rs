@@ -1,0 +1,450 @@
+//! Shared harness for the integration tests.
+//!
+//! Every test gets a brand-new Postgres database (named by a uuid, migrated), its own Redis key
+//! prefix, and the three services started in-process on port 0 ([`Stack::start`]); or the real
+//! binaries as child processes ([`binaries`]). Nothing is shared between tests, so they run in
+//! parallel. Tests poll with a deadline ([`eventually`]); none sleeps to wait for an effect.
+
+pub mod binaries;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use service_kit::auth::{mint_token, AuthConfig};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub const JWT_SECRET: &str = "test-jwt-secret";
+pub const OPS_TOKEN: &str = "test-ops-token";
+
+/// Admin connection used to create per-test databases.
+pub fn admin_url() -> String {
+    std::env::var("TEST_PG_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn redis_url(db: u8) -> String {
+    let base = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    format!("{}/{db}", base.trim_end_matches('/'))
+}
+
+/// Creates an empty database named `bft_<uuid>` and returns its URL. The test script drops
+/// leftovers of earlier runs before the suite starts.
+pub async fn fresh_database() -> String {
+    let name = format!("bft_{}", Uuid::new_v4().simple());
+    let admin = PgPool::connect(&admin_url())
+        .await
+        .expect("connect to Postgres (is it running?)");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    let base = admin_url();
+    let root = base
+        .rsplit_once('/')
+        .map(|(r, _)| r)
+        .unwrap_or(&base)
+        .to_owned();
+    format!("{root}/{name}")
+}
+
+pub fn unique_prefix() -> String {
+    format!("t{}:", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub fn auth() -> AuthConfig {
+    AuthConfig {
+        jwt_secret: JWT_SECRET.into(),
+        ops_token: OPS_TOKEN.into(),
+    }
+}
+
+pub fn token(user: &str) -> String {
+    mint_token(JWT_SECRET, user, 3600)
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Redis logical database (tests that flush Redis use their own).
+    pub redis_db: u8,
+    pub default_ttl: Duration,
+    pub max_quantity: u32,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            redis_db: 0,
+            default_ttl: Duration::from_secs(900),
+            max_quantity: 20,
+        }
+    }
+}
+
+/// order-api, prelock-service and the gateway simulator, in-process, on one fresh database.
+pub struct Stack {
+    pub order_api: String,
+    pub prelock: String,
+    pub gateway: String,
+    pub db_url: String,
+    pub pg: PgPool,
+    pub redis_prefix: String,
+    pub prelock_app: Arc<prelock_service::App>,
+    pub order_app: Arc<order_api::App>,
+    pub sim: Arc<payment_gateway_sim::Sim>,
+    pub http: reqwest::Client,
+}
+
+async fn listen() -> (tokio::net::TcpListener, String) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    (l, url)
+}
+
+fn spawn_server(l: tokio::net::TcpListener, app: axum::Router) {
+    tokio::spawn(async move {
+        axum::serve(l, app).await.expect("server");
+    });
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Stack::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(opts: StackOptions) -> Stack {
+        let db_url = fresh_database().await;
+        let redis_prefix = unique_prefix();
+        let (pl, prelock) = listen().await;
+        let (gl, gateway) = listen().await;
+        let (ol, order_api) = listen().await;
+
+        let prelock_app = prelock_service::App::build(
+            prelock_service::Config {
+                database_url: db_url.clone(),
+                redis_url: redis_url(opts.redis_db),
+                redis_prefix: redis_prefix.clone(),
+                redis_timeout: Duration::from_millis(500),
+                default_ttl: opts.default_ttl,
+                sold_out_ttl: Duration::from_millis(200),
+                pg_max_connections: 8,
+                run_migrations: true,
+            },
+            auth(),
+        )
+        .await
+        .expect("prelock-service starts");
+        spawn_server(pl, prelock_app.router());
+
+        let secrets = gateway_protocol::ProviderSecrets::from_env();
+        let sim = payment_gateway_sim::Sim::new(secrets.clone(), &gateway).expect("sim");
+        spawn_server(gl, sim.router());
+
+        let fcfg = fulfillment::FulfillmentConfig {
+            max_quantity: opts.max_quantity,
+            sold_out_ttl: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let order_app = order_api::App::build(
+            order_api::Config {
+                database_url: db_url.clone(),
+                prelock_url: prelock.clone(),
+                // generous: debug builds on a loaded 2-core CI machine
+                prelock_timeout: Duration::from_secs(2),
+                gateway_url: gateway.clone(),
+                gateway_timeout: Duration::from_secs(3),
+                public_url: order_api.clone(),
+                pg_max_connections: 16,
+                run_migrations: false,
+                fulfillment: fcfg,
+            },
+            auth(),
+            secrets,
+        )
+        .await
+        .expect("order-api starts");
+        spawn_server(ol, order_app.router());
+
+        let pg = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db_url)
+            .await
+            .expect("harness pool");
+        Stack {
+            order_api,
+            prelock,
+            gateway,
+            db_url,
+            pg,
+            redis_prefix,
+            prelock_app,
+            order_app,
+            sim,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(512)
+                .build()
+                .expect("client"),
+        }
+    }
+
+    /// Stock admin through prelock-service's API.
+    pub async fn put_sku(&self, sku: &str, store: &str, price_cents: i64, stock: i64) -> Value {
+        self.put_sku_with(
+            sku,
+            json!({ "store_id": store, "price_cents": price_cents, "stock": stock }),
+        )
+        .await
+    }
+
+    pub async fn put_sku_with(&self, sku: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .put(format!("{}/v1/skus/{sku}", self.prelock))
+            .bearer_auth(OPS_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("put sku");
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "put sku: {}",
+            r.text().await.unwrap_or_default()
+        );
+        r.json().await.expect("sku json")
+    }
+
+    pub async fn get_sku(&self, sku: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/v1/skus/{sku}", self.prelock))
+            .send()
+            .await
+            .expect("get sku");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.expect("sku json")
+    }
+
+    pub async fn rebuild(&self) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/v1/admin/rebuild", self.prelock))
+            .bearer_auth(OPS_TOKEN)
+            .send()
+            .await
+            .expect("rebuild");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.expect("rebuild json")
+    }
+
+    /// `POST /v1/orders`; returns status and JSON body.
+    pub async fn create_order(
+        &self,
+        user: &str,
+        key: &str,
+        sku: &str,
+        store: &str,
+        quantity: i64,
+    ) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/orders", self.order_api))
+            .bearer_auth(token(user))
+            .header("Idempotency-Key", key)
+            .json(&json!({ "sku_id": sku, "store_id": store, "quantity": quantity }))
+            .send()
+            .await
+            .expect("create order");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_order(&self, user: &str, id: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}/v1/orders/{id}", self.order_api))
+            .bearer_auth(token(user))
+            .send()
+            .await
+            .expect("get order");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_user(&self, user: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.order_api))
+            .bearer_auth(token(user))
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Starts a payment and returns (payment_id, pay_url).
+    pub async fn start_payment(
+        &self,
+        user: &str,
+        order_id: &str,
+        provider: &str,
+    ) -> (String, String) {
+        let (s, v) = self
+            .post_user(
+                user,
+                &format!("/v1/orders/{order_id}/payments"),
+                json!({ "provider": provider }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "start payment: {v}");
+        (
+            v["payment_id"].as_str().unwrap().to_owned(),
+            v["pay_url"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    pub async fn set_faults(&self, faults: Value) {
+        let r = self
+            .http
+            .put(format!("{}/v1/sim/faults", self.gateway))
+            .json(&faults)
+            .send()
+            .await
+            .expect("faults");
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    /// "The buyer pays" at the simulator.
+    pub async fn pay(&self, payment_id: &str) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/v1/sim/payments/{payment_id}/pay", self.gateway))
+            .send()
+            .await
+            .expect("pay");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.expect("pay json")
+    }
+
+    pub async fn order_state(&self, id: &str) -> String {
+        sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&self.pg)
+            .await
+            .expect("order state")
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pg)
+            .await
+            .expect(sql)
+    }
+
+    /// Checks Redis and Postgres agree on a SKU: the same live reservations with the same
+    /// quantities, and `available + held == stock_real`. Returns (available, held, stock_real).
+    pub async fn assert_consistent(&self, sku: &str) -> (i64, i64, i64) {
+        let id = domain::SkuId::parse(sku).unwrap();
+        let redis = &self.prelock_app.redis;
+        let available = redis
+            .available(&id)
+            .await
+            .unwrap()
+            .expect("SKU loaded in Redis");
+        let mut in_redis: Vec<(String, u32)> = redis
+            .held(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(i, q, _)| (i, q))
+            .collect();
+        in_redis.sort();
+        let mut in_pg: Vec<(String, u32)> = postgres_store::skus::live_reservations(&self.pg, sku)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.order_id.to_string(), r.quantity as u32))
+            .collect();
+        in_pg.sort();
+        assert_eq!(
+            in_redis, in_pg,
+            "Redis and Postgres hold different reservations for {sku}"
+        );
+        let held: i64 = in_pg.iter().map(|(_, q)| i64::from(*q)).sum();
+        let stock_real: i64 = sqlx::query_scalar("SELECT stock_real FROM skus WHERE id = $1")
+            .bind(sku)
+            .fetch_one(&self.pg)
+            .await
+            .unwrap();
+        assert_eq!(
+            available + held,
+            stock_real,
+            "available {available} + held {held} != stock_real {stock_real}"
+        );
+        assert!(available >= 0);
+        (available, held, stock_real)
+    }
+}
+
+/// Signs and posts a callback to order-api as `provider` would, returning the status.
+pub async fn post_callback(
+    stack: &Stack,
+    provider: &str,
+    body: &Value,
+    secret: Option<&str>,
+    timestamp: Option<i64>,
+) -> (StatusCode, Value) {
+    let p: domain::Provider = provider.parse().unwrap();
+    let secrets = gateway_protocol::ProviderSecrets::from_env();
+    let body = serde_json::to_vec(body).unwrap();
+    let ts = timestamp
+        .unwrap_or_else(|| chrono::Utc::now().timestamp())
+        .to_string();
+    let sig = gateway_protocol::sign(secret.unwrap_or(secrets.get(p)), &ts, &body);
+    let r = stack
+        .http
+        .post(format!(
+            "{}/v1/payments/{provider}/callback",
+            stack.order_api
+        ))
+        .header("Content-Type", "application/json")
+        .header(gateway_protocol::timestamp_header(p), ts)
+        .header(gateway_protocol::signature_header(p), sig)
+        .body(body)
+        .send()
+        .await
+        .expect("callback");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
