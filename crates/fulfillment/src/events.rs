@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use postgres_store::effects::{NewJob, OutboxEvent};
 use postgres_store::orders::OrderRow;
 use serde_json::json;
+use uuid::Uuid;
 
 pub const ORDER_CREATED: &str = "OrderCreated";
 pub const ORDER_CANCELLED: &str = "OrderCancelled";
@@ -23,43 +24,68 @@ pub const JOB_PAYMENT_REFUND: &str = "payment.refund";
 const P0: i16 = 0;
 const P1: i16 = 1;
 
+/// The facts every order event carries.
+pub struct OrderFacts<'a> {
+    pub id: Uuid,
+    pub user_id: &'a str,
+    pub sku_id: &'a str,
+    pub store_id: &'a str,
+    pub quantity: i32,
+    pub amount_cents: i64,
+}
+
+impl<'a> From<&'a OrderRow> for OrderFacts<'a> {
+    fn from(o: &'a OrderRow) -> Self {
+        OrderFacts {
+            id: o.id,
+            user_id: &o.user_id,
+            sku_id: &o.sku_id,
+            store_id: &o.store_id,
+            quantity: o.quantity,
+            amount_cents: o.amount_cents,
+        }
+    }
+}
+
 pub fn order_event<'a>(
     event_type: &'a str,
-    order: &OrderRow,
+    order: impl Into<OrderFacts<'a>>,
     extra: serde_json::Value,
 ) -> OutboxEvent<'a> {
+    let o = order.into();
     let mut payload = json!({
-        "order_id": order.id,
-        "user_id": order.user_id,
-        "sku_id": order.sku_id,
-        "store_id": order.store_id,
-        "quantity": order.quantity,
-        "amount_cents": order.amount_cents,
+        "order_id": o.id,
+        "user_id": o.user_id,
+        "sku_id": o.sku_id,
+        "store_id": o.store_id,
+        "quantity": o.quantity,
+        "amount_cents": o.amount_cents,
     });
     if let (Some(p), Some(e)) = (payload.as_object_mut(), extra.as_object()) {
         p.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     OutboxEvent {
         aggregate_type: "order",
-        aggregate_id: order.id.to_string(),
+        aggregate_id: o.id.to_string(),
         event_type,
         schema_version: 1,
         payload,
     }
 }
 
-pub fn expiry_job(order: &OrderRow) -> NewJob<'static> {
+/// Lapses the order at its pre-lock expiry (run by the scheduler).
+pub fn expiry_job(order_id: Uuid, sku_id: &str, expires_at: DateTime<Utc>) -> NewJob<'static> {
     NewJob {
         kind: JOB_ORDER_EXPIRE,
-        payload: json!({ "order_id": order.id, "sku_id": order.sku_id }),
+        payload: json!({ "order_id": order_id, "sku_id": sku_id }),
         priority: P0,
-        run_at: order.expires_at,
-        dedupe_key: expiry_job_key(order),
+        run_at: expires_at,
+        dedupe_key: expiry_job_key(order_id),
     }
 }
 
-pub fn expiry_job_key(order: &OrderRow) -> String {
-    format!("{JOB_ORDER_EXPIRE}:{}", order.id)
+pub fn expiry_job_key(order_id: Uuid) -> String {
+    format!("{JOB_ORDER_EXPIRE}:{order_id}")
 }
 
 /// The follow-up actions of a kept payment: deduct real stock, issue the voucher, notify the

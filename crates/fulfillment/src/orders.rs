@@ -65,7 +65,40 @@ impl<P: StockPrelock> Fulfillment<P> {
             return replay(existing, &fingerprint);
         }
 
-        let sku = skus::get_sku(&self.store.pool, req.sku_id.as_str())
+        // A hot SKU known to be empty is answered here, before any transaction.
+        if self.sold_out.is_sold_out(&req.sku_id, Instant::now()) {
+            return Err(FulfillmentError::Shortage { available: 0 });
+        }
+
+        let mut attempt = 0;
+        loop {
+            // Only a rebuild in progress (NotLoaded) is waited out, never a timeout: a
+            // timed-out pre-lock must answer 503 fast, inside the 150 ms budget.
+            match self
+                .try_create(id, user, idempotency_key, &req, &fingerprint)
+                .await
+            {
+                Err(FulfillmentError::PrelockNotLoaded)
+                    if attempt < self.config.not_loaded_retries =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_create(
+        &self,
+        id: OrderId,
+        user: &UserId,
+        idempotency_key: &str,
+        req: &CreateOrder,
+        fingerprint: &str,
+    ) -> Result<Created, FulfillmentError> {
+        let mut tx = self.store.begin().await?;
+        let sku = skus::get_sku_locked_shared(&mut tx, req.sku_id.as_str())
             .await?
             .ok_or(FulfillmentError::UnknownSku)?;
         if sku.store_id != req.store_id.as_str() {
@@ -85,43 +118,6 @@ impl<P: StockPrelock> Fulfillment<P> {
                 field: "quantity",
                 message: "order amount exceeds the allowed maximum".into(),
             })?;
-
-        if self.sold_out.is_sold_out(&req.sku_id, Instant::now()) {
-            return Err(FulfillmentError::Shortage { available: 0 });
-        }
-
-        let mut attempt = 0;
-        loop {
-            // Only a rebuild in progress (NotLoaded) is waited out, never a timeout: a
-            // timed-out pre-lock must answer 503 fast, inside the 150 ms budget.
-            match self
-                .try_create(id, user, idempotency_key, &req, &fingerprint, unit, amount)
-                .await
-            {
-                Err(FulfillmentError::PrelockNotLoaded)
-                    if attempt < self.config.not_loaded_retries =>
-                {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn try_create(
-        &self,
-        id: OrderId,
-        user: &UserId,
-        idempotency_key: &str,
-        req: &CreateOrder,
-        fingerprint: &str,
-        unit: Money,
-        amount: Money,
-    ) -> Result<Created, FulfillmentError> {
-        let mut tx = self.store.begin().await?;
-        lock_sku_shared(&mut tx, req.sku_id.as_str()).await?;
         let (created, expires_at_ms) =
             match self.prelock.reserve(&req.sku_id, id, req.quantity).await {
                 Ok(ReserveOutcome::Reserved { expires_at_ms, .. }) => (true, expires_at_ms),
@@ -140,33 +136,34 @@ impl<P: StockPrelock> Fulfillment<P> {
         let expires_at =
             DateTime::<Utc>::from_timestamp_millis(expires_at_ms).unwrap_or_else(Utc::now);
 
+        let new = NewOrder {
+            id: id.0,
+            user_id: user.as_str(),
+            sku_id: req.sku_id.as_str(),
+            store_id: req.store_id.as_str(),
+            quantity: req.quantity as i32,
+            unit_price_cents: unit.cents(),
+            amount_cents: amount.cents(),
+            idempotency_key,
+            request_fingerprint: fingerprint,
+            expires_at,
+        };
+        let facts = events::OrderFacts {
+            id: id.0,
+            user_id: new.user_id,
+            sku_id: new.sku_id,
+            store_id: new.store_id,
+            quantity: new.quantity,
+            amount_cents: new.amount_cents,
+        };
+        let event = events::order_event(
+            events::ORDER_CREATED,
+            facts,
+            json!({ "expires_at": expires_at }),
+        );
+        let expiry = events::expiry_job(id.0, new.sku_id, expires_at);
         let written = async {
-            let order = orders::insert_order_with_reservation(
-                &mut tx,
-                &NewOrder {
-                    id: id.0,
-                    user_id: user.as_str(),
-                    sku_id: req.sku_id.as_str(),
-                    store_id: req.store_id.as_str(),
-                    quantity: req.quantity as i32,
-                    unit_price_cents: unit.cents(),
-                    amount_cents: amount.cents(),
-                    idempotency_key,
-                    request_fingerprint: fingerprint,
-                    expires_at,
-                },
-            )
-            .await?;
-            effects::append_event(
-                &mut tx,
-                events::order_event(
-                    events::ORDER_CREATED,
-                    &order,
-                    json!({ "expires_at": order.expires_at }),
-                ),
-            )
-            .await?;
-            effects::schedule_job(&mut tx, events::expiry_job(&order)).await?;
+            let order = orders::insert_new_order(&mut tx, &new, &event, &expiry).await?;
             tx.commit().await?;
             Ok::<_, postgres_store::sqlx::Error>(order)
         }
@@ -233,7 +230,7 @@ impl<P: StockPrelock> Fulfillment<P> {
                 events::order_event(events::ORDER_CANCELLED, &order, json!({})),
             )
             .await?;
-            effects::cancel_job(&mut tx, &events::expiry_job_key(&order)).await?;
+            effects::cancel_job(&mut tx, &events::expiry_job_key(order.id)).await?;
             // Released inside the transaction, under the SKU lock: a rebuild cannot slip in
             // between. Should the commit then fail, the order stays PENDING without units,
             // and a later payment re-reserves or refunds: never an oversell.

@@ -186,7 +186,7 @@ impl<P: StockPrelock> Fulfillment<P> {
             for job in events::follow_up_jobs(&order, due) {
                 effects::schedule_job(tx, job).await?;
             }
-            effects::cancel_job(tx, &events::expiry_job_key(&order)).await?;
+            effects::cancel_job(tx, &events::expiry_job_key(order.id)).await?;
             payments::record_event(tx, &record("PAID")).await?;
             tracing::info!(order_id = %order.id, payment_id = %payment.id, source = source.as_str(), "payment applied");
             return Ok(ApplyOutcome::Paid);
@@ -201,7 +201,7 @@ impl<P: StockPrelock> Fulfillment<P> {
         };
         if matches!(order.state, OrderState::Pending | OrderState::Expired) {
             orders::set_reservation(tx, order.id, "RELEASED", None).await?;
-            effects::cancel_job(tx, &events::expiry_job_key(&order)).await?;
+            effects::cancel_job(tx, &events::expiry_job_key(order.id)).await?;
         }
         payments::settle_payment(
             tx,

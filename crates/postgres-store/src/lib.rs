@@ -35,12 +35,13 @@ pub struct PgStore {
 
 impl PgStore {
     /// Connects with a bounded pool. `acquire_timeout` bounds how long a request waits for a
-    /// connection under a burst, so overload answers 503 instead of queueing forever.
+    /// connection under a burst, so overload answers 503 instead of queueing forever. Half the
+    /// pool is opened ahead of time: a flash sale's first second must not pay for connects.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgStore> {
         let opts: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .min_connections(1)
+            .min_connections((max_connections / 2).max(1))
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(opts.application_name("bar-fulfillment"))
             .await?;
@@ -75,7 +76,7 @@ pub fn is_unique_violation(err: &sqlx::Error, constraint: Option<&str>) -> bool 
 }
 
 /// Namespace (first key) of the per-SKU advisory locks; the second key is `hashtext(sku)`.
-const SKU_LOCK_SPACE: i32 = 0x5e_4b_55; // "SKU"
+pub(crate) const SKU_LOCK_SPACE: i32 = 0x5e_4b_55; // "SKU"
 
 /// Every transaction that changes a SKU's reservations *and* the Redis pre-lock takes this
 /// shared lock first; a rebuild of that SKU takes it exclusively. So a rebuild never reads the

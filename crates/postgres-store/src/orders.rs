@@ -5,6 +5,8 @@ use domain::order::{check_transition, OrderState, TransitionError, Versioned};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use crate::effects::{NewJob, OutboxEvent};
+
 #[derive(Debug, Clone)]
 pub struct OrderRow {
     pub id: Uuid,
@@ -101,17 +103,34 @@ pub struct NewOrder<'a> {
     pub expires_at: DateTime<Utc>,
 }
 
-/// Inserts a PENDING order (version 1) and its ACTIVE reservation. A concurrent twin with the
-/// same idempotency key surfaces as a unique violation on `orders_pkey`.
-pub async fn insert_order_with_reservation(
+/// Inserts a PENDING order (version 1), its ACTIVE reservation, its `OrderCreated` outbox event
+/// and its expiry job, in one statement (one round trip on the hot path of "buy now"). A
+/// concurrent twin with the same idempotency key surfaces as a unique violation on
+/// `orders_pkey`.
+pub async fn insert_new_order(
     conn: &mut PgConnection,
     o: &NewOrder<'_>,
+    event: &OutboxEvent<'_>,
+    expiry: &NewJob<'_>,
 ) -> Result<OrderRow, sqlx::Error> {
     let raw: RawOrder = sqlx::query_as(&format!(
-        "INSERT INTO orders (id, user_id, sku_id, store_id, quantity, unit_price_cents,
-             amount_cents, state, version, idempotency_key, request_fingerprint, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'PENDING', 1, $8, $9, $10)
-         RETURNING {ORDER_COLUMNS}"
+        "WITH o AS (
+             INSERT INTO orders (id, user_id, sku_id, store_id, quantity, unit_price_cents,
+                 amount_cents, state, version, idempotency_key, request_fingerprint, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'PENDING', 1, $8, $9, $10)
+             RETURNING {ORDER_COLUMNS}),
+         r AS (
+             INSERT INTO reservations (order_id, sku_id, quantity, status, expires_at)
+             SELECT id, sku_id, quantity, 'ACTIVE', expires_at FROM o),
+         e AS (
+             INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,
+                 schema_version, payload)
+             SELECT $11, $12, id::text, $13, $14, $15 FROM o),
+         j AS (
+             INSERT INTO delayed_job (kind, payload, priority, run_at, dedupe_key)
+             SELECT $16, $17, $18, $19, $20 FROM o
+             ON CONFLICT (dedupe_key) DO NOTHING)
+         SELECT * FROM o"
     ))
     .bind(o.id)
     .bind(o.user_id)
@@ -123,17 +142,17 @@ pub async fn insert_order_with_reservation(
     .bind(o.idempotency_key)
     .bind(o.request_fingerprint)
     .bind(o.expires_at)
-    .fetch_one(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO reservations (order_id, sku_id, quantity, status, expires_at)
-         VALUES ($1, $2, $3, 'ACTIVE', $4)",
-    )
-    .bind(o.id)
-    .bind(o.sku_id)
-    .bind(o.quantity)
-    .bind(o.expires_at)
-    .execute(conn)
+    .bind(Uuid::new_v4())
+    .bind(event.aggregate_type)
+    .bind(event.event_type)
+    .bind(event.schema_version)
+    .bind(&event.payload)
+    .bind(expiry.kind)
+    .bind(&expiry.payload)
+    .bind(expiry.priority)
+    .bind(expiry.run_at)
+    .bind(&expiry.dedupe_key)
+    .fetch_one(conn)
     .await?;
     raw.try_into()
 }

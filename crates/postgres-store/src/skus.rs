@@ -27,6 +27,22 @@ pub async fn get_sku(ex: impl PgExecutor<'_>, id: &str) -> Result<Option<SkuRow>
         .await
 }
 
+/// Reads a SKU and takes its shared advisory lock in one round trip (see
+/// [`crate::lock_sku_shared`]). No row, no lock.
+pub async fn get_sku_locked_shared(
+    conn: &mut PgConnection,
+    id: &str,
+) -> Result<Option<SkuRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {SKU_COLUMNS} FROM skus
+         WHERE id = $1 AND pg_advisory_xact_lock_shared($2, hashtext($1)) IS NOT NULL"
+    ))
+    .bind(id)
+    .bind(crate::SKU_LOCK_SPACE)
+    .fetch_optional(conn)
+    .await
+}
+
 /// Creates or updates a SKU (stock admin). Returns the row as stored.
 pub async fn upsert_sku(
     conn: &mut PgConnection,
