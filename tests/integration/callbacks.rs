@@ -417,3 +417,47 @@ async fn simulator_faults_drop_and_duplicate_callbacks() {
         "unknown fault names are refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_racing_a_cancel_leaves_no_stock_pinned() {
+    let s = Stack::start().await;
+    s.put_sku("sku-race", "bar-1", 400, 3).await;
+    let (order_id, payment_id, amount) = order_with_payment(&s, "hal", "sku-race", "wechat").await;
+    let (status, _) = s
+        .post_user("hal", &format!("/v1/orders/{order_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // The interleaving under test: the payment's first attempt found the pre-lock gone (the
+    // cancel released it), re-reserved and pinned it, then lost the compare-and-set to the
+    // cancel. Replay exactly that Redis state, then let the payment's retry run.
+    let sku = domain::SkuId::parse("sku-race").unwrap();
+    let id = domain::OrderId::parse(&order_id).unwrap();
+    let redis = &s.prelock_app.redis;
+    redis
+        .reserve(&sku, id, 2, Duration::from_secs(900))
+        .await
+        .unwrap();
+    redis.confirm(&sku, id).await.unwrap();
+    assert_eq!(redis.available(&sku).await.unwrap(), Some(1));
+
+    let (status, ack) = post_callback(
+        &s,
+        "wechat",
+        &notification("evt-race", &payment_id, &order_id, amount),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, ack["result"].as_str()),
+        (StatusCode::OK, Some("REFUND_REQUIRED")),
+        "{ack}"
+    );
+    assert_eq!(s.order_state(&order_id).await, "REFUND_PENDING");
+    let (available, held, _) = s.assert_consistent("sku-race").await;
+    assert_eq!(
+        (available, held),
+        (3, 0),
+        "the cancelled order's units are sellable again"
+    );
+}

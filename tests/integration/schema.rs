@@ -34,95 +34,76 @@ async fn the_database_transition_table_is_the_domains() {
     assert_eq!(db, code);
 }
 
+const SEED_SKU: &str =
+    "INSERT INTO skus (id, store_id, price_cents, stock_real) VALUES ('s', 'b', 100, 1)";
+
+fn insert_order(state: &str, version: i32, key: &str) -> String {
+    format!(
+        "INSERT INTO orders (id, user_id, sku_id, store_id, quantity, unit_price_cents, amount_cents,
+             state, version, idempotency_key, request_fingerprint, expires_at)
+         VALUES (gen_random_uuid(), 'u', 's', 'b', 1, 100, 100, '{state}', {version}, '{key}', 'f', now())
+         RETURNING id"
+    )
+}
+
 #[tokio::test]
 async fn illegal_states_transitions_and_negative_stock_are_refused() {
     let pool = migrated().await;
-    sqlx::query(
-        "INSERT INTO skus (id, store_id, price_cents, stock_real) VALUES ('s', 'b', 100, 1)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let insert = |state: &str, version: i32, key: &str| {
-        format!(
-            "INSERT INTO orders (id, user_id, sku_id, store_id, quantity, unit_price_cents, amount_cents,
-                 state, version, idempotency_key, request_fingerprint, expires_at)
-             VALUES (gen_random_uuid(), 'u', 's', 'b', 1, 100, 100, '{state}', {version}, '{key}', 'f', now())"
-        )
-    };
-    assert!(fails(&pool, &insert("PAID", 1, "k0"))
-        .await
-        .contains("created PENDING"));
-    assert!(fails(&pool, &insert("BOGUS", 1, "k0"))
-        .await
-        .contains("created PENDING"));
-    sqlx::query(&insert("PENDING", 1, "k1"))
+    sqlx::query(SEED_SKU).execute(&pool).await.unwrap();
+    sqlx::query(&insert_order("PENDING", 1, "k1"))
         .execute(&pool)
         .await
         .unwrap();
-    assert!(
-        fails(&pool, &insert("PENDING", 1, "k1"))
-            .await
-            .contains("duplicate key"),
-        "idempotency key is unique per user"
-    );
-    assert!(
-        fails(&pool, "UPDATE orders SET state = 'REDEEMED', version = 2")
-            .await
-            .contains("illegal order transition")
-    );
-    assert!(
-        fails(&pool, "UPDATE orders SET state = 'PAID', version = 5")
-            .await
-            .contains("bump the version")
-    );
-    assert!(fails(&pool, "UPDATE orders SET version = 2")
-        .await
-        .contains("only with the state"));
-    assert!(fails(
-        &pool,
-        "UPDATE orders SET amount_cents = 1, unit_price_cents = 1"
-    )
-    .await
-    .contains("immutable"));
+    // (statement, what the refusal says), in order: each runs against the state the previous
+    // rows left
+    let refused = [
+        (insert_order("PAID", 1, "k0"), "created PENDING"),
+        (insert_order("BOGUS", 1, "k0"), "created PENDING"),
+        (insert_order("PENDING", 1, "k1"), "duplicate key"),
+        (
+            "UPDATE orders SET state = 'REDEEMED', version = 2".into(),
+            "illegal order transition",
+        ),
+        (
+            "UPDATE orders SET state = 'PAID', version = 5".into(),
+            "bump the version",
+        ),
+        (
+            "UPDATE orders SET version = 2".into(),
+            "only with the state",
+        ),
+        (
+            "UPDATE orders SET amount_cents = 1, unit_price_cents = 1".into(),
+            "immutable",
+        ),
+        ("UPDATE skus SET stock_real = -1".into(), "check"),
+        (
+            "INSERT INTO skus (id, store_id, price_cents, stock_real) VALUES ('bad id', 'b', 1, 1)"
+                .into(),
+            "check",
+        ),
+    ];
+    for (sql, says) in &refused {
+        let err = fails(&pool, sql).await;
+        assert!(err.contains(says), "{sql}: {err}");
+    }
     sqlx::query("UPDATE orders SET state = 'PAID', version = 2")
         .execute(&pool)
         .await
         .unwrap();
-    assert!(
-        fails(&pool, "UPDATE orders SET state = 'PENDING', version = 3")
-            .await
-            .contains("illegal order transition")
-    );
-    assert!(fails(&pool, "UPDATE skus SET stock_real = -1")
-        .await
-        .contains("check"));
-    assert!(fails(
-        &pool,
-        "INSERT INTO skus (id, store_id, price_cents, stock_real) VALUES ('bad id', 'b', 1, 1)"
-    )
-    .await
-    .contains("check"));
+    let err = fails(&pool, "UPDATE orders SET state = 'PENDING', version = 3").await;
+    assert!(err.contains("illegal order transition"), "{err}");
 }
 
 #[tokio::test]
 async fn the_compare_and_set_never_overwrites() {
     use domain::order::{OrderState, Versioned};
     let pool = migrated().await;
-    sqlx::query(
-        "INSERT INTO skus (id, store_id, price_cents, stock_real) VALUES ('s', 'b', 100, 1)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let id: uuid::Uuid = sqlx::query_scalar(
-        "INSERT INTO orders (id, user_id, sku_id, store_id, quantity, unit_price_cents, amount_cents,
-             state, version, idempotency_key, request_fingerprint, expires_at)
-         VALUES (gen_random_uuid(), 'u', 's', 'b', 1, 100, 100, 'PENDING', 1, 'k', 'f', now()) RETURNING id",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    sqlx::query(SEED_SKU).execute(&pool).await.unwrap();
+    let id: uuid::Uuid = sqlx::query_scalar(&insert_order("PENDING", 1, "k"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     let mut conn = pool.acquire().await.unwrap();
     let v1 = Versioned::initial();
     let v2 = postgres_store::orders::transition(&mut conn, id, v1, OrderState::Paid)

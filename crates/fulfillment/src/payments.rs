@@ -192,13 +192,24 @@ impl<P: StockPrelock> Fulfillment<P> {
             return Ok(ApplyOutcome::Paid);
         }
 
-        // The money goes back. Nothing of this order holds stock now (a lapsed pre-lock was
-        // reclaimed; a cancelled or paid order's units are accounted elsewhere).
+        // The money goes back.
         let reason = match order.state {
             OrderState::Pending | OrderState::Expired => "no stock left after the pre-lock lapsed",
             OrderState::Cancelled => "order was cancelled",
             _ => "order was already paid",
         };
+        if matches!(
+            order.state,
+            OrderState::Pending | OrderState::Expired | OrderState::Cancelled
+        ) {
+            // Nothing may stay pre-locked for an order that keeps no money. An earlier attempt
+            // of this very call may have re-reserved and pinned units before a concurrent
+            // cancel won the compare-and-set; releasing (idempotent) gives them back.
+            match self.prelock.release(&sku, id).await {
+                Ok(_) | Err(PrelockError::NotLoaded) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         if matches!(order.state, OrderState::Pending | OrderState::Expired) {
             orders::set_reservation(tx, order.id, "RELEASED", None).await?;
             effects::cancel_job(tx, &events::expiry_job_key(order.id)).await?;

@@ -152,15 +152,15 @@ impl App {
             .with_state(AppState(self.clone()))
             .split_for_parts();
         let app = self.clone();
-        let ready: service_kit::http::ReadyCheck = Arc::new(move || {
+        let ready = service_kit::http::ready_check(move || {
             let app = app.clone();
-            Box::pin(async move {
+            async move {
                 app.fulfillment
                     .store
                     .ping()
                     .await
                     .map_err(|e| format!("postgres: {e}"))
-            })
+            }
         });
         let api = api.route("/openapi.json", get(move || async move { Json(openapi) }));
         service_kit::http::finish(api, self.metrics.clone(), ready)

@@ -150,7 +150,7 @@ impl Sim {
             .route("/v1/sim/payments/{payment_id}", get(inspect))
             .route("/v1/sim/faults", get(get_faults).put(put_faults))
             .with_state(SimState(self.clone()));
-        let ready: service_kit::http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+        let ready = service_kit::http::ready_check(|| async { Ok(()) });
         service_kit::http::finish(api, self.metrics.clone(), ready)
     }
 

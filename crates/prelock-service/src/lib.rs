@@ -139,16 +139,15 @@ impl App {
 
     pub fn router(self: &Arc<App>) -> Router {
         let app = self.clone();
-        let ready: service_kit::http::ReadyCheck = Arc::new(move || {
+        let ready = service_kit::http::ready_check(move || {
             let app = app.clone();
-            Box::pin(async move {
+            async move {
                 app.store
                     .ping()
                     .await
                     .map_err(|e| format!("postgres: {e}"))?;
-                app.redis.ping().await.map_err(|e| format!("redis: {e}"))?;
-                Ok(())
-            })
+                app.redis.ping().await.map_err(|e| format!("redis: {e}"))
+            }
         });
         service_kit::http::finish(
             routes::router(AppState(self.clone())),

@@ -73,34 +73,6 @@ impl ErrorCode {
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
-
-    pub fn parse(s: &str) -> Option<ErrorCode> {
-        use ErrorCode::*;
-        [
-            Validation,
-            MalformedJson,
-            Unauthorized,
-            BadSignature,
-            StaleTimestamp,
-            NotFound,
-            UnknownSku,
-            UnknownPayment,
-            StockShortage,
-            InvalidTransition,
-            OrderExpired,
-            Conflict,
-            IdempotencyMismatch,
-            AmountMismatch,
-            StockBelowReserved,
-            PrelockUnavailable,
-            PrelockNotLoaded,
-            GatewayUnavailable,
-            Unavailable,
-            Internal,
-        ]
-        .into_iter()
-        .find(|c| c.as_str() == s)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -172,14 +144,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn codes_round_trip_and_5xx_are_only_infrastructure() {
-        for code in [
-            ErrorCode::Validation,
-            ErrorCode::StockShortage,
-            ErrorCode::Internal,
-        ] {
-            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
-        }
+    fn codes_map_to_their_statuses() {
+        assert_eq!(
+            ErrorCode::StockShortage.as_str(),
+            "ERR_STOCK_SHORTAGE_PRELOCK"
+        );
         assert_eq!(ErrorCode::StockShortage.status(), StatusCode::CONFLICT);
         assert_eq!(
             ErrorCode::PrelockUnavailable.status(),

@@ -56,6 +56,15 @@ pub async fn serve(
 pub type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// Wraps an async readiness probe as a [`ReadyCheck`].
+pub fn ready_check<F, Fut>(probe: F) -> ReadyCheck
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    Arc::new(move || Box::pin(probe()))
+}
+
 #[derive(Clone)]
 struct OpsState {
     metrics: Metrics,
