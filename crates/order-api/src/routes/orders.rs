@@ -70,10 +70,13 @@ pub async fn create_order(
                 "created"
             };
             app.api_metrics.orders.with_label_values(&[outcome]).inc();
-            app.api_metrics
-                .prelock_calls
-                .with_label_values(&["ok"])
-                .inc();
+            if !created.replayed {
+                // a replay answered from the row never called the pre-lock
+                app.api_metrics
+                    .prelock_calls
+                    .with_label_values(&["ok"])
+                    .inc();
+            }
             let mut resp =
                 (StatusCode::CREATED, Json(OrderView::from(created.order))).into_response();
             if created.replayed {
