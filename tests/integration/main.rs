@@ -4,6 +4,7 @@ mod burst;
 mod callbacks;
 mod deploy;
 mod end_to_end;
+mod faults;
 mod lifecycle;
 mod openapi;
 mod prelock_scripts;

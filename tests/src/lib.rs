@@ -6,6 +6,7 @@
 //! parallel. Tests poll with a deadline ([`eventually`]); none sleeps to wait for an effect.
 
 pub mod binaries;
+pub mod fault_proxy;
 
 use std::future::Future;
 use std::sync::Arc;

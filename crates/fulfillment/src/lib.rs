@@ -38,6 +38,9 @@ pub struct FulfillmentConfig {
     pub not_loaded_retries: u32,
     /// How long a "sold out" answer is remembered in-process (0 disables the marker).
     pub sold_out_ttl: Duration,
+    /// How long after a timed-out pre-lock call its possible reservation is given back (when
+    /// no order took it). Longer than any late answer can take to land.
+    pub orphan_release_delay: Duration,
 }
 
 impl Default for FulfillmentConfig {
@@ -47,6 +50,7 @@ impl Default for FulfillmentConfig {
             follow_up_delay: Duration::from_secs(2),
             not_loaded_retries: 4,
             sold_out_ttl: Duration::from_millis(500),
+            orphan_release_delay: Duration::from_secs(2),
         }
     }
 }

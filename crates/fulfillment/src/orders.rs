@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use domain::ports::{PrelockError, StockPrelock};
-use domain::stock::ReserveOutcome;
+use domain::stock::{ReleaseOutcome, ReserveOutcome};
 use domain::{ids, Money, OrderId, OrderState, SkuId, StoreId, UserId};
 use postgres_store::orders::{self, NewOrder, OrderRow};
 use postgres_store::{effects, is_unique_violation, lock_sku_shared, skus};
@@ -35,7 +35,7 @@ pub struct Created {
     pub replayed: bool,
 }
 
-impl<P: StockPrelock> Fulfillment<P> {
+impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
     /// "Buy now": pre-locks stock, then writes the order, its reservation, the `OrderCreated`
     /// event and the expiry job in one transaction. If that transaction fails after the
     /// pre-lock succeeded, the pre-lock is released.
@@ -131,6 +131,11 @@ impl<P: StockPrelock> Fulfillment<P> {
                     }
                     return Err(FulfillmentError::Shortage { available });
                 }
+                Err(e @ PrelockError::Unavailable(_)) => {
+                    // The reserve may have run even though its answer never came.
+                    self.release_orphan_later(&req.sku_id, id);
+                    return Err(e.into());
+                }
                 Err(e) => return Err(e.into()),
             };
         let expires_at =
@@ -202,6 +207,41 @@ impl<P: StockPrelock> Fulfillment<P> {
         if let Err(e) = self.prelock.release(sku, id).await {
             tracing::warn!(%sku, order_id = %id, error = %e, "could not release pre-lock after a failed order write; it lapses on its own");
         }
+    }
+
+    /// After a pre-lock call timed out, the reservation may exist in Redis with no order behind
+    /// it, holding units until it lapses (15 minutes: in a flash sale, stock that looks sold
+    /// out and is not). Once late answers have had time to land, and if no order took that id
+    /// meanwhile, give it back. Best effort and in-process: if this process dies first, the
+    /// reservation still lapses on its own.
+    fn release_orphan_later(&self, sku: &SkuId, id: OrderId) {
+        let (prelock, store, delay) = (
+            self.prelock.clone(),
+            self.store.clone(),
+            self.config.orphan_release_delay,
+        );
+        let sku = sku.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            for attempt in 0..3u32 {
+                match orders::find_order(&store.pool, id.0).await {
+                    Ok(Some(_)) => return, // a retry of this request created the order
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(order_id = %id, error = %e, "orphan check failed; the pre-lock lapses on its own");
+                        return;
+                    }
+                }
+                match prelock.release(&sku, id).await {
+                    Ok(ReleaseOutcome::Released { quantity, .. }) => {
+                        tracing::warn!(%sku, order_id = %id, quantity, "released a pre-lock orphaned by a timeout");
+                        return;
+                    }
+                    Ok(ReleaseOutcome::NotFound) | Err(PrelockError::NotLoaded) => return,
+                    Err(_) => tokio::time::sleep(delay * (attempt + 1)).await,
+                }
+            }
+        });
     }
 
     /// Cancels a PENDING order of `user`: CANCELLED, reservation released in Redis and the

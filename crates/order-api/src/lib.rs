@@ -69,6 +69,7 @@ impl Config {
                     defaults.not_loaded_retries,
                 )?,
                 sold_out_ttl: env_millis("SOLD_OUT_TTL_MS", 500)?,
+                orphan_release_delay: env_millis("ORPHAN_RELEASE_DELAY_MS", 2000)?,
             },
         })
     }
