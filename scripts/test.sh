@@ -18,4 +18,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build binaries (the end-to-end test runs them)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+# cargo prints one "test result" line per test binary, the last often an empty doc-test run;
+# close with the total so the summary is unambiguous
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
