@@ -188,11 +188,25 @@ async fn forged_stale_wrong_or_unknown_callbacks_change_nothing() {
     );
 
     // and the genuine one still works afterwards
-    let (status, ack) = post_callback(&s, "alipay", &good, None, None).await;
     assert_eq!(
-        (status, ack["result"].as_str()),
-        (StatusCode::OK, Some("PAID"))
+        deliver(&s, "alipay", "evt-1", &payment_id, &order_id, amount).await,
+        "PAID"
     );
+}
+
+/// Delivers a correctly signed "paid" callback; returns its `result` (PAID, DUPLICATE, ...).
+async fn deliver(
+    s: &Stack,
+    provider: &str,
+    event_id: &str,
+    payment_id: &str,
+    order_id: &str,
+    amount: i64,
+) -> String {
+    let body = notification(event_id, payment_id, order_id, amount);
+    let (status, ack) = post_callback(s, provider, &body, None, None).await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    ack["result"].as_str().expect("result").to_owned()
 }
 
 /// Waits until Redis' clock has passed the order's pre-lock expiry.
@@ -221,18 +235,9 @@ async fn a_late_payment_re_reserves_or_is_refunded() {
     // alice's pre-lock lapses, but the units are still there: her payment re-reserves them
     let (a_order, a_pay, amount) = order_with_payment(&s, "alice", "sku-late", "wechat").await;
     wait_lapsed(&s, &a_order).await;
-    let (status, ack) = post_callback(
-        &s,
-        "wechat",
-        &notification("evt-a", &a_pay, &a_order, amount),
-        None,
-        None,
-    )
-    .await;
     assert_eq!(
-        (status, ack["result"].as_str()),
-        (StatusCode::OK, Some("PAID")),
-        "{ack}"
+        deliver(&s, "wechat", "evt-a", &a_pay, &a_order, amount).await,
+        "PAID"
     );
     assert_eq!(s.order_state(&a_order).await, "PAID");
     let (available, held, _) = s.assert_consistent("sku-late").await;
@@ -259,18 +264,9 @@ async fn a_late_payment_re_reserves_or_is_refunded() {
         StatusCode::CREATED,
         "carol gets the reclaimed units: {carol}"
     );
-    let (status, ack) = post_callback(
-        &s,
-        "wechat",
-        &notification("evt-b", &b_pay, &b_order, amount),
-        None,
-        None,
-    )
-    .await;
     assert_eq!(
-        (status, ack["result"].as_str()),
-        (StatusCode::OK, Some("REFUND_REQUIRED")),
-        "{ack}"
+        deliver(&s, "wechat", "evt-b", &b_pay, &b_order, amount).await,
+        "REFUND_REQUIRED"
     );
     assert_eq!(s.order_state(&b_order).await, "REFUND_PENDING");
     assert_eq!(
@@ -302,25 +298,13 @@ async fn a_second_payment_of_a_paid_order_is_refunded() {
     s.put_sku("sku-twice", "bar-1", 700, 5).await;
     let (order_id, p1, amount) = order_with_payment(&s, "dan", "sku-twice", "wechat").await;
     let (p2, _) = s.start_payment("dan", &order_id, "douyin").await;
-    let (_, a1) = post_callback(
-        &s,
-        "wechat",
-        &notification("e1", &p1, &order_id, amount),
-        None,
-        None,
-    )
-    .await;
-    let (_, a2) = post_callback(
-        &s,
-        "douyin",
-        &notification("e2", &p2, &order_id, amount),
-        None,
-        None,
-    )
-    .await;
     assert_eq!(
-        (a1["result"].as_str(), a2["result"].as_str()),
-        (Some("PAID"), Some("REFUND_REQUIRED"))
+        deliver(&s, "wechat", "e1", &p1, &order_id, amount).await,
+        "PAID"
+    );
+    assert_eq!(
+        deliver(&s, "douyin", "e2", &p2, &order_id, amount).await,
+        "REFUND_REQUIRED"
     );
     assert_eq!(s.order_state(&order_id).await, "PAID");
     assert_eq!(
@@ -440,18 +424,9 @@ async fn a_payment_racing_a_cancel_leaves_no_stock_pinned() {
     redis.confirm(&sku, id).await.unwrap();
     assert_eq!(redis.available(&sku).await.unwrap(), Some(1));
 
-    let (status, ack) = post_callback(
-        &s,
-        "wechat",
-        &notification("evt-race", &payment_id, &order_id, amount),
-        None,
-        None,
-    )
-    .await;
     assert_eq!(
-        (status, ack["result"].as_str()),
-        (StatusCode::OK, Some("REFUND_REQUIRED")),
-        "{ack}"
+        deliver(&s, "wechat", "evt-race", &payment_id, &order_id, amount).await,
+        "REFUND_REQUIRED"
     );
     assert_eq!(s.order_state(&order_id).await, "REFUND_PENDING");
     let (available, held, _) = s.assert_consistent("sku-race").await;

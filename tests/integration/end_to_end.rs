@@ -144,9 +144,15 @@ async fn real_binaries_take_an_order_from_buy_now_to_paid() {
         "{metrics}"
     );
     assert!(!metrics.contains(&id));
-    assert!(
-        metrics.contains(r#"payment_callbacks_total{outcome="PAID",provider="alipay""#)
-            || metrics.contains("payment_callbacks_total")
+    let paid = metrics.lines().find(|l| {
+        l.starts_with("payment_callbacks_total{")
+            && l.contains(r#"outcome="PAID""#)
+            && l.contains(r#"provider="alipay""#)
+    });
+    assert_eq!(
+        paid.and_then(|l| l.rsplit(' ').next()),
+        Some("1"),
+        "{metrics}"
     );
 
     for proc in [&mut o, &mut g, &mut p] {

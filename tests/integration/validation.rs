@@ -328,22 +328,12 @@ async fn an_unreachable_prelock_answers_503_and_holds_nothing() {
     s.put_sku("sku-down", "bar-1", 100, 10).await;
     // a second order-api on the same database whose pre-lock service is not listening
     let dead = integration_tests::binaries::free_port();
-    let mut cfg = order_api::Config::from_env().unwrap();
-    cfg.database_url = s.db_url.clone();
-    cfg.prelock_url = format!("http://127.0.0.1:{dead}");
-    cfg.prelock_timeout = Duration::from_millis(300);
-    cfg.run_migrations = false;
-    cfg.pg_max_connections = 4;
-    let app = order_api::App::build(
-        cfg,
-        integration_tests::auth(),
-        gateway_protocol::ProviderSecrets::from_env(),
-    )
-    .await
-    .unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app.router()).await.unwrap() });
+    let base = s
+        .extra_order_api(
+            &format!("http://127.0.0.1:{dead}"),
+            Duration::from_millis(300),
+        )
+        .await;
 
     let r = s
         .http
@@ -368,9 +358,12 @@ async fn an_unreachable_prelock_answers_503_and_holds_nothing() {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains(r#"prelock_calls_total{outcome="timeout""#)
-            || metrics.contains(r#"outcome="timeout""#),
+    let timeouts = metrics
+        .lines()
+        .find(|l| l.starts_with("prelock_calls_total{") && l.contains(r#"outcome="timeout""#));
+    assert_eq!(
+        timeouts.and_then(|l| l.rsplit(' ').next()),
+        Some("1"),
         "{metrics}"
     );
 }

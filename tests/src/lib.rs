@@ -262,7 +262,25 @@ impl Stack {
         r.json().await.expect("rebuild json")
     }
 
-    /// `POST /v1/orders`; returns status and JSON body.
+    /// Another order-api on this stack's database that reaches prelock-service at
+    /// `prelock_url` (a fault proxy, a dead port) with `timeout` per call. Returns its URL.
+    pub async fn extra_order_api(&self, prelock_url: &str, timeout: Duration) -> String {
+        let mut cfg = order_api::Config::from_env().expect("config");
+        cfg.database_url = self.db_url.clone();
+        cfg.prelock_url = prelock_url.to_owned();
+        cfg.prelock_timeout = timeout;
+        cfg.run_migrations = false;
+        cfg.pg_max_connections = 4;
+        cfg.fulfillment.orphan_release_delay = Duration::from_millis(400);
+        let app = order_api::App::build(cfg, auth(), gateway_protocol::ProviderSecrets::from_env())
+            .await
+            .expect("order-api starts");
+        let (l, url) = listen().await;
+        spawn_server(l, app.router());
+        url
+    }
+
+    /// `POST /v1/orders` on this stack's order-api; returns status and JSON body.
     pub async fn create_order(
         &self,
         user: &str,
@@ -271,9 +289,23 @@ impl Stack {
         store: &str,
         quantity: i64,
     ) -> (StatusCode, Value) {
+        self.create_order_at(&self.order_api, user, key, sku, store, quantity)
+            .await
+    }
+
+    /// `POST /v1/orders` on the order-api at `base`.
+    pub async fn create_order_at(
+        &self,
+        base: &str,
+        user: &str,
+        key: &str,
+        sku: &str,
+        store: &str,
+        quantity: i64,
+    ) -> (StatusCode, Value) {
         let r = self
             .http
-            .post(format!("{}/v1/orders", self.order_api))
+            .post(format!("{base}/v1/orders"))
             .bearer_auth(token(user))
             .header("Idempotency-Key", key)
             .json(&json!({ "sku_id": sku, "store_id": store, "quantity": quantity }))
