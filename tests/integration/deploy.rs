@@ -81,3 +81,29 @@ fn kubernetes_manifests_parse_and_probe_health() {
     let text = serde_yaml::to_string(rules).unwrap();
     assert!(text.contains("prelock_timeouts_total"));
 }
+
+#[test]
+fn the_dashboard_parses_and_charts_the_slas() {
+    let text =
+        std::fs::read_to_string(repo().join("deploy/grafana/dashboards/bar-fulfillment.json"))
+            .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for metric in [
+        "http_request_duration_seconds_bucket",
+        "prelock_timeouts_total",
+        "orders_created_total",
+        "payment_callbacks_total",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(metric)),
+            "no panel charts {metric}"
+        );
+    }
+}
