@@ -49,3 +49,69 @@ async fn openapi_covers_every_order_api_path() {
     }
     assert_eq!(order_api::openapi().paths.paths.len(), 5);
 }
+
+/// The rest of the HTTP contract: each service documents its own paths, generated from its
+/// handlers, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prelock_service_and_the_simulator_document_their_paths() {
+    let s = Stack::start().await;
+    let cases: [(&str, &[(&str, &str)]); 2] = [
+        (
+            &s.prelock,
+            &[
+                ("/v1/skus/{sku_id}", "put"),
+                ("/v1/skus/{sku_id}", "get"),
+                ("/v1/admin/rebuild", "post"),
+                ("/v1/skus/{sku_id}/reservations/{reservation_id}", "put"),
+                ("/v1/skus/{sku_id}/reservations/{reservation_id}", "delete"),
+                (
+                    "/v1/skus/{sku_id}/reservations/{reservation_id}/confirm",
+                    "post",
+                ),
+            ],
+        ),
+        (
+            &s.gateway,
+            &[
+                ("/v1/{provider}/payments", "post"),
+                ("/v1/{provider}/payments/{payment_id}", "get"),
+                ("/v1/sim/payments/{payment_id}/pay", "post"),
+                ("/v1/sim/payments/{payment_id}", "get"),
+                ("/v1/sim/faults", "get"),
+                ("/v1/sim/faults", "put"),
+            ],
+        ),
+    ];
+    for (base, expected) in cases {
+        let doc: Value = s
+            .http
+            .get(format!("{base}/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut listed = 0;
+        for (path, ops) in paths {
+            listed += ops.as_object().unwrap().len();
+            for (method, op) in ops.as_object().unwrap() {
+                assert!(
+                    expected.contains(&(path.as_str(), method.as_str())),
+                    "{base}: undocumented-by-test {method} {path}"
+                );
+                assert!(
+                    op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                    "{method} {path} has no responses"
+                );
+            }
+        }
+        assert_eq!(
+            listed,
+            expected.len(),
+            "{base}: {:?}",
+            paths.keys().collect::<Vec<_>>()
+        );
+    }
+}

@@ -146,7 +146,7 @@ pub struct PaymentNotification {
     pub paid_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatePayment {
     pub payment_id: String,
     pub order_id: String,
@@ -155,13 +155,13 @@ pub struct CreatePayment {
     pub notify_url: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedPayment {
     pub pay_url: String,
 }
 
 /// The query API's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PaymentQuery {
     pub payment_id: String,
     /// `CREATED` (not paid yet) or `PAID`.

@@ -25,8 +25,8 @@ use prelock_api::PrelockClient;
 use prometheus::IntCounterVec;
 use service_kit::auth::AuthConfig;
 use service_kit::config::{env_millis, env_or, env_string};
+use service_kit::http::BearerAuth;
 use service_kit::telemetry::Metrics;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -174,23 +174,6 @@ impl App {
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-    }
-}
 
 /// Every API route, registered together with its OpenAPI operation (one list, so the
 /// document cannot miss a route).

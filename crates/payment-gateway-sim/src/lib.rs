@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use domain::Provider;
@@ -27,12 +27,16 @@ use gateway_protocol::{
     CreatePayment, CreatedPayment, PaymentNotification, PaymentQuery, ProviderSecrets,
 };
 use serde::{Deserialize, Serialize};
+use service_kit::error::ErrorBody;
 use service_kit::http::ApiJson;
 use service_kit::telemetry::Metrics;
 use service_kit::{ApiError, ErrorCode};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Fault rates, each a probability in [0, 1], applied independently per event.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
     /// A paid payment's callback is never sent (the lost callback compensation must repair).
@@ -97,7 +101,7 @@ impl Faults {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SimPayment {
     pub payment_id: String,
     pub provider: String,
@@ -115,6 +119,13 @@ pub struct SimPayment {
     pub callbacks_acknowledged: u32,
     pub callback_attempts: u32,
 }
+
+#[derive(utoipa::OpenApi)]
+#[openapi(info(
+    title = "bar-fulfillment payment-gateway-sim",
+    description = "WeChat Pay / Alipay / Douyin Pay simulator with fault injection. A test double: no auth."
+))]
+struct ApiDoc;
 
 pub struct Sim {
     payments: Mutex<HashMap<String, SimPayment>>,
@@ -143,13 +154,15 @@ impl Sim {
     }
 
     pub fn router(self: &Arc<Sim>) -> Router {
-        let api = Router::new()
-            .route("/v1/{provider}/payments", post(create_payment))
-            .route("/v1/{provider}/payments/{payment_id}", get(query_payment))
-            .route("/v1/sim/payments/{payment_id}/pay", post(pay))
-            .route("/v1/sim/payments/{payment_id}", get(inspect))
-            .route("/v1/sim/faults", get(get_faults).put(put_faults))
-            .with_state(SimState(self.clone()));
+        let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+            .routes(routes!(create_payment))
+            .routes(routes!(query_payment))
+            .routes(routes!(pay))
+            .routes(routes!(inspect))
+            .routes(routes!(get_faults, put_faults))
+            .with_state(SimState(self.clone()))
+            .split_for_parts();
+        let api = api.route("/openapi.json", get(move || async move { Json(doc) }));
         let ready = service_kit::http::ready_check(|| async { Ok(()) });
         service_kit::http::finish(api, self.metrics.clone(), ready)
     }
@@ -171,6 +184,9 @@ fn provider(s: &str) -> Result<Provider, ApiError> {
     s.parse().map_err(|_| ApiError::not_found("provider"))
 }
 
+#[utoipa::path(post, path = "/v1/{provider}/payments", tag = "provider",
+    params(("provider" = String, Path, description = "wechat, alipay or douyin")), request_body = CreatePayment,
+    responses((status = 201, body = CreatedPayment), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn create_payment(
     State(s): State<SimState>,
     Path(p): Path<String>,
@@ -212,6 +228,10 @@ async fn create_payment(
     Ok((StatusCode::CREATED, Json(CreatedPayment { pay_url })))
 }
 
+#[utoipa::path(get, path = "/v1/{provider}/payments/{payment_id}", tag = "provider",
+    description = "The query API. Faults: `query_error_rate` (500), `query_timeout_rate` (late answer).",
+    params(("provider" = String, Path, description = "wechat, alipay or douyin"), ("payment_id" = String, Path)),
+    responses((status = 200, body = PaymentQuery), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody)))]
 async fn query_payment(
     State(s): State<SimState>,
     Path((p, id)): Path<(String, String)>,
@@ -242,6 +262,10 @@ async fn query_payment(
 
 /// The buyer pays: the payment becomes PAID and its callback goes out under the current
 /// faults. Paying twice is a no-op that reports the first result.
+#[utoipa::path(post, path = "/v1/sim/payments/{payment_id}/pay", tag = "simulation",
+    description = "The buyer pays: the payment becomes PAID and its signed callback goes out under the current faults.",
+    params(("payment_id" = String, Path)),
+    responses((status = 200, body = SimPayment), (status = 404, body = ErrorBody)))]
 async fn pay(
     State(s): State<SimState>,
     Path(id): Path<String>,
@@ -339,6 +363,9 @@ async fn deliver(sim: Arc<Sim>, p: SimPayment, f: Faults) {
     tracing::warn!(payment_id = %p.payment_id, "callback gave up");
 }
 
+#[utoipa::path(get, path = "/v1/sim/payments/{payment_id}", tag = "simulation",
+    params(("payment_id" = String, Path)),
+    responses((status = 200, body = SimPayment), (status = 404, body = ErrorBody)))]
 async fn inspect(
     State(s): State<SimState>,
     Path(id): Path<String>,
@@ -348,10 +375,13 @@ async fn inspect(
         .ok_or_else(|| ApiError::not_found("payment"))
 }
 
+#[utoipa::path(get, path = "/v1/sim/faults", tag = "simulation", responses((status = 200, body = Faults)))]
 async fn get_faults(State(s): State<SimState>) -> Json<Faults> {
     Json(s.0.faults())
 }
 
+#[utoipa::path(put, path = "/v1/sim/faults", tag = "simulation", request_body = Faults,
+    responses((status = 200, body = Faults), (status = 400, body = ErrorBody)))]
 async fn put_faults(
     State(s): State<SimState>,
     ApiJson(f): ApiJson<Faults>,

@@ -17,12 +17,12 @@ use domain::stock::{ConfirmOutcome, ReleaseOutcome, ReserveOutcome};
 use domain::{OrderId, SkuId};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReserveRequest {
     pub quantity: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReserveStatus {
     Reserved,
@@ -30,7 +30,7 @@ pub enum ReserveStatus {
     Shortage,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReserveReply {
     pub outcome: ReserveStatus,
     pub quantity: u32,
@@ -88,7 +88,7 @@ impl ReserveReply {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ConfirmStatus {
     Confirmed,
@@ -96,7 +96,7 @@ pub enum ConfirmStatus {
     NotFound,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfirmReply {
     pub outcome: ConfirmStatus,
     pub quantity: Option<u32>,
@@ -121,14 +121,14 @@ impl From<ConfirmOutcome> for ConfirmReply {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseStatus {
     Released,
     NotFound,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleaseReply {
     pub outcome: ReleaseStatus,
     pub quantity: Option<u32>,

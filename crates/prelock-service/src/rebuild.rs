@@ -79,7 +79,7 @@ pub async fn write_back(
     })
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct RebuildReport {
     pub skus: u64,
     pub reservations: u64,

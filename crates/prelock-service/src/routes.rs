@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use axum::extract::{Path, State};
-use axum::routing::{post, put};
+use axum::routing::get;
 use axum::{Json, Router};
 use domain::ports::PrelockError;
 use domain::stock::{ReleaseOutcome, ReserveOutcome};
@@ -12,25 +12,35 @@ use postgres_store::{lock_sku_exclusive, skus};
 use prelock_api::{ConfirmReply, ReleaseReply, ReserveReply, ReserveRequest};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::Ops;
+use service_kit::error::ErrorBody;
 use service_kit::http::ApiJson;
+use service_kit::http::BearerAuth;
 use service_kit::{ApiError, ErrorCode};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::rebuild::{self, RebuildError, RebuildReport};
 use crate::{App, AppState};
 
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "bar-fulfillment prelock-service", description = "Owns stock: Redis pre-lock, stock admin, rebuild from Postgres."),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+/// Every route with its OpenAPI operation (one list, so the document cannot miss a route),
+/// plus `GET /openapi.json`.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/skus/{sku_id}", put(put_sku).get(get_sku))
-        .route("/v1/admin/rebuild", post(rebuild_all))
-        .route(
-            "/v1/skus/{sku_id}/reservations/{reservation_id}",
-            put(reserve).delete(release),
-        )
-        .route(
-            "/v1/skus/{sku_id}/reservations/{reservation_id}/confirm",
-            post(confirm),
-        )
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(put_sku, get_sku))
+        .routes(routes!(rebuild_all))
+        .routes(routes!(reserve, release))
+        .routes(routes!(confirm))
         .with_state(state)
+        .split_for_parts();
+    api.route("/openapi.json", get(move || async move { Json(doc) }))
 }
 
 fn parse_sku(s: &str) -> Result<SkuId, ApiError> {
@@ -44,7 +54,7 @@ fn parse_ids(sku: &str, id: &str) -> Result<(SkuId, OrderId), ApiError> {
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PutSku {
     pub store_id: String,
     pub price_cents: i64,
@@ -54,7 +64,7 @@ pub struct PutSku {
     pub prelock_ttl_seconds: Option<i32>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SkuView {
     pub sku_id: String,
     pub store_id: String,
@@ -70,6 +80,11 @@ pub struct SkuView {
 
 /// Stock admin: creates or updates a SKU and sets its real stock, then rewrites its Redis
 /// state, all under the SKU's exclusive lock.
+#[utoipa::path(put, path = "/v1/skus/{sku_id}", tag = "stock",
+    params(("sku_id" = String, Path)), request_body = PutSku,
+    responses((status = 200, body = SkuView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, description = "ERR_STOCK_BELOW_RESERVED", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn put_sku(
     State(s): State<AppState>,
     _ops: Ops,
@@ -138,6 +153,9 @@ async fn put_sku(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/skus/{sku_id}", tag = "stock",
+    params(("sku_id" = String, Path)),
+    responses((status = 200, body = SkuView), (status = 404, body = ErrorBody)))]
 async fn get_sku(
     State(s): State<AppState>,
     Path(sku_id): Path<String>,
@@ -166,6 +184,10 @@ async fn get_sku(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/admin/rebuild", tag = "stock",
+    description = "Recomputes every SKU's Redis state from Postgres; safe while orders flow.",
+    responses((status = 200, body = RebuildReport), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn rebuild_all(
     State(s): State<AppState>,
     _ops: Ops,
@@ -176,6 +198,12 @@ async fn rebuild_all(
     Ok(Json(report))
 }
 
+#[utoipa::path(put, path = "/v1/skus/{sku_id}/reservations/{reservation_id}", tag = "reservations",
+    params(("sku_id" = String, Path), ("reservation_id" = String, Path, description = "= order id")),
+    request_body = ReserveRequest,
+    responses((status = 200, body = ReserveReply), (status = 422, body = ErrorBody),
+        (status = 503, description = "ERR_PRELOCK_NOT_LOADED / ERR_PRELOCK_UNAVAILABLE", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn reserve(
     State(s): State<AppState>,
     _ops: Ops,
@@ -217,6 +245,10 @@ async fn reserve(
     Ok(Json(ReserveReply::from_outcome(body.quantity, outcome)))
 }
 
+#[utoipa::path(post, path = "/v1/skus/{sku_id}/reservations/{reservation_id}/confirm", tag = "reservations",
+    params(("sku_id" = String, Path), ("reservation_id" = String, Path)),
+    responses((status = 200, body = ConfirmReply), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn confirm(
     State(s): State<AppState>,
     _ops: Ops,
@@ -229,6 +261,10 @@ async fn confirm(
     Ok(Json(outcome.into()))
 }
 
+#[utoipa::path(delete, path = "/v1/skus/{sku_id}/reservations/{reservation_id}", tag = "reservations",
+    params(("sku_id" = String, Path), ("reservation_id" = String, Path)),
+    responses((status = 200, body = ReleaseReply), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn release(
     State(s): State<AppState>,
     _ops: Ops,
