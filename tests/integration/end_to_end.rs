@@ -165,6 +165,11 @@ async fn real_binaries_take_an_order_from_buy_now_to_paid() {
         );
         let log = proc.log_text();
         assert!(
+            log.contains("background tasks drained"),
+            "{} did not drain its background work:\n{log}",
+            proc.name
+        );
+        assert!(
             log.contains("shutdown requested"),
             "{} did not drain:\n{log}",
             proc.name

@@ -61,6 +61,8 @@ pub struct Fulfillment<P> {
     pub config: FulfillmentConfig,
     /// Hot SKUs known to be empty, answered without a database transaction.
     pub sold_out: SoldOutMarker,
+    /// Background work (orphaned pre-lock releases); drained on shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl<P: StockPrelock> Fulfillment<P> {
@@ -71,6 +73,7 @@ impl<P: StockPrelock> Fulfillment<P> {
             prelock,
             config,
             sold_out,
+            tasks: tokio_util::task::TaskTracker::new(),
         }
     }
 }

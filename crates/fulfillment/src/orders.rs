@@ -221,7 +221,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             self.config.orphan_release_delay,
         );
         let sku = sku.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             for attempt in 0..3u32 {
                 match orders::find_order(&store.pool, id.0).await {

@@ -11,5 +11,7 @@ async fn main() -> anyhow::Result<()> {
     let addr = listen_addr("ORDER_API_ADDR", "127.0.0.1:8080")?;
     let app = App::build(config, AuthConfig::from_env(), ProviderSecrets::from_env()).await?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    http::serve(listener, app.router(), http::shutdown_signal()).await
+    http::serve(listener, app.router(), http::shutdown_signal()).await?;
+    http::drain(&app.fulfillment.tasks, std::time::Duration::from_secs(10)).await;
+    Ok(())
 }

@@ -134,6 +134,8 @@ pub struct Sim {
     http: reqwest::Client,
     public_url: String,
     pub metrics: Metrics,
+    /// Callback deliveries in flight; drained on shutdown.
+    pub tasks: service_kit::http::TaskTracker,
 }
 
 #[derive(Clone)]
@@ -150,6 +152,7 @@ impl Sim {
                 .build()?,
             public_url: public_url.trim_end_matches('/').to_owned(),
             metrics: Metrics::new("payment-gateway-sim"),
+            tasks: service_kit::http::TaskTracker::new(),
         }))
     }
 
@@ -304,7 +307,7 @@ async fn pay(
             let sim = s.0.clone();
             let p = snapshot.clone();
             let f = faults.clone();
-            tokio::spawn(async move { deliver(sim, p, f).await });
+            s.0.tasks.spawn(async move { deliver(sim, p, f).await });
         }
     }
     Ok(Json(snapshot))

@@ -12,5 +12,7 @@ async fn main() -> anyhow::Result<()> {
     let public_url = env_string("GATEWAY_PUBLIC_URL", &format!("http://{addr}"));
     let sim = Sim::new(ProviderSecrets::from_env(), &public_url)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    http::serve(listener, sim.router(), http::shutdown_signal()).await
+    http::serve(listener, sim.router(), http::shutdown_signal()).await?;
+    http::drain(&sim.tasks, std::time::Duration::from_secs(10)).await;
+    Ok(())
 }

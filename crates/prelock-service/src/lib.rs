@@ -84,6 +84,8 @@ pub struct App {
     /// SKUs with a background rebuild under way, so a burst of "not loaded" answers starts
     /// one rebuild, not hundreds.
     pub rebuilding: Mutex<HashSet<String>>,
+    /// Background rebuilds; drained on shutdown.
+    pub tasks: service_kit::http::TaskTracker,
 }
 
 #[derive(Clone)]
@@ -134,6 +136,7 @@ impl App {
             metrics,
             prelock_metrics,
             rebuilding: Mutex::new(HashSet::new()),
+            tasks: service_kit::http::TaskTracker::new(),
         }))
     }
 

@@ -146,9 +146,10 @@ pub fn spawn_rebuild(app: &Arc<App>, sku: &SkuId) {
             return;
         }
     }
+    let tasks = app.tasks.clone();
     let app = app.clone();
     let sku = sku.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let result = rebuild_sku(&app, &sku).await;
         app.rebuilding
             .lock()

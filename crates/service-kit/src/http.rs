@@ -38,6 +38,22 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested; draining");
 }
 
+pub use tokio_util::task::TaskTracker;
+
+/// After the server stopped: waits, at most `within`, for background tasks (releases,
+/// rebuilds, deliveries) to finish, so a rolling deploy does not drop them half way.
+pub async fn drain(tasks: &TaskTracker, within: std::time::Duration) {
+    tasks.close();
+    if tokio::time::timeout(within, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            pending = tasks.len(),
+            "background tasks still running at exit"
+        );
+    } else {
+        tracing::info!("background tasks drained");
+    }
+}
+
 /// Serves `app` until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
