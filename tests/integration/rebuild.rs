@@ -125,12 +125,15 @@ async fn rebuild_while_orders_flow_changes_nothing() {
     let rebuilder = {
         let s = s.clone();
         tokio::spawn(async move {
+            // rebuild over and over until the burst is half done (at least once)
             let mut n = 0;
-            while s.count("SELECT count(*) FROM orders").await < 60 && n < 200 {
+            loop {
                 s.rebuild().await;
                 n += 1;
+                if n >= 200 || s.count("SELECT count(*) FROM orders").await >= 60 {
+                    break n;
+                }
             }
-            n
         })
     };
     let (created, shortage, unavailable) = burst(&s, "b", 120, 8).await;
