@@ -251,6 +251,18 @@ async fn a_late_payment_re_reserves_or_is_refunded() {
     .await;
     let (b_order, b_pay, amount) = order_with_payment(&s, "bob", "sku-late", "wechat").await;
     wait_lapsed(&s, &b_order).await;
+    // a lapsed order cannot start another payment (the one already started may still land)
+    let (status, err) = s
+        .post_user(
+            "bob",
+            &format!("/v1/orders/{b_order}/payments"),
+            json!({"provider": "alipay"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (StatusCode::CONFLICT, Some("ERR_ORDER_EXPIRED"))
+    );
     // (a long TTL from here on, so carol's pre-lock cannot lapse while the test checks it;
     // the restock's rebuild drops bob's lapsed pre-lock, as the reserve script would)
     s.put_sku_with(
