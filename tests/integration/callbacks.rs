@@ -370,15 +370,9 @@ async fn simulator_faults_drop_and_duplicate_callbacks() {
     let (o2, p2, _) = order_with_payment(&s, "gus", "sku-faults", "alipay").await;
     let paid = s.pay(&p2).await;
     assert_eq!(paid["callback_dropped"], true);
-    let q: Value = s
-        .http
-        .get(format!("{}/v1/alipay/payments/{p2}", s.gateway))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let q = s
+        .get_json(&format!("{}/v1/alipay/payments/{p2}", s.gateway))
+        .await;
     assert_eq!(q["status"], "PAID");
     assert!(q["event_id"].as_str().is_some());
     assert_eq!(s.order_state(&o2).await, "PENDING");

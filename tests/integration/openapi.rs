@@ -1,20 +1,11 @@
 //! `GET /openapi.json` is generated from the handlers and covers every route.
 
 use integration_tests::Stack;
-use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_covers_every_order_api_path() {
     let s = Stack::start().await;
-    let doc: Value = s
-        .http
-        .get(format!("{}/openapi.json", s.order_api))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = s.get_json(&format!("{}/openapi.json", s.order_api)).await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
     for (path, method) in [
@@ -83,15 +74,7 @@ async fn prelock_service_and_the_simulator_document_their_paths() {
         ),
     ];
     for (base, expected) in cases {
-        let doc: Value = s
-            .http
-            .get(format!("{base}/openapi.json"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let doc = s.get_json(&format!("{base}/openapi.json")).await;
         let paths = doc["paths"].as_object().unwrap();
         let mut listed = 0;
         for (path, ops) in paths {

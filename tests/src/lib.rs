@@ -250,6 +250,13 @@ impl Stack {
         r.json().await.expect("sku json")
     }
 
+    /// `GET url`, expecting 2xx; the JSON body.
+    pub async fn get_json(&self, url: &str) -> Value {
+        let r = self.http.get(url).send().await.expect("get");
+        assert!(r.status().is_success(), "GET {url}: {}", r.status());
+        r.json().await.expect("json body")
+    }
+
     pub async fn rebuild(&self) -> Value {
         let r = self
             .http

@@ -184,9 +184,7 @@ impl<K: Ord + Clone> SkuLedger<K> {
     /// Operators set the real stock. Refused when it would fall below what is held.
     pub fn restock(&mut self, stock_real: i64) -> Result<(), StockBelowHeld> {
         let held = self.held_units();
-        if stock_real < held {
-            return Err(StockBelowHeld { held });
-        }
+        check_restock(stock_real, held)?;
         self.stock_real = stock_real;
         self.available = stock_real - held;
         Ok(())
@@ -197,6 +195,15 @@ impl<K: Ord + Clone> SkuLedger<K> {
 #[error("stock cannot go below the {held} units held by live reservations")]
 pub struct StockBelowHeld {
     pub held: i64,
+}
+
+/// Operators may set real stock to anything not below the units live reservations hold.
+pub fn check_restock(stock_real: i64, held: i64) -> Result<(), StockBelowHeld> {
+    if stock_real < held {
+        Err(StockBelowHeld { held })
+    } else {
+        Ok(())
+    }
 }
 
 /// Rebuilding from Postgres: what the counter must be, given the real stock and the units

@@ -47,6 +47,19 @@ impl<'a> From<&'a OrderRow> for OrderFacts<'a> {
     }
 }
 
+impl<'a> From<&'a postgres_store::orders::NewOrder<'a>> for OrderFacts<'a> {
+    fn from(o: &'a postgres_store::orders::NewOrder<'a>) -> Self {
+        OrderFacts {
+            id: o.id,
+            user_id: o.user_id,
+            sku_id: o.sku_id,
+            store_id: o.store_id,
+            quantity: o.quantity,
+            amount_cents: o.amount_cents,
+        }
+    }
+}
+
 pub fn order_event<'a>(
     event_type: &'a str,
     order: impl Into<OrderFacts<'a>>,

@@ -153,17 +153,9 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             request_fingerprint: fingerprint,
             expires_at,
         };
-        let facts = events::OrderFacts {
-            id: id.0,
-            user_id: new.user_id,
-            sku_id: new.sku_id,
-            store_id: new.store_id,
-            quantity: new.quantity,
-            amount_cents: new.amount_cents,
-        };
         let event = events::order_event(
             events::ORDER_CREATED,
-            facts,
+            &new,
             json!({ "expires_at": expires_at }),
         );
         let expiry = events::expiry_job(id.0, new.sku_id, expires_at);

@@ -116,10 +116,13 @@ async fn put_sku(
     let held = skus::held_units(&mut *tx, sku.as_str())
         .await
         .map_err(ApiError::internal)?;
-    if body.stock < held {
+    if let Err(e) = domain::stock::check_restock(body.stock, held) {
         return Err(ApiError::new(
             ErrorCode::StockBelowReserved,
-            format!("stock: cannot go below the {held} units held by live reservations"),
+            format!(
+                "stock: cannot go below the {} units held by live reservations",
+                e.held
+            ),
         ));
     }
     let row = skus::upsert_sku(
