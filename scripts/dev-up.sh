@@ -17,6 +17,9 @@ mkdir -p .run/logs .run/pids
 
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$DB}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+# the local stack runs on the documented development secrets, which the services refuse
+# unless told this is development
+export ALLOW_DEV_SECRETS=${ALLOW_DEV_SECRETS:-true}
 start() { # name
   nohup "target/release/$1" >".run/logs/$1.log" 2>&1 &
   echo $! >".run/pids/$1.pid"

@@ -114,6 +114,15 @@ async fn forged_stale_wrong_or_unknown_callbacks_change_nothing() {
             "ERR_STALE_TIMESTAMP",
         ),
         (
+            // now - 2^63: `(now - ts).abs()` wrapped in release builds and accepted this
+            "timestamp 2^63 seconds ago",
+            good.clone(),
+            None,
+            Some(chrono::Utc::now().timestamp().wrapping_sub(i64::MIN)),
+            StatusCode::UNAUTHORIZED,
+            "ERR_STALE_TIMESTAMP",
+        ),
+        (
             "wrong amount",
             notification("evt-2", &payment_id, &order_id, amount - 1),
             None,

@@ -24,6 +24,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_paid() {
         ("AUTH_JWT_SECRET", JWT_SECRET.to_owned()),
         ("OPS_TOKEN", OPS_TOKEN.to_owned()),
         ("PG_MAX_CONNECTIONS", "4".to_owned()),
+        ("ALLOW_DEV_SECRETS", "true".to_owned()),
         ("RUST_LOG", "info".to_owned()),
     ];
     let with = |extra: &[(&'static str, String)]| {
@@ -180,5 +181,65 @@ async fn real_binaries_take_an_order_from_buy_now_to_paid() {
             "{} logs are not JSON lines: {first}",
             proc.name
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_refuse_to_start_with_missing_or_public_secrets() {
+    // (binary, environment, variables the refusal must name)
+    let cases: [(&str, Vec<(&str, String)>, &[&str]); 3] = [
+        (
+            "order-api",
+            vec![
+                ("AUTH_JWT_SECRET", String::new()),
+                ("OPS_TOKEN", "dev-ops-token".to_owned()),
+                ("PAYMENT_SECRET_WECHAT", "a-real-secret".to_owned()),
+                ("PAYMENT_SECRET_ALIPAY", String::new()),
+                ("PAYMENT_SECRET_DOUYIN", "dev-douyin-secret".to_owned()),
+            ],
+            &[
+                "AUTH_JWT_SECRET is unset",
+                "OPS_TOKEN is set to its public development default",
+                "PAYMENT_SECRET_ALIPAY is unset",
+                "PAYMENT_SECRET_DOUYIN is set to its public development default",
+            ],
+        ),
+        (
+            "prelock-service",
+            vec![("OPS_TOKEN", String::new())],
+            &["OPS_TOKEN is unset"],
+        ),
+        (
+            "payment-gateway-sim",
+            vec![
+                ("PAYMENT_SECRET_WECHAT", String::new()),
+                ("PAYMENT_SECRET_ALIPAY", "x".to_owned()),
+                ("PAYMENT_SECRET_DOUYIN", "y".to_owned()),
+            ],
+            &["PAYMENT_SECRET_WECHAT is unset"],
+        ),
+    ];
+    for (bin, mut env, named) in cases {
+        env.push(("ALLOW_DEV_SECRETS", "false".to_owned()));
+        // a dead database: the refusal must come before anything is connected
+        env.push((
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/none".to_owned(),
+        ));
+        env.push(("ORDER_API_ADDR", format!("127.0.0.1:{}", free_port())));
+        env.push(("PRELOCK_ADDR", format!("127.0.0.1:{}", free_port())));
+        env.push(("GATEWAY_SIM_ADDR", format!("127.0.0.1:{}", free_port())));
+        let mut p = Proc::spawn(bin, &env);
+        let status = eventually("the refusal", Duration::from_secs(30), || {
+            let s = p.child.try_wait().expect("wait");
+            async move { s }
+        })
+        .await;
+        assert!(!status.success(), "{bin} started with public secrets");
+        let log = p.log_text();
+        for n in named {
+            assert!(log.contains(n), "{bin} did not say {n:?}:\n{log}");
+        }
+        assert!(log.contains("ALLOW_DEV_SECRETS"), "{log}");
     }
 }

@@ -134,3 +134,36 @@ async fn cancel_releases_stock_and_refuses_a_second_cancel() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(err["code"], "ERR_INVALID_TRANSITION");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_payment_starts_open_one_payment() {
+    let s = std::sync::Arc::new(Stack::start().await);
+    s.put_sku("sku-pay", "bar-1", 5_000, 3).await;
+    let (_, order) = s.create_order("eve", "k1", "sku-pay", "bar-1", 1).await;
+    let id = order["order_id"].as_str().unwrap().to_owned();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (s, id) = (s.clone(), id.clone());
+        set.spawn(async move { s.start_payment("eve", &id, "wechat").await });
+    }
+    let mut ids = std::collections::HashSet::new();
+    while let Some(r) = set.join_next().await {
+        ids.insert(r.unwrap().0);
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "every caller gets the one open payment: {ids:?}"
+    );
+    assert_eq!(
+        s.count(&format!(
+            "SELECT count(*) FROM payments WHERE order_id = '{id}'"
+        ))
+        .await,
+        1
+    );
+    // another provider is another payment (the second one to land is refunded)
+    let (other, _) = s.start_payment("eve", &id, "alipay").await;
+    assert!(!ids.contains(&other));
+    s.assert_ledger().await;
+}

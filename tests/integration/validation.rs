@@ -183,16 +183,35 @@ async fn bad_orders_are_refused_with_the_field_named() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let forged = service_kit::auth::mint_token("another-secret", "u", 60);
-    let r = s
-        .http
-        .post(format!("{}/v1/orders", s.order_api))
-        .bearer_auth(forged)
-        .header("Idempotency-Key", "k")
-        .body(ok)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let now = chrono::Utc::now().timestamp();
+    let sign =
+        |claims: Value| service_kit::auth::sign_claims(integration_tests::JWT_SECRET, &claims);
+    // correctly signed, but: no exp (would never expire), not valid yet, or living a year
+    let refused = [
+        ("forged", forged),
+        ("no exp", sign(json!({"sub": "u"}))),
+        (
+            "nbf ahead",
+            sign(json!({"sub": "u", "exp": now + 600, "nbf": now + 300})),
+        ),
+        (
+            "a year long",
+            sign(json!({"sub": "u", "iat": now, "exp": now + 365 * 86_400})),
+        ),
+    ];
+    for (what, jwt) in refused {
+        let r = s
+            .http
+            .post(format!("{}/v1/orders", s.order_api))
+            .bearer_auth(jwt)
+            .header("Idempotency-Key", "k")
+            .body(ok)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{what}");
+    }
+    assert_eq!(s.count("SELECT count(*) FROM orders").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,7 @@ pub fn auth() -> AuthConfig {
     AuthConfig {
         jwt_secret: JWT_SECRET.into(),
         ops_token: OPS_TOKEN.into(),
+        max_token_lifetime_secs: service_kit::auth::DEFAULT_MAX_TOKEN_LIFETIME_SECS,
     }
 }
 
@@ -152,7 +153,7 @@ impl Stack {
                 redis_timeout: Duration::from_millis(500),
                 default_ttl: opts.default_ttl,
                 sold_out_ttl: Duration::from_millis(200),
-                pg_max_connections: 8,
+                pg: postgres_store::PgLimits::new(8),
                 run_migrations: true,
             },
             auth(),
@@ -161,7 +162,7 @@ impl Stack {
         .expect("prelock-service starts");
         spawn_server(pl, prelock_app.router());
 
-        let secrets = gateway_protocol::ProviderSecrets::from_env();
+        let secrets = gateway_protocol::ProviderSecrets::development();
         let sim = payment_gateway_sim::Sim::new(secrets.clone(), &gateway).expect("sim");
         spawn_server(gl, sim.router());
 
@@ -179,7 +180,7 @@ impl Stack {
                 gateway_url: gateway.clone(),
                 gateway_timeout: Duration::from_secs(3),
                 public_url: order_api.clone(),
-                pg_max_connections: 16,
+                pg: postgres_store::PgLimits::new(16),
                 run_migrations: false,
                 fulfillment: fcfg,
             },
@@ -277,11 +278,15 @@ impl Stack {
         cfg.prelock_url = prelock_url.to_owned();
         cfg.prelock_timeout = timeout;
         cfg.run_migrations = false;
-        cfg.pg_max_connections = 4;
+        cfg.pg.max_connections = 4;
         cfg.fulfillment.orphan_release_delay = Duration::from_millis(400);
-        let app = order_api::App::build(cfg, auth(), gateway_protocol::ProviderSecrets::from_env())
-            .await
-            .expect("order-api starts");
+        let app = order_api::App::build(
+            cfg,
+            auth(),
+            gateway_protocol::ProviderSecrets::development(),
+        )
+        .await
+        .expect("order-api starts");
         let (l, url) = listen().await;
         spawn_server(l, app.router());
         url
@@ -412,34 +417,50 @@ impl Stack {
             .expect(sql)
     }
 
-    /// Checks Redis and Postgres agree on a SKU: the same live reservations with the same
-    /// quantities, and `available + held == stock_real`. Returns (available, held, stock_real).
+    /// The ledger invariant of one SKU, at one instant of Redis' clock (the clock lapse times
+    /// come from):
+    /// - Redis and Postgres hold the same live reservations with the same quantities;
+    /// - `available + Σ every Redis reservation (lapsed ones not yet reclaimed included) ==
+    ///   stock_real`, and `available >= 0`;
+    /// - the SKU is not over-committed: live reservations hold at most `stock_real`;
+    /// - ledger rows match their orders: an ACTIVE reservation belongs to a PENDING order, a
+    ///   PAID order holds a CONFIRMED reservation.
+    ///
+    /// Returns (available, units held by live reservations, stock_real).
     pub async fn assert_consistent(&self, sku: &str) -> (i64, i64, i64) {
         let id = domain::SkuId::parse(sku).unwrap();
         let redis = &self.prelock_app.redis;
+        let now_ms = redis.now_ms().await.expect("redis TIME");
         let available = redis
             .available(&id)
             .await
             .unwrap()
-            .expect("SKU loaded in Redis");
-        let mut in_redis: Vec<(String, u32)> = redis
-            .held(&id)
-            .await
-            .unwrap()
+            .unwrap_or_else(|| panic!("{sku} is not loaded in Redis"));
+        let entries = redis.held(&id).await.unwrap();
+        let all_units: i64 = entries.iter().map(|(_, q, _)| i64::from(*q)).sum();
+        let mut in_redis: Vec<(String, u32)> = entries
             .into_iter()
+            .filter(|(_, _, e)| e.is_none_or(|e| e > now_ms))
             .map(|(i, q, _)| (i, q))
             .collect();
         in_redis.sort();
-        let mut in_pg: Vec<(String, u32)> = postgres_store::skus::live_reservations(&self.pg, sku)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.order_id.to_string(), r.quantity as u32))
-            .collect();
+        let mut in_pg: Vec<(String, u32)> = sqlx::query_as::<_, (uuid::Uuid, i32)>(
+            "SELECT order_id, quantity FROM reservations WHERE sku_id = $1
+               AND (status = 'CONFIRMED'
+                    OR (status = 'ACTIVE' AND expires_at > to_timestamp($2::float8 / 1000)))",
+        )
+        .bind(sku)
+        .bind(now_ms as f64)
+        .fetch_all(&self.pg)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(o, q)| (o.to_string(), q as u32))
+        .collect();
         in_pg.sort();
         assert_eq!(
             in_redis, in_pg,
-            "Redis and Postgres hold different reservations for {sku}"
+            "{sku}: Redis and Postgres hold different live reservations"
         );
         let held: i64 = in_pg.iter().map(|(_, q)| i64::from(*q)).sum();
         let stock_real: i64 = sqlx::query_scalar("SELECT stock_real FROM skus WHERE id = $1")
@@ -447,13 +468,43 @@ impl Stack {
             .fetch_one(&self.pg)
             .await
             .unwrap();
+        assert!(available >= 0, "{sku}: available {available} < 0");
         assert_eq!(
-            available + held,
+            available + all_units,
             stock_real,
-            "available {available} + held {held} != stock_real {stock_real}"
+            "{sku}: available {available} + reserved {all_units} != stock_real {stock_real}"
         );
-        assert!(available >= 0);
+        assert!(
+            held <= stock_real,
+            "{sku}: over-committed, {held} units held of {stock_real}"
+        );
+        let mismatched: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
+            "SELECT o.id, o.state, r.status FROM orders o JOIN reservations r ON r.order_id = o.id
+             WHERE o.sku_id = $1
+               AND ((r.status = 'ACTIVE' AND o.state <> 'PENDING')
+                    OR (o.state = 'PAID' AND r.status <> 'CONFIRMED'))",
+        )
+        .bind(sku)
+        .fetch_all(&self.pg)
+        .await
+        .unwrap();
+        assert!(
+            mismatched.is_empty(),
+            "{sku}: orders and reservations disagree: {mismatched:?}"
+        );
         (available, held, stock_real)
+    }
+
+    /// [`Stack::assert_consistent`] for every SKU in the database: fault tests call it after
+    /// every step, so a defect that breaks the ledger is caught where it happens.
+    pub async fn assert_ledger(&self) {
+        let skus: Vec<String> = sqlx::query_scalar("SELECT id FROM skus ORDER BY id")
+            .fetch_all(&self.pg)
+            .await
+            .unwrap();
+        for sku in skus {
+            self.assert_consistent(&sku).await;
+        }
     }
 }
 
@@ -466,7 +517,7 @@ pub async fn post_callback(
     timestamp: Option<i64>,
 ) -> (StatusCode, Value) {
     let p: domain::Provider = provider.parse().unwrap();
-    let secrets = gateway_protocol::ProviderSecrets::from_env();
+    let secrets = gateway_protocol::ProviderSecrets::development();
     let body = serde_json::to_vec(body).unwrap();
     let ts = timestamp
         .unwrap_or_else(|| chrono::Utc::now().timestamp())

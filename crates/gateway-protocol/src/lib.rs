@@ -55,19 +55,31 @@ impl std::fmt::Debug for ProviderSecrets {
 }
 
 impl ProviderSecrets {
-    pub fn from_env() -> Self {
-        let get = |p: Provider| {
-            let var = format!("PAYMENT_SECRET_{}", p.as_str().to_uppercase());
-            match std::env::var(&var) {
-                Ok(v) if !v.is_empty() => v,
-                _ => format!("dev-{}-secret", p.as_str()),
-            }
-        };
+    /// The variable that holds a provider's secret: `PAYMENT_SECRET_WECHAT`, ...
+    pub fn variable(p: Provider) -> String {
+        format!("PAYMENT_SECRET_{}", p.as_str().to_uppercase())
+    }
+
+    /// The public development value of a provider's secret (README.md documents it, so it
+    /// signs nothing outside development).
+    pub fn dev_default(p: Provider) -> String {
+        format!("dev-{}-secret", p.as_str())
+    }
+
+    /// Reads each provider's secret through `require(variable, dev_default)`, which decides
+    /// what an unset or public value means (the services refuse to start on one).
+    pub fn load(mut require: impl FnMut(&str, &str) -> String) -> Self {
+        let mut get = |p: Provider| require(&Self::variable(p), &Self::dev_default(p));
         ProviderSecrets {
             wechat: get(Provider::Wechat),
             alipay: get(Provider::Alipay),
             douyin: get(Provider::Douyin),
         }
+    }
+
+    /// The development values (tests and the local stack).
+    pub fn development() -> Self {
+        Self::load(|_, dev| dev.to_owned())
     }
 
     pub fn get(&self, p: Provider) -> &str {
@@ -123,7 +135,9 @@ pub fn verify(
         return Err(SignatureError::Missing);
     };
     let secs: i64 = ts.trim().parse().map_err(|_| SignatureError::Stale)?;
-    if (now.timestamp() - secs).abs() > MAX_SKEW_SECS {
+    // abs_diff cannot overflow: `(now - secs).abs()` wraps for a timestamp near i64::MIN in
+    // a release build and would let an ancient, signed callback through
+    if now.timestamp().abs_diff(secs) > MAX_SKEW_SECS.unsigned_abs() {
         return Err(SignatureError::Stale);
     }
     let sig = hex::decode(sig.trim()).map_err(|_| SignatureError::Bad)?;
@@ -276,6 +290,21 @@ mod tests {
             verify("k", None, Some(&sig), body, now),
             Err(SignatureError::Missing)
         );
+        // timestamps whose distance from now overflows i64 are stale, not accepted
+        for far in [
+            now.timestamp().wrapping_sub(i64::MIN),
+            now.timestamp() - i64::MAX,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let ts = far.to_string();
+            let sig = sign("k", &ts, body);
+            assert_eq!(
+                verify("k", Some(&ts), Some(&sig), body, now),
+                Err(SignatureError::Stale),
+                "{ts}"
+            );
+        }
     }
 
     #[test]

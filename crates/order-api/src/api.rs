@@ -108,11 +108,14 @@ pub fn api_error(e: FulfillmentError) -> ApiError {
             tracing::warn!(error = %m, "pre-lock unavailable");
             ApiError::new(ErrorCode::PrelockUnavailable, "stock pre-lock unavailable; retry shortly")
         }
-        F::Db(postgres_store::sqlx::Error::PoolTimedOut) => {
-            ApiError::new(ErrorCode::Unavailable, "overloaded; retry shortly")
-        }
-        F::Db(e) => ApiError::internal(e),
+        F::Db(e) => db_error(e),
     }
+}
+
+/// A database failure: 503 with `Retry-After` when Postgres is down, slow or overloaded.
+pub fn db_error(e: postgres_store::sqlx::Error) -> ApiError {
+    let transient = postgres_store::is_transient(&e);
+    ApiError::dependency(e, transient)
 }
 
 /// Label for `orders_created_total` / `prelock_calls_total`.

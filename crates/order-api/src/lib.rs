@@ -41,7 +41,8 @@ pub struct Config {
     pub gateway_timeout: Duration,
     /// How payment providers reach this service (the callback URL given to them).
     pub public_url: String,
-    pub pg_max_connections: u32,
+    /// Pool size and how long to wait on Postgres before answering 503.
+    pub pg: postgres_store::PgLimits,
     pub run_migrations: bool,
     pub fulfillment: FulfillmentConfig,
 }
@@ -59,7 +60,7 @@ impl Config {
             gateway_url: env_string("GATEWAY_URL", "http://127.0.0.1:8090"),
             gateway_timeout: env_millis("GATEWAY_TIMEOUT_MS", 3000)?,
             public_url: env_string("PUBLIC_URL", "http://127.0.0.1:8080"),
-            pg_max_connections: env_or("PG_MAX_CONNECTIONS", 32u32)?,
+            pg: postgres_store::PgLimits::from_env(32)?,
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
             fulfillment: FulfillmentConfig {
                 max_quantity: env_or("ORDER_MAX_QUANTITY", defaults.max_quantity)?,
@@ -112,7 +113,7 @@ impl App {
         auth: AuthConfig,
         secrets: ProviderSecrets,
     ) -> anyhow::Result<Arc<App>> {
-        let store = PgStore::connect(&config.database_url, config.pg_max_connections).await?;
+        let store = PgStore::connect(&config.database_url, &config.pg).await?;
         if config.run_migrations {
             store.migrate().await?;
         }

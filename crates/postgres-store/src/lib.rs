@@ -28,28 +28,94 @@ pub type Tx = Transaction<'static, Postgres>;
 /// The schema, embedded from `/migrations`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
+/// How long the services wait on Postgres before answering 503 (`PG_*_MS`).
+#[derive(Clone, Debug)]
+pub struct PgLimits {
+    pub max_connections: u32,
+    /// Waiting for a pooled connection: overload or an outage answers 503 within this, not
+    /// after a queue of seconds.
+    pub acquire_timeout: Duration,
+    /// Server-side bound on each statement (`statement_timeout`).
+    pub statement_timeout: Duration,
+    /// Server-side bound on waiting for a lock, advisory locks included (`lock_timeout`).
+    pub lock_timeout: Duration,
+}
+
+impl PgLimits {
+    pub fn new(max_connections: u32) -> Self {
+        PgLimits {
+            max_connections,
+            acquire_timeout: Duration::from_millis(250),
+            statement_timeout: Duration::from_secs(2),
+            lock_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// `PG_MAX_CONNECTIONS`, `PG_ACQUIRE_TIMEOUT_MS`, `PG_STATEMENT_TIMEOUT_MS`,
+    /// `PG_LOCK_TIMEOUT_MS`, each defaulting to [`PgLimits::new`]'s value.
+    pub fn from_env(default_max_connections: u32) -> anyhow::Result<Self> {
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            match std::env::var(name) {
+                Ok(v) if !v.trim().is_empty() => v
+                    .trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("{name}={v:?} is invalid: {e}")),
+                _ => Ok(default),
+            }
+        }
+        let d = Self::new(var("PG_MAX_CONNECTIONS", default_max_connections)?);
+        let ms = |name: &str, default: Duration| -> anyhow::Result<Duration> {
+            var(name, default.as_millis() as u64).map(Duration::from_millis)
+        };
+        Ok(PgLimits {
+            acquire_timeout: ms("PG_ACQUIRE_TIMEOUT_MS", d.acquire_timeout)?,
+            statement_timeout: ms("PG_STATEMENT_TIMEOUT_MS", d.statement_timeout)?,
+            lock_timeout: ms("PG_LOCK_TIMEOUT_MS", d.lock_timeout)?,
+            ..d
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pub pool: PgPool,
+    /// Where migrations connect (on a connection of their own, without the pool's timeouts).
+    options: PgConnectOptions,
 }
 
 impl PgStore {
-    /// Connects with a bounded pool. `acquire_timeout` bounds how long a request waits for a
-    /// connection under a burst, so overload answers 503 instead of queueing forever. Half the
-    /// pool is opened ahead of time: a flash sale's first second must not pay for connects.
-    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgStore> {
-        let opts: PgConnectOptions = url.parse()?;
+    /// Connects with a bounded pool whose every connection carries `statement_timeout` and
+    /// `lock_timeout`, so a slow or locked database answers 503 fast instead of holding the
+    /// request (and its connection) for seconds. Half the pool is opened ahead of time: a
+    /// flash sale's first second must not pay for connects.
+    pub async fn connect(url: &str, limits: &PgLimits) -> anyhow::Result<PgStore> {
+        let options: PgConnectOptions = url
+            .parse::<PgConnectOptions>()?
+            .application_name("bar-fulfillment");
+        let ms = |d: Duration| d.as_millis().to_string();
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .min_connections((max_connections / 2).max(1))
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts.application_name("bar-fulfillment"))
+            .max_connections(limits.max_connections)
+            .min_connections((limits.max_connections / 2).max(1))
+            .acquire_timeout(limits.acquire_timeout)
+            .connect_with(options.clone().options([
+                ("statement_timeout", ms(limits.statement_timeout)),
+                ("lock_timeout", ms(limits.lock_timeout)),
+            ]))
             .await?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, options })
     }
 
+    /// Applies `migrations/` on a dedicated connection: a long index build must not hit the
+    /// pool's statement timeout, and a second binary starting at the same moment waits for
+    /// sqlx's migration lock instead of failing on `lock_timeout`.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        use sqlx::Connection;
+        let mut conn = PgConnection::connect_with(&self.options).await?;
+        MIGRATOR.run(&mut conn).await?;
+        conn.close().await?;
         Ok(())
     }
 
@@ -62,6 +128,25 @@ impl PgStore {
 
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         self.pool.begin().await
+    }
+}
+
+/// Whether `err` means "the database is unavailable or too slow right now": the caller answers
+/// 503 with `Retry-After` rather than 500. Pool timeouts and closed pools, I/O and protocol
+/// errors on a dead connection, and the server's own refusals: `statement_timeout` (57014),
+/// `lock_timeout` (55P03), shutdown (57P01-57P03), too many connections (53300), and the
+/// connection exception class (08).
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            matches!(
+                &*c,
+                "57014" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
+            ) || c.starts_with("08")
+        }),
+        _ => false,
     }
 }
 

@@ -34,26 +34,37 @@ fn decode(r: RawPayment) -> Result<PaymentRow, sqlx::Error> {
 
 const PAYMENT_COLUMNS: &str = "id, order_id, provider, amount_cents, status, pay_url";
 
-pub async fn insert_payment(
-    ex: impl PgExecutor<'_>,
+/// Records a started payment, unless the order already has an open one at this provider
+/// (`payments_one_open`): then nothing is written and that payment is returned instead, so
+/// concurrent "start payment" calls all answer with one payment.
+pub async fn insert_payment_or_open(
+    conn: &mut PgConnection,
     id: Uuid,
     order_id: Uuid,
     provider: Provider,
     amount_cents: i64,
     pay_url: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<PaymentRow, sqlx::Error> {
+    let inserted: Option<RawPayment> = sqlx::query_as(&format!(
         "INSERT INTO payments (id, order_id, provider, amount_cents, status, pay_url)
-         VALUES ($1, $2, $3, $4, 'CREATED', $5)",
-    )
+         VALUES ($1, $2, $3, $4, 'CREATED', $5)
+         ON CONFLICT (order_id, provider) WHERE status = 'CREATED' DO NOTHING
+         RETURNING {PAYMENT_COLUMNS}"
+    ))
     .bind(id)
     .bind(order_id)
     .bind(provider.as_str())
     .bind(amount_cents)
     .bind(pay_url)
-    .execute(ex)
-    .await
-    .map(|_| ())
+    .fetch_optional(&mut *conn)
+    .await?;
+    match inserted {
+        Some(raw) => decode(raw),
+        // the winner committed before our insert returned (the index made us wait for it)
+        None => open_payment(&mut *conn, order_id, provider)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound),
+    }
 }
 
 /// The order's open (CREATED) payment at `provider`, if any: starting a payment twice at one

@@ -39,7 +39,8 @@ pub struct Config {
     /// Pre-lock lifetime for SKUs without their own (SPEC: 15 minutes).
     pub default_ttl: Duration,
     pub sold_out_ttl: Duration,
-    pub pg_max_connections: u32,
+    /// Pool size and how long to wait on Postgres before answering 503.
+    pub pg: postgres_store::PgLimits,
     pub run_migrations: bool,
 }
 
@@ -55,7 +56,7 @@ impl Config {
             redis_timeout: env_millis("REDIS_TIMEOUT_MS", 100)?,
             default_ttl: Duration::from_secs(env_or("PRELOCK_TTL_SECS", 900u64)?),
             sold_out_ttl: env_millis("SOLD_OUT_TTL_MS", 500)?,
-            pg_max_connections: env_or("PG_MAX_CONNECTIONS", 16u32)?,
+            pg: postgres_store::PgLimits::from_env(16)?,
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
         })
     }
@@ -99,7 +100,7 @@ impl FromRef<AppState> for AuthConfig {
 
 impl App {
     pub async fn build(config: Config, auth: AuthConfig) -> anyhow::Result<Arc<App>> {
-        let store = PgStore::connect(&config.database_url, config.pg_max_connections).await?;
+        let store = PgStore::connect(&config.database_url, &config.pg).await?;
         if config.run_migrations {
             store.migrate().await?;
         }

@@ -109,13 +109,13 @@ async fn put_sku(
     {
         return Err(ApiError::field("prelock_ttl_seconds", "must be 1 to 86400"));
     }
-    let mut tx = app.store.begin().await.map_err(ApiError::internal)?;
+    let mut tx = app.store.begin().await.map_err(db_error)?;
     lock_sku_exclusive(&mut tx, sku.as_str())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(db_error)?;
     let held = skus::held_units(&mut *tx, sku.as_str())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(db_error)?;
     if let Err(e) = domain::stock::check_restock(body.stock, held) {
         return Err(ApiError::new(
             ErrorCode::StockBelowReserved,
@@ -134,11 +134,11 @@ async fn put_sku(
         body.prelock_ttl_seconds,
     )
     .await
-    .map_err(ApiError::internal)?;
+    .map_err(db_error)?;
     let rebuilt = rebuild::write_back(app, &mut tx, &sku, &row)
         .await
         .map_err(rebuild_error)?;
-    tx.commit().await.map_err(ApiError::internal)?;
+    tx.commit().await.map_err(db_error)?;
     app.sold_out.clear(&sku);
     app.prelock_metrics
         .rebuilds
@@ -167,11 +167,11 @@ async fn get_sku(
     let sku = parse_sku(&sku_id)?;
     let row = skus::get_sku(&app.store.pool, sku.as_str())
         .await
-        .map_err(ApiError::internal)?
+        .map_err(db_error)?
         .ok_or_else(|| ApiError::not_found("SKU"))?;
     let reserved = skus::held_units(&app.store.pool, sku.as_str())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(db_error)?;
     let available = app.redis.available(&sku).await.map_err(unavailable)?;
     if available.is_none() {
         rebuild::spawn_rebuild(&s.0, &sku);
@@ -305,7 +305,7 @@ async fn settle<T>(
             count(app, op, "not_loaded");
             let known = skus::get_sku(&app.store.pool, sku.as_str())
                 .await
-                .map_err(ApiError::internal)?;
+                .map_err(db_error)?;
             if known.is_none() {
                 return Err(ApiError::new(
                     ErrorCode::UnknownSku,
@@ -346,6 +346,12 @@ fn rebuild_error(e: RebuildError) -> ApiError {
     match e {
         RebuildError::UnknownSku => ApiError::not_found("SKU"),
         RebuildError::Redis(e) => unavailable(e),
-        RebuildError::Db(e) => ApiError::internal(e),
+        RebuildError::Db(e) => db_error(e),
     }
+}
+
+/// A database failure: 503 with `Retry-After` when Postgres is down, slow or overloaded.
+fn db_error(e: postgres_store::sqlx::Error) -> ApiError {
+    let transient = postgres_store::is_transient(&e);
+    ApiError::dependency(e, transient)
 }

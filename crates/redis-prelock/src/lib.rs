@@ -288,6 +288,15 @@ impl RedisPrelock {
         .await
     }
 
+    /// Redis' clock in ms since the epoch: the clock every lapse time is read from.
+    pub async fn now_ms(&self) -> Result<i64, PrelockError> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (i64, i64) = self
+            .bounded(redis::cmd("TIME").query_async(&mut conn))
+            .await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     /// Units available for pre-lock; `None` when the SKU is not loaded.
     pub async fn available(&self, sku: &SkuId) -> Result<Option<i64>, PrelockError> {
         let [stock, ..] = self.keys(sku);

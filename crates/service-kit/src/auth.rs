@@ -1,9 +1,10 @@
 //! Authentication.
 //!
-//! - Buyers: `Authorization: Bearer <JWT>`, HS256 only, `sub` = user id, `exp` honoured when
-//!   present. Implemented directly on `hmac` + `sha2` (a few lines) rather than pulling a JWT
-//!   crate and its crypto backend into every build; the algorithm is pinned, so `alg: none`
-//!   and RS/HS confusion are refused by construction.
+//! - Buyers: `Authorization: Bearer <JWT>`, HS256 only, `sub` = user id, `exp` required, `nbf`
+//!   honoured, and a token may not live longer than the configured maximum (measured from
+//!   `iat`, or from now when it has none). Implemented directly on `hmac` + `sha2` (a few
+//!   lines) rather than pulling a JWT crate and its crypto backend into every build; the
+//!   algorithm is pinned, so `alg: none` and RS/HS confusion are refused by construction.
 //! - Operators (and service-to-service calls): `Authorization: Bearer <OPS_TOKEN>`, compared in
 //!   constant time.
 
@@ -14,24 +15,50 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::config::SecretLoader;
 use crate::error::{ApiError, ErrorCode};
 
-/// Development defaults, documented in README.md; production must set both variables.
+/// Development defaults, documented in README.md; a service refuses to start with them unless
+/// `ALLOW_DEV_SECRETS=true` (see [`SecretLoader`]).
 pub const DEV_JWT_SECRET: &str = "dev-jwt-secret-change-me";
 pub const DEV_OPS_TOKEN: &str = "dev-ops-token";
+
+/// Default bound on a buyer token's lifetime (`AUTH_MAX_TOKEN_LIFETIME_SECS`).
+pub const DEFAULT_MAX_TOKEN_LIFETIME_SECS: i64 = 24 * 3600;
+
+/// Clock skew tolerated on `nbf` and `iat` (not on `exp`): issuers' clocks run a little ahead.
+pub const CLOCK_LEEWAY_SECS: i64 = 30;
 
 /// Secrets the auth extractors need; an app state exposes it through `FromRef`.
 #[derive(Clone)]
 pub struct AuthConfig {
     pub jwt_secret: String,
     pub ops_token: String,
+    /// Longest lifetime a buyer token may claim; longer ones are refused (a leaked
+    /// long-lived token is a standing credential).
+    pub max_token_lifetime_secs: i64,
 }
 
 impl AuthConfig {
-    pub fn from_env() -> Self {
+    /// Buyer tokens and the ops token (order-api).
+    pub fn load(secrets: &mut SecretLoader) -> anyhow::Result<Self> {
+        Ok(AuthConfig {
+            jwt_secret: secrets.require("AUTH_JWT_SECRET", DEV_JWT_SECRET),
+            ops_token: secrets.require("OPS_TOKEN", DEV_OPS_TOKEN),
+            max_token_lifetime_secs: crate::config::env_or(
+                "AUTH_MAX_TOKEN_LIFETIME_SECS",
+                DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+            )?,
+        })
+    }
+
+    /// The ops token only (services that never see a buyer): no JWT verifies here, since the
+    /// JWT secret is a random value nobody holds.
+    pub fn load_ops_only(secrets: &mut SecretLoader) -> Self {
         AuthConfig {
-            jwt_secret: crate::config::env_secret("AUTH_JWT_SECRET", DEV_JWT_SECRET),
-            ops_token: crate::config::env_secret("OPS_TOKEN", DEV_OPS_TOKEN),
+            jwt_secret: uuid::Uuid::new_v4().to_string(),
+            ops_token: secrets.require("OPS_TOKEN", DEV_OPS_TOKEN),
+            max_token_lifetime_secs: DEFAULT_MAX_TOKEN_LIFETIME_SECS,
         }
     }
 }
@@ -52,6 +79,12 @@ pub enum TokenError {
     Signature,
     #[error("token expired")]
     Expired,
+    #[error("token has no exp")]
+    NoExpiry,
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token lifetime exceeds the allowed maximum")]
+    TooLongLived,
     #[error("token has no usable sub")]
     Subject,
 }
@@ -65,9 +98,17 @@ fn mac(secret: &str) -> HmacSha256 {
 /// Mints an HS256 token for `sub`, valid for `ttl_secs`. For tests, the load generator and
 /// local development; production tokens come from the platform's identity service.
 pub fn mint_token(secret: &str, sub: &str, ttl_secs: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    sign_claims(
+        secret,
+        &serde_json::json!({ "sub": sub, "iat": now, "exp": now + ttl_secs }),
+    )
+}
+
+/// Signs arbitrary claims as an HS256 token (tests of the claim rules use this directly).
+pub fn sign_claims(secret: &str, claims: &serde_json::Value) -> String {
     let header = B64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let exp = chrono::Utc::now().timestamp() + ttl_secs;
-    let claims = B64.encode(serde_json::json!({ "sub": sub, "exp": exp }).to_string());
+    let claims = B64.encode(claims.to_string());
     let signing_input = format!("{header}.{claims}");
     let mut m = mac(secret);
     m.update(signing_input.as_bytes());
@@ -75,8 +116,14 @@ pub fn mint_token(secret: &str, sub: &str, ttl_secs: i64) -> String {
     format!("{signing_input}.{sig}")
 }
 
-/// Verifies an HS256 token and returns its `sub`.
-pub fn verify_token(secret: &str, token: &str, now_secs: i64) -> Result<String, TokenError> {
+/// Verifies an HS256 token and returns its `sub`: the signature, then `exp` (required),
+/// `nbf` (when present) and the lifetime bound `max_lifetime_secs` (from `iat`, or from now).
+pub fn verify_token(
+    secret: &str,
+    token: &str,
+    now_secs: i64,
+    max_lifetime_secs: i64,
+) -> Result<String, TokenError> {
     let mut parts = token.split('.');
     let (Some(h), Some(c), Some(s), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -102,11 +149,23 @@ pub fn verify_token(secret: &str, token: &str, now_secs: i64) -> Result<String, 
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or(TokenError::Malformed)?;
-    if let Some(exp) = claims.get("exp") {
-        let exp = exp.as_i64().ok_or(TokenError::Malformed)?;
-        if exp <= now_secs {
-            return Err(TokenError::Expired);
-        }
+    let time = |name: &str| -> Result<Option<i64>, TokenError> {
+        claims
+            .get(name)
+            .map(|v| v.as_i64().ok_or(TokenError::Malformed))
+            .transpose()
+    };
+    let exp = time("exp")?.ok_or(TokenError::NoExpiry)?;
+    if exp <= now_secs {
+        return Err(TokenError::Expired);
+    }
+    if time("nbf")?.is_some_and(|nbf| nbf > now_secs.saturating_add(CLOCK_LEEWAY_SECS)) {
+        return Err(TokenError::NotYetValid);
+    }
+    // an `iat` in the future would stretch the window: count from now at the latest
+    let issued = time("iat")?.map_or(now_secs, |iat| iat.min(now_secs));
+    if exp.saturating_sub(issued) > max_lifetime_secs.saturating_add(CLOCK_LEEWAY_SECS) {
+        return Err(TokenError::TooLongLived);
     }
     match claims.get("sub").and_then(|s| s.as_str()) {
         Some(sub) if !sub.is_empty() => Ok(sub.to_owned()),
@@ -144,9 +203,14 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let cfg = AuthConfig::from_ref(state);
         let token = bearer(parts)?;
-        verify_token(&cfg.jwt_secret, token, chrono::Utc::now().timestamp())
-            .map(AuthUser)
-            .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
+        verify_token(
+            &cfg.jwt_secret,
+            token,
+            chrono::Utc::now().timestamp(),
+            cfg.max_token_lifetime_secs,
+        )
+        .map(AuthUser)
+        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
     }
 }
 
@@ -174,22 +238,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    const DAY: i64 = 24 * 3600;
 
     #[test]
     fn minted_tokens_verify_and_tampering_is_refused() {
         let now = chrono::Utc::now().timestamp();
         let t = mint_token("s3cret", "user-1", 60);
-        assert_eq!(verify_token("s3cret", &t, now).unwrap(), "user-1");
-        assert_eq!(verify_token("other", &t, now), Err(TokenError::Signature));
+        assert_eq!(verify_token("s3cret", &t, now, DAY).unwrap(), "user-1");
         assert_eq!(
-            verify_token("s3cret", &t, now + 61),
+            verify_token("other", &t, now, DAY),
+            Err(TokenError::Signature)
+        );
+        assert_eq!(
+            verify_token("s3cret", &t, now + 61, DAY),
             Err(TokenError::Expired)
         );
         let mut parts: Vec<&str> = t.split('.').collect();
         let forged = B64.encode(br#"{"sub":"admin"}"#);
         parts[1] = &forged;
         assert_eq!(
-            verify_token("s3cret", &parts.join("."), now),
+            verify_token("s3cret", &parts.join("."), now, DAY),
             Err(TokenError::Signature)
         );
         let none = format!(
@@ -198,13 +268,61 @@ mod tests {
             B64.encode(br#"{"sub":"x"}"#)
         );
         assert_eq!(
-            verify_token("s3cret", &none, now),
+            verify_token("s3cret", &none, now, DAY),
             Err(TokenError::Algorithm)
         );
         assert_eq!(
-            verify_token("s3cret", "a.b", now),
+            verify_token("s3cret", "a.b", now, DAY),
             Err(TokenError::Malformed)
         );
+    }
+
+    #[test]
+    fn claims_need_exp_honour_nbf_and_bound_the_lifetime() {
+        let now = 1_800_000_000;
+        // (claims, expected) in the order a reviewer would try them
+        let cases = [
+            (json!({"sub": "u"}), Err(TokenError::NoExpiry)),
+            (
+                json!({"sub": "u", "exp": "soon"}),
+                Err(TokenError::Malformed),
+            ),
+            (json!({"sub": "u", "exp": now + 60}), Ok("u".to_owned())),
+            (json!({"sub": "u", "exp": now}), Err(TokenError::Expired)),
+            (
+                json!({"sub": "u", "exp": now + 60, "nbf": now + 600}),
+                Err(TokenError::NotYetValid),
+            ),
+            (
+                json!({"sub": "u", "exp": now + 60, "nbf": now + CLOCK_LEEWAY_SECS}),
+                Ok("u".to_owned()),
+            ),
+            (
+                json!({"sub": "u", "exp": now + 2 * DAY}),
+                Err(TokenError::TooLongLived),
+            ),
+            (
+                json!({"sub": "u", "iat": now - DAY + 60, "exp": now + 60}),
+                Ok("u".to_owned()),
+            ),
+            (
+                json!({"sub": "u", "iat": now - 3600, "exp": now + DAY}),
+                Err(TokenError::TooLongLived),
+            ),
+            // an iat in the future does not stretch the window
+            (
+                json!({"sub": "u", "iat": now + DAY, "exp": now + 2 * DAY}),
+                Err(TokenError::TooLongLived),
+            ),
+            (
+                json!({"sub": "", "exp": now + 60}),
+                Err(TokenError::Subject),
+            ),
+        ];
+        for (claims, want) in cases {
+            let t = sign_claims("k", &claims);
+            assert_eq!(verify_token("k", &t, now, DAY), want, "{claims}");
+        }
     }
 
     #[test]

@@ -109,6 +109,22 @@ impl ApiError {
         ApiError::new(ErrorCode::NotFound, format!("{what} not found"))
     }
 
+    /// A failed call to a dependency (the database): `transient` failures (down, too slow,
+    /// overloaded) answer 503 `ERR_UNAVAILABLE` with `Retry-After`, the rest are internal.
+    pub fn dependency(err: impl Into<anyhow::Error>, transient: bool) -> Self {
+        if !transient {
+            return ApiError::internal(err);
+        }
+        tracing::warn!(
+            error = format!("{:#}", err.into()),
+            "dependency unavailable"
+        );
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "temporarily unavailable; retry shortly",
+        )
+    }
+
     /// An unexpected failure: logged here with its full cause chain, answered opaquely.
     pub fn internal(err: impl Into<anyhow::Error>) -> Self {
         let err = err.into();

@@ -96,8 +96,15 @@ pub fn ops_routes(metrics: Metrics, ready: ReadyCheck) -> Router {
         .with_state(OpsState { metrics, ready })
 }
 
+/// A readiness probe answers within this, whatever its dependencies do: an orchestrator's
+/// probe timeout is short, and a hung probe looks like a hung process.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn readyz(State(s): State<OpsState>) -> Response {
-    match (s.ready)().await {
+    let probe = tokio::time::timeout(READY_TIMEOUT, (s.ready)())
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {READY_TIMEOUT:?}")));
+    match probe {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(what) => {
             tracing::warn!(dependency = %what, "not ready");

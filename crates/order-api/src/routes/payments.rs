@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::orders::user_id;
 use super::parse_order_id;
-use crate::api::{api_error, CallbackAck, PaymentStarted, StartPaymentRequest};
+use crate::api::{api_error, db_error, CallbackAck, PaymentStarted, StartPaymentRequest};
 use crate::AppState;
 
 fn parse_provider(s: &str) -> Result<Provider, ApiError> {
@@ -75,7 +75,7 @@ pub async fn start_payment(
     };
     if let Some(open) = pay_store::open_payment(pool, order.id, provider)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(db_error)?
     {
         return Ok((StatusCode::CREATED, Json(started(open))));
     }
@@ -109,8 +109,11 @@ pub async fn start_payment(
                 ),
             }
         })?;
-    pay_store::insert_payment(
-        pool,
+    // A concurrent call may have opened a payment meanwhile: then that one is the answer
+    // (ours stays unused at the provider: its pay_url is never shown, so it is never paid).
+    let mut conn = pool.acquire().await.map_err(db_error)?;
+    let payment = pay_store::insert_payment_or_open(
+        &mut conn,
         payment_id,
         order.id,
         provider,
@@ -118,17 +121,11 @@ pub async fn start_payment(
         &created.pay_url,
     )
     .await
-    .map_err(ApiError::internal)?;
-    tracing::info!(order_id = %order.id, %payment_id, %provider, "payment started");
-    Ok((
-        StatusCode::CREATED,
-        Json(PaymentStarted {
-            payment_id: payment_id.to_string(),
-            pay_url: created.pay_url,
-            provider: provider.as_str().to_owned(),
-            amount_cents: order.amount_cents,
-        }),
-    ))
+    .map_err(db_error)?;
+    if payment.id == payment_id {
+        tracing::info!(order_id = %order.id, %payment_id, %provider, "payment started");
+    }
+    Ok((StatusCode::CREATED, Json(started(payment))))
 }
 
 /// The provider's signed "payment succeeded" webhook. Applies the payment once: duplicates
