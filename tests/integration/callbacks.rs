@@ -427,16 +427,12 @@ async fn a_payment_racing_a_cancel_leaves_no_stock_pinned() {
         .await;
     assert_eq!(status, StatusCode::OK);
     // The interleaving under test: the payment's first attempt found the pre-lock gone (the
-    // cancel released it), re-reserved and pinned it, then lost the compare-and-set to the
+    // cancel released it), pinned the units again, then lost the compare-and-set to the
     // cancel. Replay exactly that Redis state, then let the payment's retry run.
     let sku = domain::SkuId::parse("sku-race").unwrap();
     let id = domain::OrderId::parse(&order_id).unwrap();
     let redis = &s.prelock_app.redis;
-    redis
-        .reserve(&sku, id, 2, Duration::from_secs(900))
-        .await
-        .unwrap();
-    redis.confirm(&sku, id).await.unwrap();
+    redis.pin(&sku, id, 2).await.unwrap();
     assert_eq!(redis.available(&sku).await.unwrap(), Some(1));
 
     assert_eq!(

@@ -54,9 +54,14 @@ async fn prelock_service_and_the_simulator_document_their_paths() {
                 ("/v1/skus/{sku_id}", "get"),
                 ("/v1/admin/rebuild", "post"),
                 ("/v1/skus/{sku_id}/reservations/{reservation_id}", "put"),
+                ("/v1/skus/{sku_id}/reservations/{reservation_id}", "get"),
                 ("/v1/skus/{sku_id}/reservations/{reservation_id}", "delete"),
                 (
-                    "/v1/skus/{sku_id}/reservations/{reservation_id}/confirm",
+                    "/v1/skus/{sku_id}/reservations/{reservation_id}/pin",
+                    "post",
+                ),
+                (
+                    "/v1/skus/{sku_id}/reservations/{reservation_id}/withdraw",
                     "post",
                 ),
             ],

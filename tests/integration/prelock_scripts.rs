@@ -1,9 +1,10 @@
 //! The Redis Lua scripts implement the domain's reference ledger (`SkuLedger`): random
-//! histories give the same answers in both, and lapsed reservations are reclaimed lazily.
+//! histories of reserve, pin, release and withdraw (by several create attempts) give the same
+//! answers in both, and lapsed reservations are reclaimed lazily.
 
 use std::time::Duration;
 
-use domain::stock::{ReserveOutcome, SkuLedger};
+use domain::stock::{Claim, PinOutcome, ReserveOutcome, SkuLedger, WithdrawOutcome};
 use domain::{OrderId, SkuId};
 use integration_tests::{eventually, redis_url, unique_prefix};
 use redis_prelock::RedisPrelock;
@@ -19,19 +20,21 @@ async fn scripts_agree_with_the_reference_ledger() {
     let redis = prelock().await;
     let sku = SkuId::parse("sku-model").unwrap();
     let ids: Vec<OrderId> = (0..8).map(|_| OrderId(uuid::Uuid::new_v4())).collect();
+    let attempts: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
     let mut rng = fastrand_seeded(7);
     for round in 0..20 {
         let stock = (round % 7) as i64;
         let mut model: SkuLedger<usize> = SkuLedger::new(stock);
         redis.replace_sku(&sku, stock, None, &[]).await.unwrap();
-        for _ in 0..60 {
+        for _ in 0..80 {
             let i = (rng() % ids.len() as u64) as usize;
-            match rng() % 3 {
+            let a = attempts[(rng() % attempts.len() as u64) as usize];
+            match rng() % 4 {
                 0 => {
                     let q = (rng() % 3 + 1) as u32;
-                    let want = model.reserve(i, q, 0, 3_600_000);
+                    let want = model.reserve(i, q, 0, 3_600_000, Claim::Attempt(a));
                     let got = redis
-                        .reserve(&sku, ids[i], q, Duration::from_secs(3600))
+                        .reserve(&sku, ids[i], q, Duration::from_secs(3600), a)
                         .await;
                     match (want, got) {
                         (
@@ -54,8 +57,15 @@ async fn scripts_agree_with_the_reference_ledger() {
                     }
                 }
                 1 => {
-                    let want = model.confirm(&i, 0);
-                    assert_eq!(redis.confirm(&sku, ids[i]).await.unwrap(), want);
+                    let q = (rng() % 3 + 1) as u32;
+                    let want = model.pin(i, q, 0);
+                    let got = redis.pin(&sku, ids[i], q).await.unwrap();
+                    assert_eq!(got, want);
+                }
+                2 => {
+                    let want = model.withdraw(&i, Claim::Attempt(a));
+                    let got = redis.withdraw(&sku, ids[i], a).await.unwrap();
+                    assert_eq!(got, want);
                 }
                 _ => {
                     let want = model.release(&i);
@@ -89,9 +99,10 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
         .unwrap();
     let a = OrderId(uuid::Uuid::new_v4());
     let b = OrderId(uuid::Uuid::new_v4());
+    let attempt = uuid::Uuid::new_v4();
     assert!(matches!(
         redis
-            .reserve(&sku, a, 2, Duration::from_secs(900))
+            .reserve(&sku, a, 2, Duration::from_secs(900), attempt)
             .await
             .unwrap(),
         ReserveOutcome::Reserved { available: 0, .. }
@@ -103,7 +114,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
         || async {
             matches!(
                 redis
-                    .reserve(&sku, b, 1, Duration::from_secs(900))
+                    .reserve(&sku, b, 1, Duration::from_secs(900), attempt)
                     .await
                     .unwrap(),
                 ReserveOutcome::Reserved { .. }
@@ -113,21 +124,56 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     )
     .await;
     assert_eq!(redis.available(&sku).await.unwrap(), Some(1));
-    assert_eq!(
-        redis.confirm(&sku, a).await.unwrap(),
-        domain::stock::ConfirmOutcome::NotFound
+    assert!(
+        !redis.holds(&sku, a).await.unwrap(),
+        "a's lapsed pre-lock was reclaimed"
     );
-    // a confirmed reservation never lapses
-    assert!(matches!(
-        redis.confirm(&sku, b).await.unwrap(),
-        domain::stock::ConfirmOutcome::Confirmed { quantity: 1 }
-    ));
-    let held = redis.held(&sku).await.unwrap();
-    assert_eq!(held, vec![(b.to_string(), 1, None)]);
+    // a late payment for a: its pre-lock is gone, the unit left is taken again and pinned
+    assert_eq!(
+        redis.pin(&sku, a, 1).await.unwrap(),
+        PinOutcome::Repinned {
+            quantity: 1,
+            available: 0
+        }
+    );
+    // b's lapses too: pinning it takes its own returned unit again, and then nothing is left
+    eventually("b to lapse", Duration::from_secs(5), || async {
+        let lapse = redis
+            .held(&sku)
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|h| h.2)
+            .max();
+        (redis.now_ms().await.unwrap() > lapse.unwrap_or(0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        redis.pin(&sku, b, 1).await.unwrap(),
+        PinOutcome::Repinned {
+            quantity: 1,
+            available: 0
+        }
+    );
+    let c = OrderId(uuid::Uuid::new_v4());
+    assert_eq!(
+        redis.pin(&sku, c, 1).await.unwrap(),
+        PinOutcome::Shortage { available: 0 }
+    );
+    // pinned reservations never lapse, and no attempt can withdraw them
+    assert_eq!(
+        redis.withdraw(&sku, a, attempt).await.unwrap(),
+        WithdrawOutcome::StillClaimed
+    );
+    let mut want = vec![(a.to_string(), 1, None), (b.to_string(), 1, None)];
+    want.sort();
+    assert_eq!(redis.held(&sku).await.unwrap(), want);
     // and an unloaded SKU says so instead of pretending to be empty
     let unknown = SkuId::parse("sku-never-loaded").unwrap();
     assert_eq!(
-        redis.reserve(&unknown, a, 1, Duration::from_secs(1)).await,
+        redis
+            .reserve(&unknown, a, 1, Duration::from_secs(1), attempt)
+            .await,
         Err(domain::ports::PrelockError::NotLoaded)
     );
 }

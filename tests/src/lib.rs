@@ -91,16 +91,23 @@ where
 pub struct StackOptions {
     /// Redis logical database (tests that flush Redis use their own).
     pub redis_db: u8,
+    /// A Redis of the test's own (a scratch server it stops and starts) instead of the
+    /// shared one.
+    pub redis_url: Option<String>,
     pub default_ttl: Duration,
     pub max_quantity: u32,
+    /// order-api's in-process sold-out marker.
+    pub sold_out_ttl: Duration,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
         StackOptions {
             redis_db: 0,
+            redis_url: None,
             default_ttl: Duration::from_secs(900),
             max_quantity: 20,
+            sold_out_ttl: Duration::from_millis(200),
         }
     }
 }
@@ -148,11 +155,13 @@ impl Stack {
         let prelock_app = prelock_service::App::build(
             prelock_service::Config {
                 database_url: db_url.clone(),
-                redis_url: redis_url(opts.redis_db),
+                redis_url: opts
+                    .redis_url
+                    .clone()
+                    .unwrap_or_else(|| redis_url(opts.redis_db)),
                 redis_prefix: redis_prefix.clone(),
                 redis_timeout: Duration::from_millis(500),
                 default_ttl: opts.default_ttl,
-                sold_out_ttl: Duration::from_millis(200),
                 pg: postgres_store::PgLimits::new(8),
                 run_migrations: true,
             },
@@ -168,7 +177,7 @@ impl Stack {
 
         let fcfg = fulfillment::FulfillmentConfig {
             max_quantity: opts.max_quantity,
-            sold_out_ttl: Duration::from_millis(200),
+            sold_out_ttl: opts.sold_out_ttl,
             ..Default::default()
         };
         let order_app = order_api::App::build(

@@ -80,17 +80,15 @@ impl PaymentStatus {
 pub enum StockStep {
     /// Nothing: the order cannot take the money whatever the stock says.
     None,
-    /// Confirm the live pre-lock (it may have lapsed: then reserve again).
-    Confirm,
-    /// The pre-lock is gone (order expired): reserve again, then confirm.
-    Reserve,
+    /// Pin the order's units: confirm the live pre-lock, or (lapsed, or the order expired)
+    /// take the units again, in one atomic step (`StockPrelock::pin`).
+    Pin,
 }
 
 /// The stock step a payment needs, from the order's state alone.
 pub fn stock_step(state: OrderState) -> StockStep {
     match state {
-        Pending => StockStep::Confirm,
-        Expired => StockStep::Reserve,
+        Pending | Expired => StockStep::Pin,
         _ => StockStep::None,
     }
 }
@@ -165,8 +163,8 @@ mod tests {
                 "{state}"
             );
         }
-        assert_eq!(stock_step(Pending), StockStep::Confirm);
-        assert_eq!(stock_step(Expired), StockStep::Reserve);
+        assert_eq!(stock_step(Pending), StockStep::Pin);
+        assert_eq!(stock_step(Expired), StockStep::Pin);
         assert_eq!(stock_step(Cancelled), StockStep::None);
     }
 

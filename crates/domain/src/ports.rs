@@ -5,7 +5,9 @@
 
 use std::future::Future;
 
-use crate::stock::{ConfirmOutcome, ReleaseOutcome, ReserveOutcome};
+use uuid::Uuid;
+
+use crate::stock::{PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome};
 use crate::{OrderId, SkuId};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,7 +23,12 @@ pub enum PrelockError {
     /// one idempotency key.
     #[error("reservation exists with a different quantity")]
     Mismatch,
-    /// Timed out or could not reach the pre-lock store. Counts toward `prelock_timeout_rate`.
+    /// The pre-lock store could not be reached at all (connection refused): the call never
+    /// left, so nothing was done. Counts toward `prelock_timeout_rate`.
+    #[error("pre-lock unreachable: {0}")]
+    Unreachable(String),
+    /// Timed out, or failed after the call was sent: it may or may not have run. Counts
+    /// toward `prelock_timeout_rate`.
     #[error("pre-lock unavailable: {0}")]
     Unavailable(String),
 }
@@ -32,10 +39,18 @@ pub enum PrelockError {
 /// - `reserve` takes `quantity` units from the SKU's available count, or reports a shortage
 ///   without changing anything; it never drives the count below zero. It first reclaims
 ///   lapsed reservations of that SKU. The same reservation id twice is a no-op that reports
-///   the first reservation (`Existing`), or `Mismatch` if the quantity differs.
-/// - `confirm` makes a live reservation permanent (it will not lapse) and is idempotent; a
-///   lapsed one is reclaimed and reported as `Lapsed`.
-/// - `release` gives a reservation's units back; releasing twice is a no-op (`NotFound`).
+///   the first reservation (`Existing`), or `Mismatch` if the quantity differs. Either way
+///   `attempt` (one id per create attempt) becomes a claimant of the reservation.
+/// - `holds` says whether a reservation with this id exists (lapsed ones included), without
+///   changing anything: what a sold-out shortcut asks before answering "sold out".
+/// - `pin` (the payment path) makes the order's reservation permanent, or, when it lapsed or
+///   is gone, takes the units again and pins them, in one step; it never consults a sold-out
+///   shortcut. Idempotent.
+/// - `release` gives a reservation's units back whoever claims it; releasing twice is a no-op
+///   (`NotFound`).
+/// - `withdraw` removes `attempt`'s claim, giving the units back only if no claimant is left:
+///   how a create attempt whose answer was lost gives back an orphaned pre-lock without ever
+///   taking units from a retry or an order that found it.
 /// - Expiry times come from the pre-lock store's own clock, so every caller agrees on them.
 pub trait StockPrelock: Send + Sync {
     fn reserve(
@@ -43,17 +58,32 @@ pub trait StockPrelock: Send + Sync {
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
+        attempt: Uuid,
     ) -> impl Future<Output = Result<ReserveOutcome, PrelockError>> + Send;
 
-    fn confirm(
+    fn holds(
         &self,
         sku: &SkuId,
         id: OrderId,
-    ) -> impl Future<Output = Result<ConfirmOutcome, PrelockError>> + Send;
+    ) -> impl Future<Output = Result<bool, PrelockError>> + Send;
+
+    fn pin(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+        quantity: u32,
+    ) -> impl Future<Output = Result<PinOutcome, PrelockError>> + Send;
 
     fn release(
         &self,
         sku: &SkuId,
         id: OrderId,
     ) -> impl Future<Output = Result<ReleaseOutcome, PrelockError>> + Send;
+
+    fn withdraw(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+        attempt: Uuid,
+    ) -> impl Future<Output = Result<WithdrawOutcome, PrelockError>> + Send;
 }

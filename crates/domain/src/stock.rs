@@ -5,12 +5,42 @@
 //! drive it through random histories, and the adapters' tests check the scripts agree with it.
 //!
 //! Invariant, after every operation: `available + Σ held == stock_real`, all non-negative.
+//!
+//! Claims: a "buy now" whose pre-lock answer was lost (a timeout) may have reserved units for
+//! an order that will never be written. Each create *attempt* therefore registers itself as a
+//! claimant of the reservation it made or found, and giving back such an orphan
+//! ([`SkuLedger::withdraw`]) only removes that attempt's claim: the units go back only when no
+//! claimant is left. A retry that found the reservation, or an order that exists
+//! ([`Claim::Order`]: a paid or rebuilt reservation), keeps them, however late the orphan's
+//! withdrawal arrives.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use uuid::Uuid;
+
 use crate::SkuId;
+
+/// Who holds a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Claim {
+    /// One create attempt (a fresh id per try), whose order may or may not get written.
+    Attempt(Uuid),
+    /// An order that exists: the reservation was paid (pinned) or rebuilt from the ledger.
+    /// Never withdrawn; only a release gives such units back.
+    Order,
+}
+
+impl Claim {
+    /// The claim as the Redis scripts store it.
+    pub fn token(self) -> String {
+        match self {
+            Claim::Attempt(id) => id.simple().to_string(),
+            Claim::Order => "order".to_owned(),
+        }
+    }
+}
 
 /// When a reservation lapses, in milliseconds since the Unix epoch; `None` once confirmed
 /// (a paid reservation never lapses; it waits for the stock-deduction job).
@@ -29,13 +59,28 @@ pub enum ReserveOutcome {
     Shortage { available: i64 },
 }
 
+/// What pinning (the payment path: "confirm, or reserve again") did, in one atomic step that
+/// no sold-out shortcut ever answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConfirmOutcome {
-    /// The reservation is now permanent (idempotent: confirming twice says this twice).
-    Confirmed { quantity: u32 },
-    /// It had lapsed; its units went back to `available`. The caller must reserve again.
-    Lapsed,
-    /// No such reservation (released, reclaimed, or never made).
+pub enum PinOutcome {
+    /// The live reservation is now permanent (idempotent: pinning twice says this twice).
+    Pinned { quantity: u32 },
+    /// It had lapsed or was gone: the units were taken again and pinned.
+    Repinned { quantity: u32, available: i64 },
+    /// It had lapsed or was gone, and the units are no longer there: nothing changed.
+    Shortage { available: i64 },
+    /// A live reservation with another quantity holds this id: nothing changed.
+    Mismatch { held: u32 },
+}
+
+/// What withdrawing one attempt's claim did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithdrawOutcome {
+    /// That claim was the last: the units went back.
+    Released { quantity: u32, available: i64 },
+    /// Another attempt or an order still claims the reservation: it stays.
+    StillClaimed,
+    /// No such reservation.
     NotFound,
 }
 
@@ -49,10 +94,11 @@ pub enum ReleaseOutcome {
     NotFound,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Held {
     quantity: u32,
     expires_at_ms: ExpiresAtMs,
+    claims: BTreeSet<Claim>,
 }
 
 /// One SKU's stock, as the pre-lock sees it. Generic over the reservation id so tests can
@@ -106,10 +152,20 @@ impl<K: Ord + Clone> SkuLedger<K> {
         units
     }
 
-    pub fn reserve(&mut self, id: K, quantity: u32, now_ms: i64, ttl_ms: i64) -> ReserveOutcome {
+    /// Takes `quantity` units for `id` on behalf of `claim`; if `id` already holds units,
+    /// `claim` joins its claimants and nothing else changes.
+    pub fn reserve(
+        &mut self,
+        id: K,
+        quantity: u32,
+        now_ms: i64,
+        ttl_ms: i64,
+        claim: Claim,
+    ) -> ReserveOutcome {
         assert!(quantity > 0, "quantity must be positive");
         self.reclaim_lapsed(now_ms);
-        if let Some(h) = self.held.get(&id) {
+        if let Some(h) = self.held.get_mut(&id) {
+            h.claims.insert(claim);
             return ReserveOutcome::Existing {
                 quantity: h.quantity,
                 expires_at_ms: h.expires_at_ms,
@@ -127,6 +183,7 @@ impl<K: Ord + Clone> SkuLedger<K> {
             Held {
                 quantity,
                 expires_at_ms: Some(expires_at_ms),
+                claims: BTreeSet::from([claim]),
             },
         );
         ReserveOutcome::Reserved {
@@ -135,23 +192,58 @@ impl<K: Ord + Clone> SkuLedger<K> {
         }
     }
 
-    pub fn confirm(&mut self, id: &K, now_ms: i64) -> ConfirmOutcome {
+    /// The payment path: makes `id`'s live reservation permanent, or, when it lapsed or is
+    /// gone, takes the units again and pins them. Either way an order now claims it.
+    pub fn pin(&mut self, id: K, quantity: u32, now_ms: i64) -> PinOutcome {
+        assert!(quantity > 0, "quantity must be positive");
+        self.reclaim_lapsed(now_ms);
+        if let Some(h) = self.held.get_mut(&id) {
+            if h.quantity != quantity {
+                return PinOutcome::Mismatch { held: h.quantity };
+            }
+            h.expires_at_ms = None;
+            h.claims.insert(Claim::Order);
+            return PinOutcome::Pinned { quantity };
+        }
+        if self.available < i64::from(quantity) {
+            return PinOutcome::Shortage {
+                available: self.available,
+            };
+        }
+        self.available -= i64::from(quantity);
+        self.held.insert(
+            id,
+            Held {
+                quantity,
+                expires_at_ms: None,
+                claims: BTreeSet::from([Claim::Order]),
+            },
+        );
+        PinOutcome::Repinned {
+            quantity,
+            available: self.available,
+        }
+    }
+
+    /// Gives up `claim` on `id`'s reservation (a create attempt that wrote no order); the units
+    /// go back only if no other claimant is left.
+    pub fn withdraw(&mut self, id: &K, claim: Claim) -> WithdrawOutcome {
         let Some(h) = self.held.get_mut(id) else {
-            return ConfirmOutcome::NotFound;
+            return WithdrawOutcome::NotFound;
         };
-        match h.expires_at_ms {
-            Some(e) if e <= now_ms => {
-                let q = h.quantity;
-                self.held.remove(id);
-                self.available += i64::from(q);
-                ConfirmOutcome::Lapsed
-            }
-            _ => {
-                h.expires_at_ms = None;
-                ConfirmOutcome::Confirmed {
-                    quantity: h.quantity,
-                }
-            }
+        h.claims.remove(&claim);
+        if !h.claims.is_empty() {
+            return WithdrawOutcome::StillClaimed;
+        }
+        match self.release(id) {
+            ReleaseOutcome::Released {
+                quantity,
+                available,
+            } => WithdrawOutcome::Released {
+                quantity,
+                available,
+            },
+            ReleaseOutcome::NotFound => WithdrawOutcome::NotFound,
         }
     }
 
@@ -206,12 +298,62 @@ pub fn check_restock(stock_real: i64, held: i64) -> Result<(), StockBelowHeld> {
     }
 }
 
-/// Rebuilding from Postgres: what the counter must be, given the real stock and the units
-/// that live reservations hold. `None` means the ledger is over-committed (should never
-/// happen; the caller logs it loudly and pre-locks nothing more).
-pub fn rebuilt_available(stock_real: i64, live_held: i64) -> Option<i64> {
-    let a = stock_real - live_held;
-    (a >= 0).then_some(a)
+/// A live reservation as the ledger (Postgres) has it, for a rebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveHold<K> {
+    pub id: K,
+    pub quantity: u32,
+    /// Paid (pinned): its money is kept, so it is never dropped.
+    pub paid: bool,
+}
+
+/// What a rebuild writes back for one SKU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildPlan<K> {
+    /// The counter: `stock_real - Σ kept`, never below zero.
+    pub available: i64,
+    /// Reservations written back, in the order given.
+    pub keep: Vec<K>,
+    /// Unpaid reservations that do not fit in `stock_real`: their orders must be expired.
+    pub expire: Vec<K>,
+    /// Paid units beyond `stock_real` (already sold twice: no rebuild can undo that; the
+    /// caller reports it loudly).
+    pub paid_over_stock: i64,
+}
+
+/// Rebuilding from Postgres never restores more than `stock_real`. A ledger can only be
+/// over-committed after a defect or a hand edit, but the rebuild is where it must stop:
+/// writing every reservation back would let each of them be paid. Paid reservations win;
+/// unpaid ones are kept oldest first while they fit, and the newest ones lose.
+/// `live` must be ordered oldest first.
+pub fn plan_rebuild<K: Clone>(stock_real: i64, live: &[LiveHold<K>]) -> RebuildPlan<K> {
+    let paid: i64 = live
+        .iter()
+        .filter(|h| h.paid)
+        .map(|h| i64::from(h.quantity))
+        .sum();
+    let mut room = stock_real - paid;
+    let paid_over_stock = (-room).max(0);
+    room = room.max(0);
+    let (mut keep, mut expire) = (Vec::new(), Vec::new());
+    for h in live {
+        if h.paid {
+            keep.push(h.id.clone());
+        } else if expire.is_empty() && i64::from(h.quantity) <= room {
+            room -= i64::from(h.quantity);
+            keep.push(h.id.clone());
+        } else {
+            // once one does not fit, every newer one loses too: "newest lose", never a newer
+            // small order kept over an older one
+            expire.push(h.id.clone());
+        }
+    }
+    RebuildPlan {
+        available: room,
+        keep,
+        expire,
+        paid_over_stock,
+    }
 }
 
 /// The paper's "memory-level pre-lock pool": once a SKU is known empty, requests for it are
@@ -273,25 +415,27 @@ impl SoldOutMarker {
 mod tests {
     use super::*;
 
+    const A: Claim = Claim::Attempt(Uuid::from_u128(1));
+
     #[test]
     fn reserve_is_idempotent_and_never_goes_below_zero() {
         let mut l = SkuLedger::new(3);
         assert_eq!(
-            l.reserve(1, 2, 0, 100),
+            l.reserve(1, 2, 0, 100, A),
             ReserveOutcome::Reserved {
                 expires_at_ms: 100,
                 available: 1
             }
         );
         assert_eq!(
-            l.reserve(1, 2, 10, 100),
+            l.reserve(1, 2, 10, 100, A),
             ReserveOutcome::Existing {
                 quantity: 2,
                 expires_at_ms: Some(100)
             }
         );
         assert_eq!(
-            l.reserve(2, 2, 10, 100),
+            l.reserve(2, 2, 10, 100, A),
             ReserveOutcome::Shortage { available: 1 }
         );
         assert_eq!(l.available(), 1);
@@ -300,42 +444,136 @@ mod tests {
     #[test]
     fn lapsed_reservations_are_reclaimed_by_the_next_reserve() {
         let mut l = SkuLedger::new(2);
-        l.reserve(1, 2, 0, 100);
+        l.reserve(1, 2, 0, 100, A);
         assert!(matches!(
-            l.reserve(2, 1, 99, 100),
+            l.reserve(2, 1, 99, 100, A),
             ReserveOutcome::Shortage { .. }
         ));
         assert!(matches!(
-            l.reserve(2, 1, 100, 100),
+            l.reserve(2, 1, 100, 100, A),
             ReserveOutcome::Reserved { available: 1, .. }
         ));
         assert_eq!(l.holds(&1), None);
     }
 
     #[test]
-    fn confirm_pins_or_reports_lapse() {
+    fn pin_confirms_or_reserves_again() {
         let mut l = SkuLedger::new(5);
-        l.reserve(1, 2, 0, 100);
-        l.reserve(2, 1, 0, 100);
-        assert_eq!(l.confirm(&1, 50), ConfirmOutcome::Confirmed { quantity: 2 });
+        l.reserve(1, 2, 0, 100, A);
+        l.reserve(2, 1, 0, 100, A);
+        assert_eq!(l.pin(1, 2, 50), PinOutcome::Pinned { quantity: 2 });
+        assert_eq!(l.pin(1, 2, 500), PinOutcome::Pinned { quantity: 2 });
+        // 2 lapsed: its unit is taken again at once, and pinned
         assert_eq!(
-            l.confirm(&1, 500),
-            ConfirmOutcome::Confirmed { quantity: 2 }
+            l.pin(2, 1, 100),
+            PinOutcome::Repinned {
+                quantity: 1,
+                available: 2
+            }
         );
-        assert_eq!(l.confirm(&2, 100), ConfirmOutcome::Lapsed);
-        assert_eq!(l.confirm(&3, 0), ConfirmOutcome::NotFound);
+        assert_eq!(l.pin(1, 3, 0), PinOutcome::Mismatch { held: 2 });
+        assert_eq!(l.pin(3, 3, 0), PinOutcome::Shortage { available: 2 });
         // the pinned reservation survives any amount of time
         l.reclaim_lapsed(i64::MAX);
         assert_eq!(l.holds(&1), Some((2, None)));
-        assert_eq!(l.available(), 3);
+        assert_eq!(l.available(), 2);
         assert!(l.deduct(&1));
-        assert_eq!((l.stock_real(), l.available(), l.held_units()), (3, 3, 0));
+        assert_eq!((l.stock_real(), l.available(), l.held_units()), (3, 2, 1));
+    }
+
+    #[test]
+    fn withdrawing_a_claim_frees_units_only_when_nobody_else_claims_them() {
+        let b = Claim::Attempt(Uuid::from_u128(2));
+        let mut l = SkuLedger::new(1);
+        // the first attempt's answer is lost; a retry finds the reservation and claims it
+        l.reserve(1, 1, 0, 100, A);
+        l.reserve(1, 1, 0, 100, b);
+        assert_eq!(l.withdraw(&1, A), WithdrawOutcome::StillClaimed);
+        assert_eq!(l.withdraw(&1, A), WithdrawOutcome::StillClaimed);
+        assert_eq!(l.available(), 0);
+        assert_eq!(
+            l.withdraw(&1, b),
+            WithdrawOutcome::Released {
+                quantity: 1,
+                available: 1
+            }
+        );
+        assert_eq!(l.withdraw(&1, b), WithdrawOutcome::NotFound);
+        // a paid reservation is never withdrawn
+        l.reserve(2, 1, 0, 100, A);
+        l.pin(2, 1, 0);
+        assert_eq!(l.withdraw(&2, A), WithdrawOutcome::StillClaimed);
+        assert_eq!(l.holds(&2), Some((1, None)));
+    }
+
+    #[test]
+    fn rebuild_plans_never_restore_more_than_stock() {
+        let h = |id: u32, quantity: u32, paid: bool| LiveHold { id, quantity, paid };
+        // (stock_real, live oldest first, available, keep, expire, paid over stock)
+        let cases: Vec<(i64, Vec<LiveHold<u32>>, i64, Vec<u32>, Vec<u32>, i64)> = vec![
+            (
+                5,
+                vec![h(1, 2, false), h(2, 1, true)],
+                2,
+                vec![1, 2],
+                vec![],
+                0,
+            ),
+            (
+                1,
+                vec![h(1, 1, false), h(2, 1, false)],
+                0,
+                vec![1],
+                vec![2],
+                0,
+            ),
+            // the paid one wins even though it is newer
+            (
+                1,
+                vec![h(1, 1, false), h(2, 1, true)],
+                0,
+                vec![2],
+                vec![1],
+                0,
+            ),
+            // newest lose: 3 does not fit, so 4 (which would) loses too
+            (
+                4,
+                vec![
+                    h(1, 2, false),
+                    h(2, 1, true),
+                    h(3, 2, false),
+                    h(4, 1, false),
+                ],
+                1,
+                vec![1, 2],
+                vec![3, 4],
+                0,
+            ),
+            (
+                1,
+                vec![h(1, 2, true), h(2, 1, false)],
+                0,
+                vec![1],
+                vec![2],
+                1,
+            ),
+            (0, vec![], 0, vec![], vec![], 0),
+        ];
+        for (stock, live, available, keep, expire, over) in cases {
+            let plan = plan_rebuild(stock, &live);
+            assert_eq!(
+                (plan.available, plan.keep, plan.expire, plan.paid_over_stock),
+                (available, keep, expire, over),
+                "stock {stock}, {live:?}"
+            );
+        }
     }
 
     #[test]
     fn restock_refuses_to_undercut_held_units() {
         let mut l = SkuLedger::new(5);
-        l.reserve(1, 4, 0, 100);
+        l.reserve(1, 4, 0, 100, A);
         assert_eq!(l.restock(3), Err(StockBelowHeld { held: 4 }));
         l.restock(10).unwrap();
         assert_eq!(l.available(), 6);

@@ -54,7 +54,7 @@ impl From<domain::ports::PrelockError> for FulfillmentError {
             UnknownSku => FulfillmentError::UnknownSku,
             Mismatch => FulfillmentError::IdempotencyMismatch,
             NotLoaded => FulfillmentError::PrelockNotLoaded,
-            Unavailable(m) => FulfillmentError::PrelockUnavailable(m),
+            Unavailable(m) | Unreachable(m) => FulfillmentError::PrelockUnavailable(m),
         }
     }
 }

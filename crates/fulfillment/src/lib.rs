@@ -41,6 +41,9 @@ pub struct FulfillmentConfig {
     /// How long after a timed-out pre-lock call its possible reservation is given back (when
     /// no order took it). Longer than any late answer can take to land.
     pub orphan_release_delay: Duration,
+    /// At most this many give-backs wait in the background at once; past that, reservations
+    /// lapse on their own (a pre-lock outage must not turn into unbounded tasks).
+    pub max_background_give_backs: usize,
 }
 
 impl Default for FulfillmentConfig {
@@ -51,6 +54,7 @@ impl Default for FulfillmentConfig {
             not_loaded_retries: 4,
             sold_out_ttl: Duration::from_millis(500),
             orphan_release_delay: Duration::from_secs(2),
+            max_background_give_backs: 1024,
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct Fulfillment<P> {
     pub sold_out: SoldOutMarker,
     /// Background work (orphaned pre-lock releases); drained on shutdown.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Bounds the background give-backs (`max_background_give_backs`).
+    give_back_slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl<P: StockPrelock> Fulfillment<P> {
@@ -71,9 +77,12 @@ impl<P: StockPrelock> Fulfillment<P> {
         Fulfillment {
             store,
             prelock,
-            config,
+            config: config.clone(),
             sold_out,
             tasks: tokio_util::task::TaskTracker::new(),
+            give_back_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                config.max_background_give_backs,
+            )),
         }
     }
 }

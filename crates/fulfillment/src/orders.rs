@@ -4,11 +4,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use domain::ports::{PrelockError, StockPrelock};
-use domain::stock::{ReleaseOutcome, ReserveOutcome};
+use domain::stock::{ReleaseOutcome, ReserveOutcome, WithdrawOutcome};
 use domain::{ids, Money, OrderId, OrderState, SkuId, StoreId, UserId};
 use postgres_store::orders::{self, NewOrder, OrderRow};
 use postgres_store::{effects, is_unique_violation, lock_sku_shared, skus};
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::events;
 use crate::{Fulfillment, FulfillmentError};
@@ -26,6 +27,16 @@ impl CreateOrder {
     fn fingerprint(&self) -> String {
         format!("{}|{}|{}", self.sku_id, self.store_id, self.quantity)
     }
+}
+
+/// How a background give-back returns units.
+#[derive(Debug, Clone, Copy)]
+enum GiveBack {
+    /// Withdraw one create attempt's claim (the units go back if nobody else claims them),
+    /// unless an order with this id exists by then.
+    Withdraw(Uuid),
+    /// Release outright: the order's ledger reservation is already released.
+    Release,
 }
 
 #[derive(Debug)]
@@ -65,8 +76,12 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             return replay(existing, &fingerprint);
         }
 
-        // A hot SKU known to be empty is answered here, before any transaction.
-        if self.sold_out.is_sold_out(&req.sku_id, Instant::now()) {
+        // A hot SKU known to be empty is answered here, before any transaction; but only for
+        // a brand-new reservation: a retry whose first answer was lost may already hold
+        // units, and must get them, not "sold out". One cheap look at the pre-lock tells.
+        if self.sold_out.is_sold_out(&req.sku_id, Instant::now())
+            && matches!(self.prelock.holds(&req.sku_id, id).await, Ok(false))
+        {
             return Err(FulfillmentError::Shortage { available: 0 });
         }
 
@@ -118,26 +133,32 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
                 field: "quantity",
                 message: "order amount exceeds the allowed maximum".into(),
             })?;
-        let (created, expires_at_ms) =
-            match self.prelock.reserve(&req.sku_id, id, req.quantity).await {
-                Ok(ReserveOutcome::Reserved { expires_at_ms, .. }) => (true, expires_at_ms),
-                Ok(ReserveOutcome::Existing { expires_at_ms, .. }) => (
-                    false,
-                    expires_at_ms.unwrap_or_else(|| Utc::now().timestamp_millis()),
-                ),
-                Ok(ReserveOutcome::Shortage { available }) => {
-                    if available <= 0 {
-                        self.sold_out.mark(&req.sku_id, Instant::now());
-                    }
-                    return Err(FulfillmentError::Shortage { available });
+        // This attempt claims the reservation it makes or finds; if it ends without an order
+        // it withdraws only its own claim, so it can never take a retry's units.
+        let claim = Uuid::new_v4();
+        let expires_at_ms = match self
+            .prelock
+            .reserve(&req.sku_id, id, req.quantity, claim)
+            .await
+        {
+            Ok(ReserveOutcome::Reserved { expires_at_ms, .. }) => expires_at_ms,
+            Ok(ReserveOutcome::Existing { expires_at_ms, .. }) => {
+                expires_at_ms.unwrap_or_else(|| Utc::now().timestamp_millis())
+            }
+            Ok(ReserveOutcome::Shortage { available }) => {
+                if available <= 0 {
+                    self.sold_out.mark(&req.sku_id, Instant::now());
                 }
-                Err(e @ PrelockError::Unavailable(_)) => {
-                    // The reserve may have run even though its answer never came.
-                    self.release_orphan_later(&req.sku_id, id);
-                    return Err(e.into());
-                }
-                Err(e) => return Err(e.into()),
-            };
+                return Err(FulfillmentError::Shortage { available });
+            }
+            Err(e @ PrelockError::Unavailable(_)) => {
+                // The reserve may have run even though its answer never came.
+                self.give_back_later(&req.sku_id, id, GiveBack::Withdraw(claim));
+                return Err(e.into());
+            }
+            // refused, not loaded, unknown, mismatch: nothing was reserved for this attempt
+            Err(e) => return Err(e.into()),
+        };
         let expires_at =
             DateTime::<Utc>::from_timestamp_millis(expires_at_ms).unwrap_or_else(Utc::now);
 
@@ -159,54 +180,63 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             json!({ "expires_at": expires_at }),
         );
         let expiry = events::expiry_job(id.0, new.sku_id, expires_at);
-        let written = async {
-            let order = orders::insert_new_order(&mut tx, &new, &event, &expiry).await?;
-            tx.commit().await?;
-            Ok::<_, postgres_store::sqlx::Error>(order)
-        }
-        .await;
-
-        match written {
-            Ok(order) => Ok(Created {
-                order,
-                replayed: false,
-            }),
-            Err(e) if is_unique_violation(&e, None) => {
-                // A concurrent twin with the same key committed first.
+        let order = match orders::insert_new_order(&mut tx, &new, &event, &expiry).await {
+            Ok(order) => order,
+            Err(e) => {
+                drop(tx); // roll back, and let go of the SKU lock before anything else
+                if !is_unique_violation(&e, None) {
+                    self.withdraw_quietly(&req.sku_id, id, claim).await;
+                    return Err(e.into());
+                }
+                // A concurrent twin with the same key committed first; it holds its own claim.
                 let existing = orders::find_order(&self.store.pool, id.0)
                     .await?
                     .ok_or(FulfillmentError::Conflict)?;
                 let answer = replay(existing, fingerprint);
-                if answer.is_err() && created {
-                    // Our pre-lock (another SKU or quantity) is nobody's: give it back.
-                    self.release_quietly(&req.sku_id, id).await;
+                if answer.is_err() {
+                    self.withdraw_quietly(&req.sku_id, id, claim).await;
                 }
-                answer
+                return answer;
+            }
+        };
+        if let Err(e) = tx.commit().await {
+            // The commit's outcome is unknown (the connection may have died after it landed):
+            // give the units back later, and only if no order with this id exists by then.
+            self.give_back_later(&req.sku_id, id, GiveBack::Withdraw(claim));
+            return Err(e.into());
+        }
+        Ok(Created {
+            order,
+            replayed: false,
+        })
+    }
+
+    /// Withdraws this attempt's claim after a failed write. Logged, not returned: the caller is
+    /// already answering with the original error. A call that may not have run is retried in
+    /// the background; past that, the reservation lapses on its own (never an oversell).
+    async fn withdraw_quietly(&self, sku: &SkuId, id: OrderId, claim: Uuid) {
+        match self.prelock.withdraw(sku, id, claim).await {
+            Ok(_) | Err(PrelockError::NotLoaded) => {}
+            Err(PrelockError::Unavailable(_)) => {
+                self.give_back_later(sku, id, GiveBack::Withdraw(claim))
             }
             Err(e) => {
-                if created {
-                    self.release_quietly(&req.sku_id, id).await;
-                }
-                Err(e.into())
+                tracing::warn!(%sku, order_id = %id, error = %e, "could not withdraw a pre-lock claim after a failed order write; it lapses on its own")
             }
         }
     }
 
-    /// Gives a pre-lock back after a failed write. Logged, not returned: the caller is already
-    /// answering with the original error, and a lost release only holds units until the
-    /// reservation lapses (never an oversell).
-    async fn release_quietly(&self, sku: &SkuId, id: OrderId) {
-        if let Err(e) = self.prelock.release(sku, id).await {
-            tracing::warn!(%sku, order_id = %id, error = %e, "could not release pre-lock after a failed order write; it lapses on its own");
-        }
-    }
-
-    /// After a pre-lock call timed out, the reservation may exist in Redis with no order behind
-    /// it, holding units until it lapses (15 minutes: in a flash sale, stock that looks sold
-    /// out and is not). Once late answers have had time to land, and if no order took that id
-    /// meanwhile, give it back. Best effort and in-process: if this process dies first, the
-    /// reservation still lapses on its own.
-    fn release_orphan_later(&self, sku: &SkuId, id: OrderId) {
+    /// Gives units back in the background, once late answers have had time to land: after a
+    /// pre-lock call whose answer was lost (the reservation may exist with no order behind it,
+    /// holding units for 15 minutes: in a flash sale, stock that looks sold out and is not),
+    /// or after a cancel whose release did not get through. Bounded: at most
+    /// `max_background_give_backs` wait at once, past that the reservation lapses on its own;
+    /// in-process: if this process dies first, the same.
+    fn give_back_later(&self, sku: &SkuId, id: OrderId, how: GiveBack) {
+        let Ok(permit) = self.give_back_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%sku, order_id = %id, "too many pre-locks waiting to be given back; this one lapses on its own");
+            return;
+        };
         let (prelock, store, delay) = (
             self.prelock.clone(),
             self.store.clone(),
@@ -214,30 +244,50 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         );
         let sku = sku.clone();
         self.tasks.spawn(async move {
-            tokio::time::sleep(delay).await;
-            for attempt in 0..3u32 {
-                match orders::find_order(&store.pool, id.0).await {
-                    Ok(Some(_)) => return, // a retry of this request created the order
-                    Ok(None) => {}
+            let _permit = permit;
+            for round in 1..=3u32 {
+                tokio::time::sleep(delay * round).await;
+                let given = match how {
+                    GiveBack::Withdraw(claim) => {
+                        // our commit may have landed after all: then the order keeps them
+                        match orders::find_order(&store.pool, id.0).await {
+                            Ok(Some(_)) => return,
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(order_id = %id, error = %e, "orphan check failed; will retry");
+                                continue;
+                            }
+                        }
+                        prelock
+                            .withdraw(&sku, id, claim)
+                            .await
+                            .map(|o| matches!(o, WithdrawOutcome::Released { .. }))
+                    }
+                    GiveBack::Release => prelock
+                        .release(&sku, id)
+                        .await
+                        .map(|o| matches!(o, ReleaseOutcome::Released { .. })),
+                };
+                match given {
+                    Ok(true) => {
+                        tracing::warn!(%sku, order_id = %id, "gave back a pre-lock left by a lost answer");
+                        return;
+                    }
+                    // still claimed by a retry or an order, already gone, or being rebuilt
+                    // from the ledger (which holds no units for it)
+                    Ok(false) | Err(PrelockError::NotLoaded) => return,
                     Err(e) => {
-                        tracing::warn!(order_id = %id, error = %e, "orphan check failed; the pre-lock lapses on its own");
-                        return;
+                        tracing::info!(%sku, order_id = %id, error = %e, round, "give-back failed; will retry")
                     }
-                }
-                match prelock.release(&sku, id).await {
-                    Ok(ReleaseOutcome::Released { quantity, .. }) => {
-                        tracing::warn!(%sku, order_id = %id, quantity, "released a pre-lock orphaned by a timeout");
-                        return;
-                    }
-                    Ok(ReleaseOutcome::NotFound) | Err(PrelockError::NotLoaded) => return,
-                    Err(_) => tokio::time::sleep(delay * (attempt + 1)).await,
                 }
             }
+            tracing::warn!(%sku, order_id = %id, "could not give back a pre-lock; it lapses on its own");
         });
     }
 
-    /// Cancels a PENDING order of `user`: CANCELLED, reservation released in Redis and the
-    /// ledger, expiry job cancelled, `OrderCancelled` written.
+    /// Cancels a PENDING order of `user`: CANCELLED, its ledger reservation released, expiry
+    /// job cancelled, `OrderCancelled` written; then, once that is committed, its units are
+    /// given back in Redis.
     pub async fn cancel_order(
         &self,
         user: &UserId,
@@ -250,6 +300,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             }
             let sku = SkuId::parse(&order.sku_id).map_err(|_| FulfillmentError::UnknownSku)?;
             let mut tx = self.store.begin().await?;
+            // the shared SKU lock orders this write against a rebuild reading the ledger
             lock_sku_shared(&mut tx, sku.as_str()).await?;
             match orders::transition(&mut tx, id.0, order.versioned(), OrderState::Cancelled).await
             {
@@ -263,20 +314,31 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             )
             .await?;
             effects::cancel_job(&mut tx, &events::expiry_job_key(order.id)).await?;
-            // Released inside the transaction, under the SKU lock: a rebuild cannot slip in
-            // between. Should the commit then fail, the order stays PENDING without units,
-            // and a later payment re-reserves or refunds: never an oversell.
-            match self.prelock.release(&sku, id).await {
-                Ok(_) | Err(PrelockError::NotLoaded) => {}
-                Err(e) => return Err(e.into()),
-            }
             tx.commit().await?;
-            self.sold_out.clear(&sku);
+            // Commit first, then release: released first, a commit that failed (or a slow
+            // pre-lock that made this request time out and roll back) left a PENDING order
+            // whose units another buyer took, and a rebuild then wrote both back: an oversell.
+            // This way the worst case is units held for a cancelled order until the release
+            // gets through (retried in the background) or the reservation lapses.
+            self.release_after_commit(&sku, id).await;
             return orders::find_order(&self.store.pool, id.0)
                 .await?
                 .ok_or(FulfillmentError::NotFound);
         }
         Err(FulfillmentError::Conflict)
+    }
+
+    /// Gives back the units of an order whose ledger reservation was released in a committed
+    /// transaction. Never fails the caller: what does not get through now is retried.
+    pub(crate) async fn release_after_commit(&self, sku: &SkuId, id: OrderId) {
+        match self.prelock.release(sku, id).await {
+            Ok(ReleaseOutcome::Released { .. }) => self.sold_out.clear(sku),
+            Ok(ReleaseOutcome::NotFound) | Err(PrelockError::NotLoaded) => {}
+            Err(e) => {
+                tracing::warn!(%sku, order_id = %id, error = %e, "release after commit failed; retrying in the background");
+                self.give_back_later(sku, id, GiveBack::Release);
+            }
+        }
     }
 
     /// The order, if it exists and belongs to `user`; anyone else gets `NotFound` (not
@@ -291,6 +353,37 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             _ => Err(FulfillmentError::NotFound),
         }
     }
+}
+
+/// Expires a PENDING order whose pre-lock is gone, in the caller's transaction: PENDING ->
+/// EXPIRED by compare-and-set, its reservation RELEASED, `OrderExpired` (with `reason`)
+/// written, its expiry job cancelled. Giving the units back in Redis is the caller's business
+/// (a rebuild simply does not write them back). Returns the order as it was when it expired;
+/// `None`, with nothing changed, when it is no longer PENDING or moved concurrently.
+pub async fn expire_pending(
+    conn: &mut postgres_store::sqlx::PgConnection,
+    order_id: uuid::Uuid,
+    reason: &str,
+) -> Result<Option<OrderRow>, FulfillmentError> {
+    let Some(order) = orders::find_order(&mut *conn, order_id).await? else {
+        return Ok(None);
+    };
+    if order.state != OrderState::Pending {
+        return Ok(None);
+    }
+    match orders::transition(&mut *conn, order.id, order.versioned(), OrderState::Expired).await {
+        Ok(_) => {}
+        Err(postgres_store::orders::TransitionFailure::Conflict) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    orders::set_reservation(&mut *conn, order.id, "RELEASED", None).await?;
+    effects::append_event(
+        &mut *conn,
+        events::order_event(events::ORDER_EXPIRED, &order, json!({ "reason": reason })),
+    )
+    .await?;
+    effects::cancel_job(&mut *conn, &events::expiry_job_key(order.id)).await?;
+    Ok(Some(order))
 }
 
 fn replay(existing: OrderRow, fingerprint: &str) -> Result<Created, FulfillmentError> {

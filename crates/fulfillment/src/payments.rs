@@ -9,8 +9,8 @@
 use chrono::{DateTime, Utc};
 use domain::order::OrderState;
 use domain::payment::{resolve_payment, stock_step, StockStep};
-use domain::ports::{PrelockError, StockPrelock};
-use domain::stock::{ConfirmOutcome, ReserveOutcome};
+use domain::ports::StockPrelock;
+use domain::stock::PinOutcome;
 use domain::{OrderId, PaymentStatus, Provider, SkuId};
 use postgres_store::orders::{self, TransitionFailure};
 use postgres_store::payments::{self, NewPaymentEvent};
@@ -60,7 +60,7 @@ pub enum ApplyOutcome {
     Duplicate,
 }
 
-impl<P: StockPrelock> Fulfillment<P> {
+impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
     pub async fn apply_payment(
         &self,
         conf: &PaymentConfirmation,
@@ -77,8 +77,11 @@ impl<P: StockPrelock> Fulfillment<P> {
         for _ in 0..5 {
             let mut tx = self.store.begin().await?;
             match self.apply_in(&mut tx, conf, source).await {
-                Ok(outcome) => {
+                Ok((outcome, release)) => {
                     tx.commit().await?;
+                    if let Some((sku, id)) = release {
+                        self.release_after_commit(&sku, id).await;
+                    }
                     return Ok(outcome);
                 }
                 Err(FulfillmentError::Conflict) => continue,
@@ -88,12 +91,14 @@ impl<P: StockPrelock> Fulfillment<P> {
         Err(FulfillmentError::Conflict)
     }
 
+    /// Applies the payment in `tx`. Besides the outcome, names a pre-lock to release once `tx`
+    /// has committed (never before: a rolled-back transaction must not have given units away).
     async fn apply_in(
         &self,
         tx: &mut Tx,
         conf: &PaymentConfirmation,
         source: Source,
-    ) -> Result<ApplyOutcome, FulfillmentError> {
+    ) -> Result<(ApplyOutcome, Option<(SkuId, OrderId)>), FulfillmentError> {
         let payment = payments::lock_payment(tx, conf.payment_id)
             .await?
             .filter(|p| p.provider == conf.provider)
@@ -115,7 +120,7 @@ impl<P: StockPrelock> Fulfillment<P> {
         if payment.status != PaymentStatus::Created {
             // Settled by an earlier result. Record this event id (once) and change nothing.
             payments::record_event(tx, &record("ALREADY_SETTLED")).await?;
-            return Ok(ApplyOutcome::Duplicate);
+            return Ok((ApplyOutcome::Duplicate, None));
         }
 
         let order = orders::find_order(&mut **tx, payment.order_id)
@@ -125,21 +130,16 @@ impl<P: StockPrelock> Fulfillment<P> {
         let id = OrderId(order.id);
         lock_sku_shared(tx, sku.as_str()).await?;
 
-        let stock = match stock_step(order.state) {
-            StockStep::None => HeldStock::No,
-            StockStep::Confirm => match self.prelock.confirm(&sku, id).await? {
-                ConfirmOutcome::Confirmed { .. } => HeldStock::Yes(None),
-                ConfirmOutcome::Lapsed | ConfirmOutcome::NotFound => {
-                    self.reserve_and_confirm(&sku, id, order.quantity as u32)
-                        .await?
-                }
+        // Pinning is one atomic step in the pre-lock store ("confirm, or reserve again"), and
+        // never answered by a sold-out shortcut: a late payment keeps its money whenever the
+        // units are really there.
+        let held = match stock_step(order.state) {
+            StockStep::None => false,
+            StockStep::Pin => match self.prelock.pin(&sku, id, order.quantity as u32).await? {
+                PinOutcome::Pinned { .. } | PinOutcome::Repinned { .. } => true,
+                PinOutcome::Shortage { .. } | PinOutcome::Mismatch { .. } => false,
             },
-            StockStep::Reserve => {
-                self.reserve_and_confirm(&sku, id, order.quantity as u32)
-                    .await?
-            }
         };
-        let held = matches!(stock, HeldStock::Yes(_));
         let plan = resolve_payment(order.state, held);
 
         let mut at = order.versioned();
@@ -160,11 +160,7 @@ impl<P: StockPrelock> Fulfillment<P> {
         }
 
         if plan.keep_money {
-            let new_expiry = match stock {
-                HeldStock::Yes(e) => e,
-                HeldStock::No => None,
-            };
-            orders::set_reservation(tx, order.id, "CONFIRMED", new_expiry).await?;
+            orders::set_reservation(tx, order.id, "CONFIRMED", None).await?;
             payments::settle_payment(
                 tx,
                 payment.id,
@@ -189,7 +185,7 @@ impl<P: StockPrelock> Fulfillment<P> {
             effects::cancel_job(tx, &events::expiry_job_key(order.id)).await?;
             payments::record_event(tx, &record("PAID")).await?;
             tracing::info!(order_id = %order.id, payment_id = %payment.id, source = source.as_str(), "payment applied");
-            return Ok(ApplyOutcome::Paid);
+            return Ok((ApplyOutcome::Paid, None));
         }
 
         // The money goes back.
@@ -198,18 +194,14 @@ impl<P: StockPrelock> Fulfillment<P> {
             OrderState::Cancelled => "order was cancelled",
             _ => "order was already paid",
         };
-        if matches!(
+        // Nothing may stay pre-locked for an order that keeps no money. An earlier attempt of
+        // this very call may have pinned units before a concurrent cancel won the
+        // compare-and-set; releasing (idempotent, after the commit) gives them back.
+        let release = matches!(
             order.state,
             OrderState::Pending | OrderState::Expired | OrderState::Cancelled
-        ) {
-            // Nothing may stay pre-locked for an order that keeps no money. An earlier attempt
-            // of this very call may have re-reserved and pinned units before a concurrent
-            // cancel won the compare-and-set; releasing (idempotent) gives them back.
-            match self.prelock.release(&sku, id).await {
-                Ok(_) | Err(PrelockError::NotLoaded) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        )
+        .then_some((sku, id));
         if matches!(order.state, OrderState::Pending | OrderState::Expired) {
             orders::set_reservation(tx, order.id, "RELEASED", None).await?;
             effects::cancel_job(tx, &events::expiry_job_key(order.id)).await?;
@@ -238,38 +230,6 @@ impl<P: StockPrelock> Fulfillment<P> {
         .await?;
         payments::record_event(tx, &record("REFUND_REQUIRED")).await?;
         tracing::warn!(order_id = %order.id, payment_id = %payment.id, reason, "payment cannot be kept; refund scheduled");
-        Ok(ApplyOutcome::RefundRequired { state: at.state })
+        Ok((ApplyOutcome::RefundRequired { state: at.state }, release))
     }
-
-    /// The pre-lock lapsed (or the order expired) before the money came: take the units
-    /// again if they are still there, and pin them.
-    async fn reserve_and_confirm(
-        &self,
-        sku: &SkuId,
-        id: OrderId,
-        quantity: u32,
-    ) -> Result<HeldStock, FulfillmentError> {
-        let expires_at_ms = match self.prelock.reserve(sku, id, quantity).await {
-            Ok(ReserveOutcome::Reserved { expires_at_ms, .. }) => Some(expires_at_ms),
-            Ok(ReserveOutcome::Existing { expires_at_ms, .. }) => expires_at_ms,
-            Ok(ReserveOutcome::Shortage { .. }) | Err(PrelockError::Mismatch) => {
-                return Ok(HeldStock::No)
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match self.prelock.confirm(sku, id).await? {
-            ConfirmOutcome::Confirmed { .. } => Ok(HeldStock::Yes(
-                expires_at_ms.and_then(DateTime::<Utc>::from_timestamp_millis),
-            )),
-            // Lapsed within the same instant: treat as no stock (the money goes back).
-            ConfirmOutcome::Lapsed | ConfirmOutcome::NotFound => Ok(HeldStock::No),
-        }
-    }
-}
-
-/// Whether stock is held for the paying order; `Yes(Some(t))` when it was re-reserved with a
-/// new lapse time that the ledger row must record.
-enum HeldStock {
-    Yes(Option<DateTime<Utc>>),
-    No,
 }

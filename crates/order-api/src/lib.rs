@@ -71,6 +71,10 @@ impl Config {
                 )?,
                 sold_out_ttl: env_millis("SOLD_OUT_TTL_MS", 500)?,
                 orphan_release_delay: env_millis("ORPHAN_RELEASE_DELAY_MS", 2000)?,
+                max_background_give_backs: env_or(
+                    "ORPHAN_RELEASE_MAX",
+                    defaults.max_background_give_backs,
+                )?,
             },
         })
     }

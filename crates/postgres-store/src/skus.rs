@@ -87,13 +87,15 @@ pub struct LiveReservation {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// A SKU's live reservations, oldest first (the order a rebuild keeps them in when the
+/// stock cannot hold them all).
 pub async fn live_reservations(
     ex: impl PgExecutor<'_>,
     sku: &str,
 ) -> Result<Vec<LiveReservation>, sqlx::Error> {
     let rows: Vec<(Uuid, i32, String, DateTime<Utc>)> = sqlx::query_as(&format!(
         "SELECT order_id, quantity, status, expires_at FROM reservations
-         WHERE sku_id = $1 AND {HELD} ORDER BY order_id"
+         WHERE sku_id = $1 AND {HELD} ORDER BY created_at, order_id"
     ))
     .bind(sku)
     .fetch_all(ex)

@@ -2,24 +2,46 @@
 //! implements [`domain::ports::StockPrelock`] for order-api.
 //!
 //! Routes (all take `Authorization: Bearer <OPS_TOKEN>`; reservation id = order id):
-//! - `PUT    /v1/skus/{sku_id}/reservations/{id}`          `{"quantity"}` -> [`ReserveReply`]
-//! - `POST   /v1/skus/{sku_id}/reservations/{id}/confirm`  -> [`ConfirmReply`]
-//! - `DELETE /v1/skus/{sku_id}/reservations/{id}`          -> [`ReleaseReply`]
+//! - `PUT    /v1/skus/{sku_id}/reservations/{id}`           `{"quantity","attempt"}` -> [`ReserveReply`]
+//! - `GET    /v1/skus/{sku_id}/reservations/{id}`           -> [`HoldsReply`]
+//! - `POST   /v1/skus/{sku_id}/reservations/{id}/pin`       `{"quantity"}` -> [`PinReply`]
+//! - `POST   /v1/skus/{sku_id}/reservations/{id}/withdraw`  `{"attempt"}` -> [`WithdrawReply`]
+//! - `DELETE /v1/skus/{sku_id}/reservations/{id}`           -> [`ReleaseReply`]
 //!
-//! Outcomes (reserved, shortage, lapsed, ...) are 200 bodies; failures are the house error
+//! Outcomes (reserved, shortage, pinned, ...) are 200 bodies; failures are the house error
 //! body with `ERR_PRELOCK_NOT_LOADED`, `ERR_UNKNOWN_SKU`, `ERR_IDEMPOTENCY_MISMATCH` or
 //! `ERR_PRELOCK_UNAVAILABLE`. This crate owns that mapping and nothing else.
 
 use std::time::Duration;
 
 use domain::ports::{PrelockError, StockPrelock};
-use domain::stock::{ConfirmOutcome, ReleaseOutcome, ReserveOutcome};
+use domain::stock::{PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome};
 use domain::{OrderId, SkuId};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReserveRequest {
     pub quantity: u32,
+    /// This create attempt's id (a fresh UUID per try): it becomes a claimant of the
+    /// reservation, and only it can withdraw that claim.
+    pub attempt: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PinRequest {
+    pub quantity: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WithdrawRequest {
+    pub attempt: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HoldsReply {
+    /// Whether a reservation with this id exists (lapsed ones not yet reclaimed included).
+    pub held: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -90,33 +112,91 @@ impl ReserveReply {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum ConfirmStatus {
-    Confirmed,
-    Lapsed,
+pub enum PinStatus {
+    Pinned,
+    Repinned,
+    Shortage,
+    Mismatch,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PinReply {
+    pub outcome: PinStatus,
+    /// Units pinned (`pinned`, `repinned`) or held under another quantity (`mismatch`).
+    pub quantity: Option<u32>,
+    /// Units left after the call (`repinned`, `shortage`).
+    pub available: Option<i64>,
+}
+
+impl From<PinOutcome> for PinReply {
+    fn from(o: PinOutcome) -> Self {
+        let (outcome, quantity, available) = match o {
+            PinOutcome::Pinned { quantity } => (PinStatus::Pinned, Some(quantity), None),
+            PinOutcome::Repinned {
+                quantity,
+                available,
+            } => (PinStatus::Repinned, Some(quantity), Some(available)),
+            PinOutcome::Shortage { available } => (PinStatus::Shortage, None, Some(available)),
+            PinOutcome::Mismatch { held } => (PinStatus::Mismatch, Some(held), None),
+        };
+        PinReply {
+            outcome,
+            quantity,
+            available,
+        }
+    }
+}
+
+impl PinReply {
+    pub fn into_outcome(self) -> Result<PinOutcome, PrelockError> {
+        let bad = || PrelockError::Unavailable("incomplete pin reply".into());
+        Ok(match self.outcome {
+            PinStatus::Pinned => PinOutcome::Pinned {
+                quantity: self.quantity.ok_or_else(bad)?,
+            },
+            PinStatus::Repinned => PinOutcome::Repinned {
+                quantity: self.quantity.ok_or_else(bad)?,
+                available: self.available.ok_or_else(bad)?,
+            },
+            PinStatus::Shortage => PinOutcome::Shortage {
+                available: self.available.ok_or_else(bad)?,
+            },
+            PinStatus::Mismatch => PinOutcome::Mismatch {
+                held: self.quantity.ok_or_else(bad)?,
+            },
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WithdrawStatus {
+    Released,
+    StillClaimed,
     NotFound,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ConfirmReply {
-    pub outcome: ConfirmStatus,
+pub struct WithdrawReply {
+    pub outcome: WithdrawStatus,
     pub quantity: Option<u32>,
+    pub available: Option<i64>,
 }
 
-impl From<ConfirmOutcome> for ConfirmReply {
-    fn from(o: ConfirmOutcome) -> Self {
-        match o {
-            ConfirmOutcome::Confirmed { quantity } => ConfirmReply {
-                outcome: ConfirmStatus::Confirmed,
-                quantity: Some(quantity),
-            },
-            ConfirmOutcome::Lapsed => ConfirmReply {
-                outcome: ConfirmStatus::Lapsed,
-                quantity: None,
-            },
-            ConfirmOutcome::NotFound => ConfirmReply {
-                outcome: ConfirmStatus::NotFound,
-                quantity: None,
-            },
+impl From<WithdrawOutcome> for WithdrawReply {
+    fn from(o: WithdrawOutcome) -> Self {
+        let (outcome, quantity, available) = match o {
+            WithdrawOutcome::Released {
+                quantity,
+                available,
+            } => (WithdrawStatus::Released, Some(quantity), Some(available)),
+            WithdrawOutcome::StillClaimed => (WithdrawStatus::StillClaimed, None, None),
+            WithdrawOutcome::NotFound => (WithdrawStatus::NotFound, None, None),
+        };
+        WithdrawReply {
+            outcome,
+            quantity,
+            available,
         }
     }
 }
@@ -199,11 +279,14 @@ impl PrelockClient {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, PrelockError> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| PrelockError::Unavailable(format!("prelock-service: {e}")))?;
+        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
+            // a refused (or timed-out) connect never sent the request: nothing was done
+            if e.is_connect() {
+                PrelockError::Unreachable(format!("prelock-service: {e}"))
+            } else {
+                PrelockError::Unavailable(format!("prelock-service: {e}"))
+            }
+        })?;
         let status = resp.status();
         if status.is_success() {
             return resp
@@ -228,28 +311,34 @@ impl StockPrelock for PrelockClient {
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
+        attempt: Uuid,
     ) -> Result<ReserveOutcome, PrelockError> {
+        let body = ReserveRequest { quantity, attempt };
         let reply: ReserveReply = self
-            .call(
-                self.http
-                    .put(self.url(sku, id, ""))
-                    .json(&ReserveRequest { quantity }),
-            )
+            .call(self.http.put(self.url(sku, id, "")).json(&body))
             .await?;
         reply.into_outcome()
     }
 
-    async fn confirm(&self, sku: &SkuId, id: OrderId) -> Result<ConfirmOutcome, PrelockError> {
-        let reply: ConfirmReply = self
-            .call(self.http.post(self.url(sku, id, "/confirm")))
+    async fn holds(&self, sku: &SkuId, id: OrderId) -> Result<bool, PrelockError> {
+        let reply: HoldsReply = self.call(self.http.get(self.url(sku, id, ""))).await?;
+        Ok(reply.held)
+    }
+
+    async fn pin(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+        quantity: u32,
+    ) -> Result<PinOutcome, PrelockError> {
+        let reply: PinReply = self
+            .call(
+                self.http
+                    .post(self.url(sku, id, "/pin"))
+                    .json(&PinRequest { quantity }),
+            )
             .await?;
-        Ok(match reply.outcome {
-            ConfirmStatus::Confirmed => ConfirmOutcome::Confirmed {
-                quantity: reply.quantity.unwrap_or(0),
-            },
-            ConfirmStatus::Lapsed => ConfirmOutcome::Lapsed,
-            ConfirmStatus::NotFound => ConfirmOutcome::NotFound,
-        })
+        reply.into_outcome()
     }
 
     async fn release(&self, sku: &SkuId, id: OrderId) -> Result<ReleaseOutcome, PrelockError> {
@@ -260,6 +349,29 @@ impl StockPrelock for PrelockClient {
                 available: reply.available.unwrap_or(0),
             },
             ReleaseStatus::NotFound => ReleaseOutcome::NotFound,
+        })
+    }
+
+    async fn withdraw(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+        attempt: Uuid,
+    ) -> Result<WithdrawOutcome, PrelockError> {
+        let reply: WithdrawReply = self
+            .call(
+                self.http
+                    .post(self.url(sku, id, "/withdraw"))
+                    .json(&WithdrawRequest { attempt }),
+            )
+            .await?;
+        Ok(match reply.outcome {
+            WithdrawStatus::Released => WithdrawOutcome::Released {
+                quantity: reply.quantity.unwrap_or(0),
+                available: reply.available.unwrap_or(0),
+            },
+            WithdrawStatus::StillClaimed => WithdrawOutcome::StillClaimed,
+            WithdrawStatus::NotFound => WithdrawOutcome::NotFound,
         })
     }
 }

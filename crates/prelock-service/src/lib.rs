@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use axum::extract::FromRef;
 use axum::Router;
-use domain::stock::SoldOutMarker;
 use postgres_store::PgStore;
 use prometheus::IntCounterVec;
 use redis_prelock::RedisPrelock;
@@ -38,7 +37,6 @@ pub struct Config {
     pub redis_timeout: Duration,
     /// Pre-lock lifetime for SKUs without their own (SPEC: 15 minutes).
     pub default_ttl: Duration,
-    pub sold_out_ttl: Duration,
     /// Pool size and how long to wait on Postgres before answering 503.
     pub pg: postgres_store::PgLimits,
     pub run_migrations: bool,
@@ -55,7 +53,6 @@ impl Config {
             redis_prefix: env_string("REDIS_KEY_PREFIX", ""),
             redis_timeout: env_millis("REDIS_TIMEOUT_MS", 100)?,
             default_ttl: Duration::from_secs(env_or("PRELOCK_TTL_SECS", 900u64)?),
-            sold_out_ttl: env_millis("SOLD_OUT_TTL_MS", 500)?,
             pg: postgres_store::PgLimits::from_env(16)?,
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
         })
@@ -72,6 +69,10 @@ pub struct PrelockMetrics {
     pub timeouts: IntCounterVec,
     /// `prelock_rebuilds_total{trigger,outcome}`: SKU rebuilds (admin, not_loaded, restock).
     pub rebuilds: IntCounterVec,
+    /// `prelock_overcommit_total{outcome}`: what rebuilds found over-committed ledgers did:
+    /// `expired_order` per unpaid order dropped to fit `stock_real`, `paid_over_stock` per
+    /// rebuild of a SKU whose paid units alone exceed it (an oversell no rebuild can undo).
+    pub overcommit: IntCounterVec,
 }
 
 pub struct App {
@@ -81,7 +82,6 @@ pub struct App {
     pub auth: AuthConfig,
     pub metrics: Metrics,
     pub prelock_metrics: PrelockMetrics,
-    pub sold_out: SoldOutMarker,
     /// SKUs with a background rebuild under way, so a burst of "not loaded" answers starts
     /// one rebuild, not hundreds.
     pub rebuilding: Mutex<HashSet<String>>,
@@ -127,9 +127,13 @@ impl App {
                 "SKU pre-lock rebuilds from Postgres",
                 &["trigger", "outcome"],
             ),
+            overcommit: metrics.counter(
+                "prelock_overcommit_total",
+                "Over-committed ledgers found by rebuilds, by what was done",
+                &["outcome"],
+            ),
         };
         Ok(Arc::new(App {
-            sold_out: SoldOutMarker::new(config.sold_out_ttl),
             config,
             store,
             redis,

@@ -6,21 +6,32 @@
 //! cancellation hold the shared one while they talk to Redis, so the rebuild waits for
 //! in-flight reservations to commit (or roll back) and no new one starts until it is done.
 //! That is what makes it safe while orders flow, including right after Redis lost everything.
+//!
+//! A rebuild never restores more than `stock_real` ([`domain::stock::plan_rebuild`]): if the
+//! ledger holds more (a defect, a hand edit), paid reservations win, the newest unpaid ones
+//! lose and their orders are expired in the same transaction (`OrderExpired`, reason
+//! `overcommitted`), and the rebuild reports them. Writing every reservation back would let
+//! each of them be paid: an oversell.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use domain::stock::rebuilt_available;
+use domain::stock::{plan_rebuild, LiveHold};
 use domain::SkuId;
 use postgres_store::{lock_sku_exclusive, skus};
 use serde::Serialize;
+use uuid::Uuid;
 
 use crate::App;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuiltSku {
     pub available: i64,
     pub reservations: usize,
+    /// Unpaid orders expired because the ledger held more than `stock_real`.
+    pub expired: Vec<Uuid>,
+    /// Paid units beyond `stock_real` (0 unless units were already sold twice).
+    pub paid_over_stock: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +42,8 @@ pub enum RebuildError {
     Db(#[from] postgres_store::sqlx::Error),
     #[error("redis: {0}")]
     Redis(#[from] domain::ports::PrelockError),
+    #[error("expiring an over-committed order: {0}")]
+    Expire(#[from] fulfillment::FulfillmentError),
 }
 
 /// Rebuilds one SKU under its exclusive lock.
@@ -42,11 +55,12 @@ pub async fn rebuild_sku(app: &App, sku: &SkuId) -> Result<RebuiltSku, RebuildEr
         .ok_or(RebuildError::UnknownSku)?;
     let rebuilt = write_back(app, &mut tx, sku, &row).await?;
     tx.commit().await?;
-    app.sold_out.clear(sku);
     Ok(rebuilt)
 }
 
-/// Writes the SKU's ledger to Redis. The caller holds the SKU's exclusive lock in `conn`.
+/// Writes the SKU's ledger to Redis, never more than `stock_real` of it (expiring the newest
+/// unpaid orders that do not fit, in `conn`'s transaction). The caller holds the SKU's
+/// exclusive lock in `conn` and commits.
 pub async fn write_back(
     app: &App,
     conn: &mut postgres_store::sqlx::PgConnection,
@@ -54,14 +68,47 @@ pub async fn write_back(
     row: &skus::SkuRow,
 ) -> Result<RebuiltSku, RebuildError> {
     let live = skus::live_reservations(&mut *conn, sku.as_str()).await?;
-    let held: i64 = live.iter().map(|r| i64::from(r.quantity)).sum();
-    let available = rebuilt_available(row.stock_real, held).unwrap_or_else(|| {
-        tracing::error!(%sku, stock_real = row.stock_real, held, "ledger over-committed: more units held than stock; pre-locking nothing more");
-        0
-    });
-    let entries: Vec<_> = live
+    let holds: Vec<LiveHold<usize>> = live
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| LiveHold {
+            id: i,
+            quantity: r.quantity as u32,
+            paid: r.expires_at.is_none(),
+        })
+        .collect();
+    let plan = plan_rebuild(row.stock_real, &holds);
+    let mut expired = Vec::new();
+    for &i in &plan.expire {
+        let order_id = live[i].order_id;
+        if fulfillment::orders::expire_pending(&mut *conn, order_id, "overcommitted")
+            .await?
+            .is_none()
+        {
+            // not PENDING with an ACTIVE reservation: the ledger row is stale; drop it too
+            postgres_store::orders::set_reservation(&mut *conn, order_id, "RELEASED", None).await?;
+        }
+        expired.push(order_id);
+    }
+    if !expired.is_empty() {
+        app.prelock_metrics
+            .overcommit
+            .with_label_values(&["expired_order"])
+            .inc_by(expired.len() as u64);
+        tracing::error!(%sku, stock_real = row.stock_real, expired = ?expired, "ledger over-committed: expired the newest unpaid orders that did not fit the stock");
+    }
+    if plan.paid_over_stock > 0 {
+        app.prelock_metrics
+            .overcommit
+            .with_label_values(&["paid_over_stock"])
+            .inc();
+        tracing::error!(%sku, stock_real = row.stock_real, paid_over_stock = plan.paid_over_stock, "paid reservations exceed the real stock: units were sold twice; pre-locking nothing more");
+    }
+    let entries: Vec<_> = plan
+        .keep
+        .iter()
+        .map(|&i| {
+            let r = &live[i];
             (
                 r.order_id.to_string(),
                 r.quantity as u32,
@@ -72,10 +119,14 @@ pub async fn write_back(
     let ttl = row
         .prelock_ttl_seconds
         .map(|s| Duration::from_secs(s as u64));
-    app.redis.replace_sku(sku, available, ttl, &entries).await?;
+    app.redis
+        .replace_sku(sku, plan.available, ttl, &entries)
+        .await?;
     Ok(RebuiltSku {
-        available,
-        reservations: live.len(),
+        available: plan.available,
+        reservations: entries.len(),
+        expired,
+        paid_over_stock: plan.paid_over_stock,
     })
 }
 
@@ -84,6 +135,10 @@ pub struct RebuildReport {
     pub skus: u64,
     pub reservations: u64,
     pub failed: Vec<String>,
+    /// Unpaid orders expired because their SKU's ledger held more than its real stock.
+    pub expired_orders: Vec<String>,
+    /// SKUs whose paid reservations alone exceed the real stock (already oversold).
+    pub paid_over_stock: Vec<String>,
     pub duration_ms: u64,
 }
 
@@ -105,6 +160,12 @@ pub async fn rebuild_all(app: &App, trigger: &str) -> Result<RebuildReport, Rebu
                 Ok(r) => {
                     report.skus += 1;
                     report.reservations += r.reservations as u64;
+                    report
+                        .expired_orders
+                        .extend(r.expired.iter().map(Uuid::to_string));
+                    if r.paid_over_stock > 0 {
+                        report.paid_over_stock.push(id.clone());
+                    }
                     app.prelock_metrics
                         .rebuilds
                         .with_label_values(&[trigger, "ok"])
@@ -130,6 +191,7 @@ pub async fn rebuild_all(app: &App, trigger: &str) -> Result<RebuildReport, Rebu
         skus = report.skus,
         reservations = report.reservations,
         failed = report.failed.len(),
+        expired_orders = report.expired_orders.len(),
         duration_ms = report.duration_ms,
         "rebuild finished"
     );

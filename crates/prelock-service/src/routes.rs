@@ -1,15 +1,16 @@
 //! HTTP handlers of prelock-service.
 
-use std::time::Instant;
-
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::ports::PrelockError;
-use domain::stock::{ReleaseOutcome, ReserveOutcome};
+use domain::stock::{PinOutcome, ReserveOutcome, WithdrawOutcome};
 use domain::{Money, OrderId, SkuId, StoreId};
 use postgres_store::{lock_sku_exclusive, skus};
-use prelock_api::{ConfirmReply, ReleaseReply, ReserveReply, ReserveRequest};
+use prelock_api::{
+    HoldsReply, PinReply, PinRequest, ReleaseReply, ReserveReply, ReserveRequest, WithdrawReply,
+    WithdrawRequest,
+};
 use serde::{Deserialize, Serialize};
 use service_kit::auth::Ops;
 use service_kit::error::ErrorBody;
@@ -36,8 +37,9 @@ pub fn router(state: AppState) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(put_sku, get_sku))
         .routes(routes!(rebuild_all))
-        .routes(routes!(reserve, release))
-        .routes(routes!(confirm))
+        .routes(routes!(reserve, holds, release))
+        .routes(routes!(pin))
+        .routes(routes!(withdraw))
         .with_state(state)
         .split_for_parts();
     api.route("/openapi.json", get(move || async move { Json(doc) }))
@@ -139,7 +141,6 @@ async fn put_sku(
         .await
         .map_err(rebuild_error)?;
     tx.commit().await.map_err(db_error)?;
-    app.sold_out.clear(&sku);
     app.prelock_metrics
         .rebuilds
         .with_label_values(&["restock", "ok"])
@@ -202,6 +203,7 @@ async fn rebuild_all(
 }
 
 #[utoipa::path(put, path = "/v1/skus/{sku_id}/reservations/{reservation_id}", tag = "reservations",
+    description = "Reserves units for a create attempt; the same id again adds the attempt as a claimant and reports the existing reservation.",
     params(("sku_id" = String, Path), ("reservation_id" = String, Path, description = "= order id")),
     request_body = ReserveRequest,
     responses((status = 200, body = ReserveReply), (status = 422, body = ErrorBody),
@@ -218,24 +220,21 @@ async fn reserve(
     if body.quantity == 0 {
         return Err(ApiError::field("quantity", "must be positive"));
     }
-    if app.sold_out.is_sold_out(&sku, Instant::now()) {
-        count(app, "reserve", "sold_out_marker");
-        return Ok(Json(ReserveReply::from_outcome(
-            body.quantity,
-            ReserveOutcome::Shortage { available: 0 },
-        )));
-    }
+    // No sold-out shortcut here: only Redis knows whether this id already holds units (a
+    // retry after a lost answer), and a shortcut that answers before asking turned such
+    // retries, and late payments, into false "sold out"s. order-api keeps the shortcut for
+    // brand-new orders, asking `holds` first.
     let outcome = app
         .redis
-        .reserve(&sku, id, body.quantity, app.config.default_ttl)
+        .reserve(
+            &sku,
+            id,
+            body.quantity,
+            app.config.default_ttl,
+            body.attempt,
+        )
         .await;
     let outcome = settle(&s, &sku, "reserve", outcome).await?;
-    match outcome {
-        ReserveOutcome::Shortage { available } if available <= 0 => {
-            app.sold_out.mark(&sku, Instant::now())
-        }
-        _ => {}
-    }
     count(
         app,
         "reserve",
@@ -248,19 +247,78 @@ async fn reserve(
     Ok(Json(ReserveReply::from_outcome(body.quantity, outcome)))
 }
 
-#[utoipa::path(post, path = "/v1/skus/{sku_id}/reservations/{reservation_id}/confirm", tag = "reservations",
+#[utoipa::path(get, path = "/v1/skus/{sku_id}/reservations/{reservation_id}", tag = "reservations",
+    description = "Whether a reservation with this id exists; changes nothing.",
     params(("sku_id" = String, Path), ("reservation_id" = String, Path)),
-    responses((status = 200, body = ConfirmReply), (status = 503, body = ErrorBody)),
+    responses((status = 200, body = HoldsReply), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn confirm(
+async fn holds(
     State(s): State<AppState>,
     _ops: Ops,
     Path((sku_id, id)): Path<(String, String)>,
-) -> Result<Json<ConfirmReply>, ApiError> {
+) -> Result<Json<HoldsReply>, ApiError> {
     let (sku, id) = parse_ids(&sku_id, &id)?;
-    let outcome = s.0.redis.confirm(&sku, id).await;
-    let outcome = settle(&s, &sku, "confirm", outcome).await?;
-    count(&s.0, "confirm", "ok");
+    let held = s.0.redis.holds(&sku, id).await;
+    let held = settle(&s, &sku, "holds", held).await?;
+    count(&s.0, "holds", "ok");
+    Ok(Json(HoldsReply { held }))
+}
+
+#[utoipa::path(post, path = "/v1/skus/{sku_id}/reservations/{reservation_id}/pin", tag = "reservations",
+    description = "The payment path: makes the reservation permanent, or takes the units again when it lapsed or is gone, in one atomic step.",
+    params(("sku_id" = String, Path), ("reservation_id" = String, Path)),
+    request_body = PinRequest,
+    responses((status = 200, body = PinReply), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn pin(
+    State(s): State<AppState>,
+    _ops: Ops,
+    Path((sku_id, id)): Path<(String, String)>,
+    ApiJson(body): ApiJson<PinRequest>,
+) -> Result<Json<PinReply>, ApiError> {
+    let (sku, id) = parse_ids(&sku_id, &id)?;
+    if body.quantity == 0 {
+        return Err(ApiError::field("quantity", "must be positive"));
+    }
+    let outcome = s.0.redis.pin(&sku, id, body.quantity).await;
+    let outcome = settle(&s, &sku, "pin", outcome).await?;
+    count(
+        &s.0,
+        "pin",
+        match outcome {
+            PinOutcome::Pinned { .. } => "pinned",
+            PinOutcome::Repinned { .. } => "repinned",
+            PinOutcome::Shortage { .. } => "shortage",
+            PinOutcome::Mismatch { .. } => "mismatch",
+        },
+    );
+    Ok(Json(outcome.into()))
+}
+
+#[utoipa::path(post, path = "/v1/skus/{sku_id}/reservations/{reservation_id}/withdraw", tag = "reservations",
+    description = "Removes one create attempt's claim; the units go back only when no attempt or order claims the reservation any more.",
+    params(("sku_id" = String, Path), ("reservation_id" = String, Path)),
+    request_body = WithdrawRequest,
+    responses((status = 200, body = WithdrawReply), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn withdraw(
+    State(s): State<AppState>,
+    _ops: Ops,
+    Path((sku_id, id)): Path<(String, String)>,
+    ApiJson(body): ApiJson<WithdrawRequest>,
+) -> Result<Json<WithdrawReply>, ApiError> {
+    let (sku, id) = parse_ids(&sku_id, &id)?;
+    let outcome = s.0.redis.withdraw(&sku, id, body.attempt).await;
+    let outcome = settle(&s, &sku, "withdraw", outcome).await?;
+    count(
+        &s.0,
+        "withdraw",
+        match outcome {
+            WithdrawOutcome::Released { .. } => "released",
+            WithdrawOutcome::StillClaimed => "still_claimed",
+            WithdrawOutcome::NotFound => "not_found",
+        },
+    );
     Ok(Json(outcome.into()))
 }
 
@@ -276,9 +334,6 @@ async fn release(
     let (sku, id) = parse_ids(&sku_id, &id)?;
     let outcome = s.0.redis.release(&sku, id).await;
     let outcome = settle(&s, &sku, "release", outcome).await?;
-    if let ReleaseOutcome::Released { .. } = outcome {
-        s.0.sold_out.clear(&sku);
-    }
     count(&s.0, "release", "ok");
     Ok(Json(outcome.into()))
 }
@@ -326,7 +381,7 @@ async fn settle<T>(
             ))
         }
         Err(PrelockError::UnknownSku) => Err(ApiError::new(ErrorCode::UnknownSku, "unknown SKU")),
-        Err(e @ PrelockError::Unavailable(_)) => {
+        Err(e @ (PrelockError::Unavailable(_) | PrelockError::Unreachable(_))) => {
             count(app, op, "timeout");
             app.prelock_metrics.timeouts.with_label_values(&[op]).inc();
             Err(unavailable(e))
@@ -347,6 +402,8 @@ fn rebuild_error(e: RebuildError) -> ApiError {
         RebuildError::UnknownSku => ApiError::not_found("SKU"),
         RebuildError::Redis(e) => unavailable(e),
         RebuildError::Db(e) => db_error(e),
+        RebuildError::Expire(fulfillment::FulfillmentError::Db(e)) => db_error(e),
+        RebuildError::Expire(e) => ApiError::internal(e),
     }
 }
 

@@ -5,9 +5,13 @@
 //! - `stock_prelock:{s}`  integer: units still available for pre-lock. Absent = not loaded
 //!   (Redis was flushed or the SKU never loaded): nothing is pre-locked until a rebuild.
 //! - `prelock_res:{s}`    hash: reservation id -> quantity.
-//! - `prelock_exp:{s}`    sorted set: reservation id -> lapse time in ms (`+inf` once confirmed).
+//! - `prelock_exp:{s}`    sorted set: reservation id -> lapse time in ms (`+inf` once pinned).
 //! - `prelock_ttl:{s}`    the SKU's own pre-lock lifetime in ms, when it has one; else the
 //!   service default applies. Kept here so a reserve never needs Postgres.
+//! - `prelock_own:{s}`    hash: reservation id -> its claimants, space-separated: create
+//!   attempts (32 hex digits each) and `order` (paid or rebuilt: an order exists). A
+//!   withdrawal removes one attempt and gives the units back only when none is left
+//!   (`domain::stock::Claim`).
 //!
 //! SPEC.md sketches one key per reservation with a Redis TTL. We keep reservations in a per-SKU
 //! hash + sorted set instead: a key that expires takes its quantity with it, so nothing could
@@ -23,77 +27,139 @@
 use std::time::Duration;
 
 use domain::ports::PrelockError;
-use domain::stock::{ConfirmOutcome, ExpiresAtMs, ReleaseOutcome, ReserveOutcome};
+use domain::stock::{
+    Claim, ExpiresAtMs, PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome,
+};
 use domain::{OrderId, SkuId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+use uuid::Uuid;
 
-/// At most this many lapsed reservations are reclaimed per reserve call, so one call's cost
-/// stays bounded after a long quiet period; the next calls reclaim the rest.
+/// At most this many lapsed reservations are reclaimed per call, so one call's cost stays
+/// bounded after a long quiet period; the next calls reclaim the rest.
 const RECLAIM_BATCH: i64 = 64;
 
-const NOW_MS: &str = r#"
+/// Shared by every script. KEYS: stock, res, exp, ttl, own.
+const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"#;
-
-/// KEYS: stock, res, exp, ttl. ARGV: id, qty, default_ttl_ms, reclaim_batch.
-/// Returns {status, a, b}: RESERVED(expires_at, available) | EXISTS(qty, expires_at or -1)
-/// | SHORTAGE(available, 0) | NOT_LOADED(0, 0).
-const RESERVE: &str = r#"
-local avail = redis.call('GET', KEYS[1])
-if not avail then return {'NOT_LOADED', 0, 0} end
-avail = tonumber(avail)
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
-local back = 0
-for _, rid in ipairs(lapsed) do
-  back = back + tonumber(redis.call('HGET', KEYS[2], rid) or '0')
+-- forget a reservation's bookkeeping (not its units)
+local function drop(rid)
   redis.call('HDEL', KEYS[2], rid)
   redis.call('ZREM', KEYS[3], rid)
+  redis.call('HDEL', KEYS[5], rid)
 end
-if back > 0 then avail = redis.call('INCRBY', KEYS[1], back) end
+-- add a claimant to a reservation (once)
+local function claim(rid, tok)
+  local c = redis.call('HGET', KEYS[5], rid)
+  if not c or c == '' then redis.call('HSET', KEYS[5], rid, tok) return end
+  for x in string.gmatch(c, '%S+') do if x == tok then return end end
+  redis.call('HSET', KEYS[5], rid, c .. ' ' .. tok)
+end
+-- give lapsed reservations' units back, at most `batch` of them
+local function reclaim(batch)
+  local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, batch)
+  local back = 0
+  for _, rid in ipairs(lapsed) do
+    back = back + tonumber(redis.call('HGET', KEYS[2], rid) or '0')
+    drop(rid)
+  end
+  if back > 0 then redis.call('INCRBY', KEYS[1], back) end
+end
+-- a reservation's lapse time: -1 once pinned, false if none
+local function expiry(rid)
+  local e = redis.call('ZSCORE', KEYS[3], rid)
+  if e == false then return false end
+  if e == 'inf' then return -1 end
+  return tonumber(e)
+end
+if not redis.call('GET', KEYS[1]) then return {'NOT_LOADED', 0, 0} end
+"#;
+
+/// ARGV: id, qty, default_ttl_ms, reclaim_batch, claim.
+/// Returns RESERVED(expires_at, available) | EXISTS(qty, expires_at or -1)
+/// | SHORTAGE(available, 0) | NOT_LOADED.
+const RESERVE: &str = r#"
+reclaim(tonumber(ARGV[4]))
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if held then
-  local exp = redis.call('ZSCORE', KEYS[3], ARGV[1])
-  if exp == false or exp == 'inf' then exp = -1 else exp = tonumber(exp) end
-  return {'EXISTS', tonumber(held), exp}
+  claim(ARGV[1], ARGV[5])
+  return {'EXISTS', tonumber(held), expiry(ARGV[1]) or -1}
 end
+local avail = tonumber(redis.call('GET', KEYS[1]))
 local qty = tonumber(ARGV[2])
 if avail < qty then return {'SHORTAGE', avail, 0} end
 avail = redis.call('DECRBY', KEYS[1], qty)
 local expires = now + tonumber(redis.call('GET', KEYS[4]) or ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], qty)
 redis.call('ZADD', KEYS[3], expires, ARGV[1])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[5])
 return {'RESERVED', expires, avail}
 "#;
 
-/// KEYS: stock, res, exp. ARGV: id.
-/// Returns CONFIRMED(qty) | LAPSED | NOT_FOUND | NOT_LOADED.
-const CONFIRM: &str = r#"
-if not redis.call('GET', KEYS[1]) then return {'NOT_LOADED', 0, 0} end
+/// The payment path: confirm, or reserve again, in one step. ARGV: id, qty, reclaim_batch.
+/// Returns PINNED(qty) | REPINNED(qty, available) | SHORTAGE(available) | MISMATCH(held)
+/// | NOT_LOADED.
+const PIN: &str = r#"
+reclaim(tonumber(ARGV[3]))
+local qty = tonumber(ARGV[2])
 local held = redis.call('HGET', KEYS[2], ARGV[1])
-if not held then return {'NOT_FOUND', 0, 0} end
-local exp = redis.call('ZSCORE', KEYS[3], ARGV[1])
-if exp ~= false and exp ~= 'inf' and tonumber(exp) <= now then
-  redis.call('INCRBY', KEYS[1], tonumber(held))
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  return {'LAPSED', 0, 0}
+if held then
+  local e = expiry(ARGV[1])
+  if e and e >= 0 and e <= now then
+    -- lapsed but not reclaimed yet (beyond this call's batch): give it back first
+    redis.call('INCRBY', KEYS[1], tonumber(held))
+    drop(ARGV[1])
+    held = false
+  end
 end
+if held then
+  if tonumber(held) ~= qty then return {'MISMATCH', tonumber(held), 0} end
+  redis.call('ZADD', KEYS[3], '+inf', ARGV[1])
+  claim(ARGV[1], 'order')
+  return {'PINNED', qty, 0}
+end
+local avail = tonumber(redis.call('GET', KEYS[1]))
+if avail < qty then return {'SHORTAGE', avail, 0} end
+avail = redis.call('DECRBY', KEYS[1], qty)
+redis.call('HSET', KEYS[2], ARGV[1], qty)
 redis.call('ZADD', KEYS[3], '+inf', ARGV[1])
-return {'CONFIRMED', tonumber(held), 0}
+redis.call('HSET', KEYS[5], ARGV[1], 'order')
+return {'REPINNED', qty, avail}
 "#;
 
-/// KEYS: stock, res, exp. ARGV: id.
-/// Returns RELEASED(qty, available) | NOT_FOUND | NOT_LOADED.
+/// ARGV: id. Returns RELEASED(qty, available) | NOT_FOUND | NOT_LOADED.
 const RELEASE: &str = r#"
-if not redis.call('GET', KEYS[1]) then return {'NOT_LOADED', 0, 0} end
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if not held then return {'NOT_FOUND', 0, 0} end
 local avail = redis.call('INCRBY', KEYS[1], tonumber(held))
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
+drop(ARGV[1])
 return {'RELEASED', tonumber(held), avail}
+"#;
+
+/// ARGV: id, claim. Removes the claim; the units go back only when no claimant is left.
+/// Returns RELEASED(qty, available) | CLAIMED | NOT_FOUND | NOT_LOADED.
+const WITHDRAW: &str = r#"
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held then return {'NOT_FOUND', 0, 0} end
+local rest = {}
+for x in string.gmatch(redis.call('HGET', KEYS[5], ARGV[1]) or '', '%S+') do
+  if x ~= ARGV[2] then rest[#rest + 1] = x end
+end
+if #rest > 0 then
+  redis.call('HSET', KEYS[5], ARGV[1], table.concat(rest, ' '))
+  return {'CLAIMED', 0, 0}
+end
+local avail = redis.call('INCRBY', KEYS[1], tonumber(held))
+drop(ARGV[1])
+return {'RELEASED', tonumber(held), avail}
+"#;
+
+/// ARGV: id. Returns HELD(qty) | NOT_FOUND | NOT_LOADED; changes nothing.
+const HOLDS: &str = r#"
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held then return {'NOT_FOUND', 0, 0} end
+return {'HELD', tonumber(held), 0}
 "#;
 
 #[derive(Clone)]
@@ -103,39 +169,65 @@ pub struct RedisPrelock {
     /// Bound on every Redis round trip: past it the caller answers 503 and counts a timeout.
     timeout: Duration,
     reserve: Script,
-    confirm: Script,
+    pin: Script,
     release: Script,
+    withdraw: Script,
+    holds: Script,
 }
 
-/// One reservation as stored: (id, quantity, lapse time in ms or `None` once confirmed).
+/// One reservation as stored: (id, quantity, lapse time in ms or `None` once pinned).
 pub type HeldEntry = (String, u32, ExpiresAtMs);
 
+/// How long start-up waits for Redis to answer before giving up (the process then exits and
+/// its supervisor restarts it); each attempt is logged.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
 impl RedisPrelock {
+    /// Connects, retrying (logged) for up to [`CONNECT_PATIENCE`] while Redis does not answer.
+    ///
+    /// Reconnects after a lost connection are immediate and driven by demand: the manager
+    /// makes one connection attempt (bounded by the connect timeout) whenever a call finds
+    /// the connection broken, and never sleeps between attempts. Its default backoff (a 1 s
+    /// minimum, then a factor of 100 capped at 60 s) kept the service down for about two
+    /// minutes after a six-second Redis outage.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(timeout.max(Duration::from_millis(500)))
             .set_response_timeout(timeout)
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, cfg).await?;
-        let with_now = |body: &str| Script::new(&format!("{NOW_MS}{body}"));
+            .set_number_of_retries(0);
+        let started = std::time::Instant::now();
+        let conn = loop {
+            match ConnectionManager::new_with_config(client.clone(), cfg.clone()).await {
+                Ok(conn) => break conn,
+                Err(e) if started.elapsed() < CONNECT_PATIENCE => {
+                    tracing::warn!(error = %e, "redis not answering yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("redis at {url}: {e}")),
+            }
+        };
+        let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Ok(RedisPrelock {
             conn,
             prefix: prefix.to_owned(),
             timeout,
-            reserve: with_now(RESERVE),
-            confirm: with_now(CONFIRM),
-            release: Script::new(RELEASE),
+            reserve: script(RESERVE),
+            pin: script(PIN),
+            release: script(RELEASE),
+            withdraw: script(WITHDRAW),
+            holds: script(HOLDS),
         })
     }
 
-    fn keys(&self, sku: &SkuId) -> [String; 4] {
+    fn keys(&self, sku: &SkuId) -> [String; 5] {
         let p = &self.prefix;
         [
             format!("{p}stock_prelock:{{{sku}}}"),
             format!("{p}prelock_res:{{{sku}}}"),
             format!("{p}prelock_exp:{{{sku}}}"),
             format!("{p}prelock_ttl:{{{sku}}}"),
+            format!("{p}prelock_own:{{{sku}}}"),
         ]
     }
 
@@ -153,20 +245,27 @@ impl RedisPrelock {
         }
     }
 
+    /// Runs a script on the SKU's keys; `NOT_LOADED` (every script's first check) is mapped
+    /// here.
     async fn run(
         &self,
         script: &Script,
         sku: &SkuId,
         args: &[String],
     ) -> Result<(String, i64, i64), PrelockError> {
-        let [k1, k2, k3, k4] = self.keys(sku);
-        let mut inv = script.key(k1);
-        inv.key(k2).key(k3).key(k4);
+        let mut inv = script.prepare_invoke();
+        for k in self.keys(sku) {
+            inv.key(k);
+        }
         for a in args {
             inv.arg(a);
         }
         let mut conn = self.conn.clone();
-        self.bounded(inv.invoke_async(&mut conn)).await
+        let reply: (String, i64, i64) = self.bounded(inv.invoke_async(&mut conn)).await?;
+        if reply.0 == "NOT_LOADED" {
+            return Err(PrelockError::NotLoaded);
+        }
+        Ok(reply)
     }
 
     pub async fn ping(&self) -> Result<(), PrelockError> {
@@ -176,20 +275,22 @@ impl RedisPrelock {
             .map(|_| ())
     }
 
-    /// Reserves `quantity` units; the reservation lapses after the SKU's own TTL, or
-    /// `default_ttl` when the SKU has none.
+    /// Reserves `quantity` units on behalf of `attempt`; the reservation lapses after the
+    /// SKU's own TTL, or `default_ttl` when the SKU has none.
     pub async fn reserve(
         &self,
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
         default_ttl: Duration,
+        attempt: Uuid,
     ) -> Result<ReserveOutcome, PrelockError> {
         let args = [
             id.to_string(),
             quantity.to_string(),
             default_ttl.as_millis().to_string(),
             RECLAIM_BATCH.to_string(),
+            Claim::Attempt(attempt).token(),
         ];
         let (status, a, b) = self.run(&self.reserve, sku, &args).await?;
         match status.as_str() {
@@ -203,25 +304,33 @@ impl RedisPrelock {
             }),
             "EXISTS" => Err(PrelockError::Mismatch),
             "SHORTAGE" => Ok(ReserveOutcome::Shortage { available: a }),
-            "NOT_LOADED" => Err(PrelockError::NotLoaded),
-            other => Err(PrelockError::Unavailable(format!(
-                "unexpected reply {other}"
-            ))),
+            other => Err(unexpected(other)),
         }
     }
 
-    pub async fn confirm(&self, sku: &SkuId, id: OrderId) -> Result<ConfirmOutcome, PrelockError> {
-        let (status, a, _) = self.run(&self.confirm, sku, &[id.to_string()]).await?;
+    /// The payment path: pins the order's reservation, or takes the units again.
+    pub async fn pin(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+        quantity: u32,
+    ) -> Result<PinOutcome, PrelockError> {
+        let args = [
+            id.to_string(),
+            quantity.to_string(),
+            RECLAIM_BATCH.to_string(),
+        ];
+        let (status, a, b) = self.run(&self.pin, sku, &args).await?;
+        let quantity = u32::try_from(a).unwrap_or(0);
         match status.as_str() {
-            "CONFIRMED" => Ok(ConfirmOutcome::Confirmed {
-                quantity: u32::try_from(a).unwrap_or(0),
+            "PINNED" => Ok(PinOutcome::Pinned { quantity }),
+            "REPINNED" => Ok(PinOutcome::Repinned {
+                quantity,
+                available: b,
             }),
-            "LAPSED" => Ok(ConfirmOutcome::Lapsed),
-            "NOT_FOUND" => Ok(ConfirmOutcome::NotFound),
-            "NOT_LOADED" => Err(PrelockError::NotLoaded),
-            other => Err(PrelockError::Unavailable(format!(
-                "unexpected reply {other}"
-            ))),
+            "SHORTAGE" => Ok(PinOutcome::Shortage { available: a }),
+            "MISMATCH" => Ok(PinOutcome::Mismatch { held: quantity }),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -233,15 +342,44 @@ impl RedisPrelock {
                 available: b,
             }),
             "NOT_FOUND" => Ok(ReleaseOutcome::NotFound),
-            "NOT_LOADED" => Err(PrelockError::NotLoaded),
-            other => Err(PrelockError::Unavailable(format!(
-                "unexpected reply {other}"
-            ))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes `attempt`'s claim; the units go back only when no claimant is left.
+    pub async fn withdraw(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+        attempt: Uuid,
+    ) -> Result<WithdrawOutcome, PrelockError> {
+        let args = [id.to_string(), Claim::Attempt(attempt).token()];
+        let (status, a, b) = self.run(&self.withdraw, sku, &args).await?;
+        match status.as_str() {
+            "RELEASED" => Ok(WithdrawOutcome::Released {
+                quantity: u32::try_from(a).unwrap_or(0),
+                available: b,
+            }),
+            "CLAIMED" => Ok(WithdrawOutcome::StillClaimed),
+            "NOT_FOUND" => Ok(WithdrawOutcome::NotFound),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Whether a reservation with this id exists (lapsed ones included); changes nothing.
+    pub async fn holds(&self, sku: &SkuId, id: OrderId) -> Result<bool, PrelockError> {
+        let (status, _, _) = self.run(&self.holds, sku, &[id.to_string()]).await?;
+        match status.as_str() {
+            "HELD" => Ok(true),
+            "NOT_FOUND" => Ok(false),
+            other => Err(unexpected(other)),
         }
     }
 
     /// Replaces a SKU's whole pre-lock state in one MULTI/EXEC (rebuild and stock admin). The
     /// caller holds the SKU's exclusive lock in Postgres, so no reservation is in flight.
+    /// Every reservation written back belongs to an order (it comes from the ledger), so its
+    /// only claimant is `order`: no late withdrawal can take it.
     pub async fn replace_sku(
         &self,
         sku: &SkuId,
@@ -249,13 +387,20 @@ impl RedisPrelock {
         ttl: Option<Duration>,
         held: &[HeldEntry],
     ) -> Result<(), PrelockError> {
-        let [stock, res, exp, ttl_key] = self.keys(sku);
+        let [stock, res, exp, ttl_key, own] = self.keys(sku);
         let mut pipe = redis::pipe();
-        pipe.atomic().del(&res).ignore().del(&exp).ignore();
+        pipe.atomic()
+            .del(&res)
+            .ignore()
+            .del(&exp)
+            .ignore()
+            .del(&own)
+            .ignore();
         match ttl {
             Some(t) => pipe.set(&ttl_key, t.as_millis() as u64).ignore(),
             None => pipe.del(&ttl_key).ignore(),
         };
+        let order = Claim::Order.token();
         for chunk in held.chunks(1000) {
             let fields: Vec<(&str, u32)> =
                 chunk.iter().map(|(id, q, _)| (id.as_str(), *q)).collect();
@@ -268,8 +413,13 @@ impl RedisPrelock {
                     )
                 })
                 .collect();
+            let claims: Vec<(&str, &str)> = chunk
+                .iter()
+                .map(|(id, _, _)| (id.as_str(), order.as_str()))
+                .collect();
             pipe.hset_multiple(&res, &fields).ignore();
             pipe.zadd_multiple(&exp, &scores).ignore();
+            pipe.hset_multiple(&own, &claims).ignore();
         }
         pipe.set(&stock, available).ignore();
         let mut conn = self.conn.clone();
@@ -311,7 +461,7 @@ impl RedisPrelock {
 
     /// Every reservation Redis holds for a SKU (consistency checks and tests).
     pub async fn held(&self, sku: &SkuId) -> Result<Vec<HeldEntry>, PrelockError> {
-        let [_, res, exp, _] = self.keys(sku);
+        let [_, res, exp, _, _] = self.keys(sku);
         let mut conn = self.conn.clone();
         type Reply = (Vec<(String, u32)>, Vec<(String, String)>);
         let (qtys, scores): Reply = self
@@ -339,4 +489,8 @@ impl RedisPrelock {
         out.sort();
         Ok(out)
     }
+}
+
+fn unexpected(reply: &str) -> PrelockError {
+    PrelockError::Unavailable(format!("unexpected reply {reply}"))
 }
