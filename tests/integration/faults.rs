@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 async fn a_pre_lock_whose_answer_came_too_late_is_given_back() {
     let s = Stack::start().await;
     s.put_sku("sku-slow", "bar-1", 100, 5).await;
+    s.assert_ledger().await;
     let proxy = FaultProxy::start(&s.prelock).await;
     let api = s
         .extra_order_api(&proxy.url, Duration::from_millis(150))
@@ -40,6 +41,7 @@ async fn a_pre_lock_whose_answer_came_too_late_is_given_back() {
     .await;
     let (available, held, _) = s.assert_consistent("sku-slow").await;
     assert_eq!((available, held), (5, 0));
+    s.assert_ledger().await;
 
     // and a retry that succeeds keeps its units: no release steals them
     proxy.delay_responses(Duration::ZERO);

@@ -5,6 +5,7 @@ mod callbacks;
 mod deploy;
 mod end_to_end;
 mod faults;
+mod hardening;
 mod lifecycle;
 mod openapi;
 mod prelock_scripts;

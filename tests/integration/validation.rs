@@ -347,8 +347,8 @@ async fn an_unreachable_prelock_answers_503_and_holds_nothing() {
     s.put_sku("sku-down", "bar-1", 100, 10).await;
     // a second order-api on the same database whose pre-lock service is not listening
     let dead = integration_tests::binaries::free_port();
-    let base = s
-        .extra_order_api(
+    let (base, app) = s
+        .extra_order_app(
             &format!("http://127.0.0.1:{dead}"),
             Duration::from_millis(300),
         )
@@ -368,6 +368,11 @@ async fn an_unreachable_prelock_answers_503_and_holds_nothing() {
     let err: Value = r.json().await.unwrap();
     assert_eq!(err["code"], "ERR_PRELOCK_UNAVAILABLE");
     assert_eq!(s.count("SELECT count(*) FROM orders").await, 0);
+    // the connection was refused, so nothing can have been reserved: no give-back waits
+    assert!(
+        app.fulfillment.tasks.is_empty(),
+        "a refused call started a background give-back"
+    );
     let metrics = s
         .http
         .get(format!("{base}/metrics"))

@@ -117,3 +117,58 @@ pub async fn wait_ready(http: &reqwest::Client, base: &str, proc: &mut Proc) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A `redis-server` of the test's own on `port` (nothing on disk), for outages: stop it,
+/// start it again on the same port (empty, as a restarted Redis is here).
+pub struct ScratchRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl ScratchRedis {
+    pub async fn start(port: u16) -> ScratchRedis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (scripts/services.sh installs it)");
+        let redis = ScratchRedis {
+            port,
+            child: Some(child),
+        };
+        let url = redis.url();
+        crate::eventually("scratch redis to answer", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ScratchRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -282,6 +282,15 @@ impl Stack {
     /// Another order-api on this stack's database that reaches prelock-service at
     /// `prelock_url` (a fault proxy, a dead port) with `timeout` per call. Returns its URL.
     pub async fn extra_order_api(&self, prelock_url: &str, timeout: Duration) -> String {
+        self.extra_order_app(prelock_url, timeout).await.0
+    }
+
+    /// [`Stack::extra_order_api`], with the app itself (its background tasks, its metrics).
+    pub async fn extra_order_app(
+        &self,
+        prelock_url: &str,
+        timeout: Duration,
+    ) -> (String, Arc<order_api::App>) {
         let mut cfg = order_api::Config::from_env().expect("config");
         cfg.database_url = self.db_url.clone();
         cfg.prelock_url = prelock_url.to_owned();
@@ -298,7 +307,7 @@ impl Stack {
         .expect("order-api starts");
         let (l, url) = listen().await;
         spawn_server(l, app.router());
-        url
+        (url, app)
     }
 
     /// `POST /v1/orders` on this stack's order-api; returns status and JSON body.
@@ -350,9 +359,20 @@ impl Stack {
     }
 
     pub async fn post_user(&self, user: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        self.post_user_at(&self.order_api, user, path, body).await
+    }
+
+    /// `POST {base}{path}` as `user` on the order-api at `base`.
+    pub async fn post_user_at(
+        &self,
+        base: &str,
+        user: &str,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
         let r = self
             .http
-            .post(format!("{}{path}", self.order_api))
+            .post(format!("{base}{path}"))
             .bearer_auth(token(user))
             .json(&body)
             .send()
