@@ -217,7 +217,7 @@ async fn an_orphan_give_back_landing_after_the_retry_committed_takes_nothing() {
         (proxy.requests_delivered_late() > 0).then_some(())
     })
     .await;
-    eventually(
+    let page = eventually(
         "prelock-service to serve the give-back",
         Duration::from_secs(10),
         || async {
@@ -230,14 +230,16 @@ async fn an_orphan_give_back_landing_after_the_retry_committed_takes_nothing() {
                 .text()
                 .await
                 .ok()?;
-            metric(
-                &page,
-                r#"prelock_requests_total{op="withdraw",outcome="still_claimed",service="prelock-service"}"#,
-            )
+            page.contains(r#"prelock_requests_total{op="withdraw""#)
+                .then_some(page)
         },
     )
     .await;
     s.assert_ledger().await;
+    assert!(
+        page.contains(r#"op="withdraw",outcome="still_claimed""#),
+        "{page}"
+    );
     let (status, body) = s.create_order("joe", "k1", "sku-orph", "bar-1", 1).await;
     assert_eq!(
         (status, body["code"].as_str()),

@@ -9,7 +9,9 @@
 //!   lost its data).
 //!
 //! Postgres is the source of truth (`skus.stock_real` + the reservations ledger); Redis is a
-//! derived, losable index of it. This service never writes orders.
+//! derived, losable index of it. This service writes orders in one case only: a rebuild that
+//! finds a SKU's ledger holding more than its stock expires the newest unpaid orders, through
+//! `fulfillment::orders::expire_pending`.
 
 pub mod rebuild;
 pub mod routes;
