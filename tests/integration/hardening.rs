@@ -136,15 +136,7 @@ async fn a_rebuild_never_restores_more_than_the_stock() {
     assert_eq!(s.count(&format!("SELECT count(*) FROM delayed_job WHERE dedupe_key = 'order.expire:{c_id}' AND state = 'cancelled'")).await, 1);
     let (available, held, stock) = s.assert_consistent("sku-over").await;
     assert_eq!((available, held, stock), (0, 2, 2));
-    let page = s
-        .http
-        .get(format!("{}/metrics", s.prelock))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = s.get_text(&format!("{}/metrics", s.prelock)).await;
     assert_eq!(
         metric(
             &page,

@@ -373,15 +373,7 @@ async fn an_unreachable_prelock_answers_503_and_holds_nothing() {
         app.fulfillment.tasks.is_empty(),
         "a refused call started a background give-back"
     );
-    let metrics = s
-        .http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.get_text(&format!("{base}/metrics")).await;
     let timeouts = metrics
         .lines()
         .find(|l| l.starts_with("prelock_calls_total{") && l.contains(r#"outcome="timeout""#));

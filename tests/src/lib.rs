@@ -260,6 +260,13 @@ impl Stack {
         r.json().await.expect("sku json")
     }
 
+    /// `GET url`, expecting 2xx; the body as text (a `/metrics` page).
+    pub async fn get_text(&self, url: &str) -> String {
+        let r = self.http.get(url).send().await.expect("get");
+        assert!(r.status().is_success(), "GET {url}: {}", r.status());
+        r.text().await.expect("text body")
+    }
+
     /// `GET url`, expecting 2xx; the JSON body.
     pub async fn get_json(&self, url: &str) -> Value {
         let r = self.http.get(url).send().await.expect("get");

@@ -4,8 +4,9 @@
 //! - [`ids`]: typed identifiers (orders, payments, SKUs, stores, users) and their validation.
 //! - [`money`]: integer cents, with overflow-checked arithmetic.
 //! - [`order`]: order states, the allowed-transition table and the compare-and-set contract.
-//! - [`stock`]: the stock ledger model (pre-lock, confirm, release, expiry, deduction) that the
-//!   Redis scripts and the Postgres ledger both implement, and the in-process sold-out marker.
+//! - [`stock`]: the stock ledger model (pre-lock with claims, pin, release, withdraw, expiry,
+//!   deduction) that the Redis scripts and the Postgres ledger both implement, the rebuild
+//!   plan, and the in-process sold-out marker.
 //! - [`payment`]: providers, payment states, and what a confirmed payment does to an order.
 //! - [`ports`]: the traits adapters implement, each with its written contract.
 //!

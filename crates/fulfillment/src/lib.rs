@@ -74,15 +74,16 @@ pub struct Fulfillment<P> {
 impl<P: StockPrelock> Fulfillment<P> {
     pub fn new(store: PgStore, prelock: P, config: FulfillmentConfig) -> Self {
         let sold_out = SoldOutMarker::new(config.sold_out_ttl);
+        let give_back_slots = std::sync::Arc::new(tokio::sync::Semaphore::new(
+            config.max_background_give_backs,
+        ));
         Fulfillment {
             store,
             prelock,
-            config: config.clone(),
+            config,
             sold_out,
             tasks: tokio_util::task::TaskTracker::new(),
-            give_back_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(
-                config.max_background_give_backs,
-            )),
+            give_back_slots,
         }
     }
 }

@@ -60,7 +60,7 @@ impl Config {
             gateway_url: env_string("GATEWAY_URL", "http://127.0.0.1:8090"),
             gateway_timeout: env_millis("GATEWAY_TIMEOUT_MS", 3000)?,
             public_url: env_string("PUBLIC_URL", "http://127.0.0.1:8080"),
-            pg: postgres_store::PgLimits::from_env(32)?,
+            pg: postgres_store::PgLimits::from_env(32, env_or)?,
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
             fulfillment: FulfillmentConfig {
                 max_quantity: env_or("ORDER_MAX_QUANTITY", defaults.max_quantity)?,

@@ -52,29 +52,23 @@ impl PgLimits {
     }
 
     /// `PG_MAX_CONNECTIONS`, `PG_ACQUIRE_TIMEOUT_MS`, `PG_STATEMENT_TIMEOUT_MS`,
-    /// `PG_LOCK_TIMEOUT_MS`, each defaulting to [`PgLimits::new`]'s value.
-    pub fn from_env(default_max_connections: u32) -> anyhow::Result<Self> {
-        fn var<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
-        where
-            T::Err: std::fmt::Display,
-        {
-            match std::env::var(name) {
-                Ok(v) if !v.trim().is_empty() => v
-                    .trim()
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("{name}={v:?} is invalid: {e}")),
-                _ => Ok(default),
-            }
-        }
-        let d = Self::new(var("PG_MAX_CONNECTIONS", default_max_connections)?);
+    /// `PG_LOCK_TIMEOUT_MS`, each defaulting to [`PgLimits::new`]'s value; `env(name, default)`
+    /// reads one variable (the services pass `service_kit::config::env_or`).
+    pub fn from_env(
+        default_max_connections: u32,
+        env: impl Fn(&str, u64) -> anyhow::Result<u64>,
+    ) -> anyhow::Result<Self> {
+        let d = Self::new(default_max_connections);
         let ms = |name: &str, default: Duration| -> anyhow::Result<Duration> {
-            var(name, default.as_millis() as u64).map(Duration::from_millis)
+            env(name, default.as_millis() as u64).map(Duration::from_millis)
         };
+        let max = env("PG_MAX_CONNECTIONS", u64::from(d.max_connections))?;
         Ok(PgLimits {
+            max_connections: u32::try_from(max)
+                .map_err(|_| anyhow::anyhow!("PG_MAX_CONNECTIONS={max} is too large"))?,
             acquire_timeout: ms("PG_ACQUIRE_TIMEOUT_MS", d.acquire_timeout)?,
             statement_timeout: ms("PG_STATEMENT_TIMEOUT_MS", d.statement_timeout)?,
             lock_timeout: ms("PG_LOCK_TIMEOUT_MS", d.lock_timeout)?,
-            ..d
         })
     }
 }

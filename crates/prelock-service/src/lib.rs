@@ -2,8 +2,8 @@
 //!
 //! Layout:
 //! - this file: configuration, the app state, the router.
-//! - [`routes`]: stock admin (`PUT/GET /v1/skus/{sku_id}`), reservations (reserve, confirm,
-//!   release), `POST /v1/admin/rebuild`.
+//! - [`routes`]: stock admin (`PUT/GET /v1/skus/{sku_id}`), reservations (reserve, holds, pin,
+//!   withdraw, release), `POST /v1/admin/rebuild`.
 //! - [`rebuild`]: recomputing Redis from Postgres, per SKU under its exclusive lock, so it is
 //!   safe while orders flow; also started on its own when a SKU is found not loaded (Redis
 //!   lost its data).
@@ -55,7 +55,7 @@ impl Config {
             redis_prefix: env_string("REDIS_KEY_PREFIX", ""),
             redis_timeout: env_millis("REDIS_TIMEOUT_MS", 100)?,
             default_ttl: Duration::from_secs(env_or("PRELOCK_TTL_SECS", 900u64)?),
-            pg: postgres_store::PgLimits::from_env(16)?,
+            pg: postgres_store::PgLimits::from_env(16, env_or)?,
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
         })
     }

@@ -66,6 +66,12 @@ local function reclaim(batch)
   end
   if back > 0 then redis.call('INCRBY', KEYS[1], back) end
 end
+-- give a reservation's units back and forget it
+local function give_back(rid, held)
+  local avail = redis.call('INCRBY', KEYS[1], held)
+  drop(rid)
+  return {'RELEASED', held, avail}
+end
 -- a reservation's lapse time: -1 once pinned, false if none
 local function expiry(rid)
   local e = redis.call('ZSCORE', KEYS[3], rid)
@@ -108,8 +114,7 @@ if held then
   local e = expiry(ARGV[1])
   if e and e >= 0 and e <= now then
     -- lapsed but not reclaimed yet (beyond this call's batch): give it back first
-    redis.call('INCRBY', KEYS[1], tonumber(held))
-    drop(ARGV[1])
+    give_back(ARGV[1], tonumber(held))
     held = false
   end
 end
@@ -132,9 +137,7 @@ return {'REPINNED', qty, avail}
 const RELEASE: &str = r#"
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if not held then return {'NOT_FOUND', 0, 0} end
-local avail = redis.call('INCRBY', KEYS[1], tonumber(held))
-drop(ARGV[1])
-return {'RELEASED', tonumber(held), avail}
+return give_back(ARGV[1], tonumber(held))
 "#;
 
 /// ARGV: id, claim. Removes the claim; the units go back only when no claimant is left.
@@ -150,9 +153,7 @@ if #rest > 0 then
   redis.call('HSET', KEYS[5], ARGV[1], table.concat(rest, ' '))
   return {'CLAIMED', 0, 0}
 end
-local avail = redis.call('INCRBY', KEYS[1], tonumber(held))
-drop(ARGV[1])
-return {'RELEASED', tonumber(held), avail}
+return give_back(ARGV[1], tonumber(held))
 "#;
 
 /// ARGV: id. Returns HELD(qty) | NOT_FOUND | NOT_LOADED; changes nothing.
