@@ -41,8 +41,6 @@ pub enum PrelockError {
 ///   lapsed reservations of that SKU. The same reservation id twice is a no-op that reports
 ///   the first reservation (`Existing`), or `Mismatch` if the quantity differs. Either way
 ///   `attempt` (one id per create attempt) becomes a claimant of the reservation.
-/// - `holds` says whether a reservation with this id exists (lapsed ones included), without
-///   changing anything: what a sold-out shortcut asks before answering "sold out".
 /// - `pin` (the payment path) makes the order's reservation permanent, or, when it lapsed or
 ///   is gone, takes the units again and pins them, in one step; it never consults a sold-out
 ///   shortcut. Idempotent.
@@ -60,12 +58,6 @@ pub trait StockPrelock: Send + Sync {
         quantity: u32,
         attempt: Uuid,
     ) -> impl Future<Output = Result<ReserveOutcome, PrelockError>> + Send;
-
-    fn holds(
-        &self,
-        sku: &SkuId,
-        id: OrderId,
-    ) -> impl Future<Output = Result<bool, PrelockError>> + Send;
 
     fn pin(
         &self,

@@ -71,18 +71,19 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         let id = OrderId::from_idempotency_key(user, idempotency_key);
         let fingerprint = req.fingerprint();
 
+        // A hot SKU known to be empty is answered here, without a transaction or a pre-lock
+        // call; but only for a brand-new order id. A retry of a committed order gets its
+        // order back below, and a retry whose first answer was lost may hold units in the
+        // pre-lock: it must get them, not "sold out". One indexed read tells.
+        if self.sold_out.is_sold_out(&req.sku_id, Instant::now())
+            && !orders::id_may_hold_units(&self.store.pool, id.0).await?
+        {
+            return Err(FulfillmentError::Shortage { available: 0 });
+        }
+
         // A retry of a request that already succeeded: answer from the row, touch nothing.
         if let Some(existing) = orders::find_order(&self.store.pool, id.0).await? {
             return replay(existing, &fingerprint);
-        }
-
-        // A hot SKU known to be empty is answered here, before any transaction; but only for
-        // a brand-new reservation: a retry whose first answer was lost may already hold
-        // units, and must get them, not "sold out". One cheap look at the pre-lock tells.
-        if self.sold_out.is_sold_out(&req.sku_id, Instant::now())
-            && matches!(self.prelock.holds(&req.sku_id, id).await, Ok(false))
-        {
-            return Err(FulfillmentError::Shortage { available: 0 });
         }
 
         let mut attempt = 0;
@@ -153,7 +154,8 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             }
             Err(e @ PrelockError::Unavailable(_)) => {
                 // The reserve may have run even though its answer never came.
-                self.give_back_later(&req.sku_id, id, GiveBack::Withdraw(claim));
+                drop(tx);
+                self.lost_answer(&req.sku_id, id, claim).await;
                 return Err(e.into());
             }
             // refused, not loaded, unknown, mismatch: nothing was reserved for this attempt
@@ -202,13 +204,23 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         if let Err(e) = tx.commit().await {
             // The commit's outcome is unknown (the connection may have died after it landed):
             // give the units back later, and only if no order with this id exists by then.
-            self.give_back_later(&req.sku_id, id, GiveBack::Withdraw(claim));
+            self.lost_answer(&req.sku_id, id, claim).await;
             return Err(e.into());
         }
         Ok(Created {
             order,
             replayed: false,
         })
+    }
+
+    /// An attempt that may have reserved lost its answer: remember the id (so its retry is not
+    /// answered from the sold-out mark) before the caller answers 503, and give the units
+    /// back later unless an order took them.
+    async fn lost_answer(&self, sku: &SkuId, id: OrderId, claim: Uuid) {
+        if let Err(e) = orders::record_lost_answer(&self.store.pool, id.0, sku.as_str()).await {
+            tracing::warn!(%sku, order_id = %id, error = %e, "could not record a lost pre-lock answer; a retry may be told sold out");
+        }
+        self.give_back_later(sku, id, GiveBack::Withdraw(claim));
     }
 
     /// Withdraws this attempt's claim after a failed write. Logged, not returned: the caller is
@@ -245,43 +257,12 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         let sku = sku.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
-            for round in 1..=3u32 {
-                tokio::time::sleep(delay * round).await;
-                let given = match how {
-                    GiveBack::Withdraw(claim) => {
-                        // our commit may have landed after all: then the order keeps them
-                        match orders::find_order(&store.pool, id.0).await {
-                            Ok(Some(_)) => return,
-                            Ok(None) => {}
-                            Err(e) => {
-                                tracing::warn!(order_id = %id, error = %e, "orphan check failed; will retry");
-                                continue;
-                            }
-                        }
-                        prelock
-                            .withdraw(&sku, id, claim)
-                            .await
-                            .map(|o| matches!(o, WithdrawOutcome::Released { .. }))
-                    }
-                    GiveBack::Release => prelock
-                        .release(&sku, id)
-                        .await
-                        .map(|o| matches!(o, ReleaseOutcome::Released { .. })),
-                };
-                match given {
-                    Ok(true) => {
-                        tracing::warn!(%sku, order_id = %id, "gave back a pre-lock left by a lost answer");
-                        return;
-                    }
-                    // still claimed by a retry or an order, already gone, or being rebuilt
-                    // from the ledger (which holds no units for it)
-                    Ok(false) | Err(PrelockError::NotLoaded) => return,
-                    Err(e) => {
-                        tracing::info!(%sku, order_id = %id, error = %e, round, "give-back failed; will retry")
-                    }
+            give_back(&prelock, &store, &sku, id, how, delay).await;
+            if let GiveBack::Withdraw(_) = how {
+                if let Err(e) = orders::forget_lost_answer(&store.pool, id.0).await {
+                    tracing::info!(order_id = %id, error = %e, "could not forget a lost answer");
                 }
             }
-            tracing::warn!(%sku, order_id = %id, "could not give back a pre-lock; it lapses on its own");
         });
     }
 
@@ -355,6 +336,54 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
     }
 }
 
+/// The background give-back itself: waits, then withdraws the attempt's claim (unless an order
+/// with this id exists by then) or releases outright; a call that fails is retried twice.
+async fn give_back<P: StockPrelock>(
+    prelock: &P,
+    store: &postgres_store::PgStore,
+    sku: &SkuId,
+    id: OrderId,
+    how: GiveBack,
+    delay: Duration,
+) {
+    for round in 1..=3u32 {
+        tokio::time::sleep(delay * round).await;
+        let given = match how {
+            GiveBack::Withdraw(claim) => {
+                // our commit may have landed after all: then the order keeps them
+                match orders::find_order(&store.pool, id.0).await {
+                    Ok(Some(_)) => return,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(order_id = %id, error = %e, "orphan check failed; will retry");
+                        continue;
+                    }
+                }
+                prelock
+                    .withdraw(sku, id, claim)
+                    .await
+                    .map(|o| matches!(o, WithdrawOutcome::Released { .. }))
+            }
+            GiveBack::Release => prelock
+                .release(sku, id)
+                .await
+                .map(|o| matches!(o, ReleaseOutcome::Released { .. })),
+        };
+        match given {
+            Ok(true) => {
+                tracing::warn!(%sku, order_id = %id, "gave back a pre-lock left by a lost answer");
+                return;
+            }
+            // still claimed by a retry or an order, already gone, or being rebuilt
+            // from the ledger (which holds no units for it)
+            Ok(false) | Err(PrelockError::NotLoaded) => return,
+            Err(e) => {
+                tracing::info!(%sku, order_id = %id, error = %e, round, "give-back failed; will retry")
+            }
+        }
+    }
+    tracing::warn!(%sku, order_id = %id, "could not give back a pre-lock; it lapses on its own");
+}
 /// Expires a PENDING order whose pre-lock is gone, in the caller's transaction: PENDING ->
 /// EXPIRED by compare-and-set, its reservation RELEASED, `OrderExpired` (with `reason`)
 /// written, its expiry job cancelled. Giving the units back in Redis is the caller's business

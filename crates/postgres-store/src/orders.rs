@@ -90,6 +90,45 @@ pub async fn find_order(
     raw.map(OrderRow::try_from).transpose()
 }
 
+/// Whether `id` may own pre-locked units: an order exists, or an attempt to create it lost its
+/// pre-lock answer (see [`record_lost_answer`]). One indexed read: what a sold-out shortcut
+/// asks before answering "sold out".
+pub async fn id_may_hold_units(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)
+             OR EXISTS (SELECT 1 FROM prelock_lost_answers WHERE order_id = $1)",
+    )
+    .bind(id)
+    .fetch_one(ex)
+    .await
+}
+
+/// Records that a create attempt for `id` lost its pre-lock answer: units may be held for it.
+pub async fn record_lost_answer(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    sku: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO prelock_lost_answers (order_id, sku_id) VALUES ($1, $2)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(sku)
+    .execute(ex)
+    .await
+    .map(|_| ())
+}
+
+/// Forgets a lost answer once the give-back for it has run.
+pub async fn forget_lost_answer(ex: impl PgExecutor<'_>, id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM prelock_lost_answers WHERE order_id = $1")
+        .bind(id)
+        .execute(ex)
+        .await
+        .map(|_| ())
+}
+
 pub struct NewOrder<'a> {
     pub id: Uuid,
     pub user_id: &'a str,

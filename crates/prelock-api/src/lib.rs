@@ -3,7 +3,7 @@
 //!
 //! Routes (all take `Authorization: Bearer <OPS_TOKEN>`; reservation id = order id):
 //! - `PUT    /v1/skus/{sku_id}/reservations/{id}`           `{"quantity","attempt"}` -> [`ReserveReply`]
-//! - `GET    /v1/skus/{sku_id}/reservations/{id}`           -> [`HoldsReply`]
+//! - `GET    /v1/skus/{sku_id}/reservations/{id}`           -> [`HoldsReply`] (operators)
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/pin`       `{"quantity"}` -> [`PinReply`]
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/withdraw`  `{"attempt"}` -> [`WithdrawReply`]
 //! - `DELETE /v1/skus/{sku_id}/reservations/{id}`           -> [`ReleaseReply`]
@@ -318,11 +318,6 @@ impl StockPrelock for PrelockClient {
             .call(self.http.put(self.url(sku, id, "")).json(&body))
             .await?;
         reply.into_outcome()
-    }
-
-    async fn holds(&self, sku: &SkuId, id: OrderId) -> Result<bool, PrelockError> {
-        let reply: HoldsReply = self.call(self.http.get(self.url(sku, id, ""))).await?;
-        Ok(reply.held)
     }
 
     async fn pin(

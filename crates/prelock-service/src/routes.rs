@@ -221,9 +221,9 @@ async fn reserve(
         return Err(ApiError::field("quantity", "must be positive"));
     }
     // No sold-out shortcut here: only Redis knows whether this id already holds units (a
-    // retry after a lost answer), and a shortcut that answers before asking turned such
+    // retry after a lost answer), and a shortcut that answered before asking turned such
     // retries, and late payments, into false "sold out"s. order-api keeps the shortcut for
-    // brand-new orders, asking `holds` first.
+    // order ids that cannot hold units (no order, no lost answer).
     let outcome = app
         .redis
         .reserve(
@@ -248,7 +248,7 @@ async fn reserve(
 }
 
 #[utoipa::path(get, path = "/v1/skus/{sku_id}/reservations/{reservation_id}", tag = "reservations",
-    description = "Whether a reservation with this id exists; changes nothing.",
+    description = "Whether a reservation with this id exists; changes nothing (for operators).",
     params(("sku_id" = String, Path), ("reservation_id" = String, Path)),
     responses((status = 200, body = HoldsReply), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
