@@ -356,6 +356,7 @@ async fn prelock_serves_again_within_seconds_of_redis_coming_back() {
 
     // it comes back empty (nothing on disk): buyers are served again within seconds
     let redis = ScratchRedis::start(port).await;
+    let back = std::time::Instant::now();
     let mut n = 0;
     eventually("orders to succeed again", Duration::from_secs(10), || {
         n += 1;
@@ -367,6 +368,11 @@ async fn prelock_serves_again_within_seconds_of_redis_coming_back() {
         }
     })
     .await;
+    eprintln!(
+        "redis outage: {} orders answered 503 during 3 s; first order {:?} after Redis answered again ({n} tries)",
+        i,
+        back.elapsed()
+    );
     let ready = s
         .http
         .get(format!("{}/readyz", s.prelock))
