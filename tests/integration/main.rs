@@ -6,6 +6,7 @@ mod deploy;
 mod end_to_end;
 mod faults;
 mod hardening;
+mod jobs;
 mod lifecycle;
 mod openapi;
 mod prelock_scripts;

@@ -1,0 +1,28 @@
+//! job-engine: durable delayed jobs on Postgres, the engine behind every follow-up action.
+//!
+//! Layout:
+//! - [`clock`]: time as a port ([`Clock`]); tests move a [`ManualClock`] instead of sleeping.
+//! - [`store`]: the SQL of the `delayed_job` table: insert (with an explicit "duplicate of job
+//!   X" for a repeated dedupe key), batch claiming with `FOR UPDATE SKIP LOCKED` under a lease
+//!   (owner, token, expiry), settling checked against the lease token, heartbeats, rescue of
+//!   expired leases, redrive of dead jobs.
+//! - [`engine`]: handlers registered by job kind, a claim-run-settle round
+//!   ([`Engine::run_once`]) with retries (exponential backoff with jitter, per-job attempt
+//!   budget, permanent errors), and the loop around it.
+//!
+//! Any number of instances may run: a job is claimed by one, under a lease; a rescued job's
+//! old owner cannot settle it. The engine knows nothing about orders: the binaries register
+//! their own kinds (`scheduler`: the order follow-ups; `compensation-worker`: the payment
+//! checks), and each claims only the kinds it runs.
+//!
+//! Not here yet (the scheduler issue continues): the leader (advisory lock) that rescues and
+//! prunes, the timer wheel and `LISTEN/NOTIFY`, priorities with aging, per-kind concurrency,
+//! hot/cold separation, recurring schedules, metrics and the ops API.
+
+pub mod clock;
+pub mod engine;
+pub mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use engine::{Engine, EngineConfig, EngineError, Job, Outcome, RoundReport};
+pub use store::{Inserted, NewJob, Priority, Settle};

@@ -1,0 +1,394 @@
+//! The job engine against real Postgres: many instances, each job run once; a dead instance's
+//! leases rescued and its late settle refused; retries, death and redrive, all by moving a
+//! test clock rather than sleeping.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use integration_tests::{eventually, fresh_database};
+use job_engine::store::{self, Settle};
+use job_engine::{
+    Clock, Engine, EngineConfig, Inserted, ManualClock, NewJob, Outcome, Priority, SystemClock,
+};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// A migrated database with a `job_runs` table where test handlers record each run.
+async fn database() -> PgPool {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&fresh_database().await)
+        .await
+        .unwrap();
+    postgres_store::MIGRATOR.run(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE job_runs (job_id bigint NOT NULL, instance text NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool
+}
+
+fn job(kind: &str, n: i64, run_at: chrono::DateTime<Utc>) -> NewJob {
+    NewJob {
+        kind: kind.to_owned(),
+        payload: json!({ "n": n }),
+        priority: Priority::P1,
+        run_at,
+        max_attempts: 3,
+        dedupe_key: None,
+    }
+}
+
+async fn insert_all(pool: &PgPool, jobs: impl IntoIterator<Item = NewJob>) -> Vec<i64> {
+    let mut tx = pool.begin().await.unwrap();
+    let mut ids = Vec::new();
+    for j in jobs {
+        ids.push(store::insert(&mut tx, &j).await.unwrap().id());
+    }
+    tx.commit().await.unwrap();
+    ids
+}
+
+/// An engine whose `test.run` handler records (job, instance) in `job_runs`.
+fn recording_engine(pool: &PgPool, clock: Arc<dyn Clock>, instance: &str) -> Engine {
+    let mut engine = Engine::new(
+        pool.clone(),
+        clock,
+        EngineConfig {
+            owner: instance.to_owned(),
+            batch_size: 100,
+            lease: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(20),
+            ..Default::default()
+        },
+    );
+    let (pool, name) = (pool.clone(), instance.to_owned());
+    engine.register("test.run", move |j| {
+        let (pool, name) = (pool.clone(), name.clone());
+        async move {
+            match sqlx::query("INSERT INTO job_runs (job_id, instance) VALUES ($1, $2)")
+                .bind(j.id)
+                .bind(&name)
+                .execute(&pool)
+                .await
+            {
+                Ok(_) => Outcome::Done,
+                Err(e) => Outcome::Retry(e.to_string()),
+            }
+        }
+    });
+    engine
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_run_5000_jobs_due_over_two_seconds_each_exactly_once() {
+    let pool = database().await;
+    let start = Utc::now();
+    // due over the next two seconds, one every 0.4 ms
+    insert_all(
+        &pool,
+        (0..5000).map(|n| {
+            job(
+                "test.run",
+                n,
+                start + chrono::Duration::microseconds(n * 400),
+            )
+        }),
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let mut instances = Vec::new();
+    for name in ["a", "b", "c"] {
+        let engine = recording_engine(&pool, Arc::new(SystemClock), name);
+        let stop = stop.clone();
+        instances.push(tokio::spawn(async move { engine.run(stop).await }));
+    }
+    eventually("5000 jobs to complete", Duration::from_secs(60), || async {
+        (count(
+            &pool,
+            "SELECT count(*) FROM delayed_job WHERE state = 'completed'",
+        )
+        .await
+            == 5000)
+            .then_some(())
+    })
+    .await;
+    stop.cancel();
+    for i in instances {
+        i.await.unwrap();
+    }
+    assert_eq!(count(&pool, "SELECT count(*) FROM job_runs").await, 5000);
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT job_id) FROM job_runs").await,
+        5000,
+        "a job ran twice"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM delayed_job WHERE attempts <> 1"
+        )
+        .await,
+        0
+    );
+    let per_instance: Vec<(String, i64)> =
+        sqlx::query_as("SELECT instance, count(*) FROM job_runs GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    eprintln!("jobs run per instance: {per_instance:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instances_jobs_are_rescued_and_run_once_and_its_late_settle_is_refused() {
+    let pool = database().await;
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let ids = insert_all(&pool, (0..10).map(|n| job("test.run", n, clock.now()))).await;
+    // instance A claims everything, then dies (drops its tasks without settling)
+    let kinds = vec!["test.run".to_owned()];
+    let lost = store::claim(&pool, "a", &kinds, 100, clock.now(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(lost.len(), 10);
+
+    let b = recording_engine(&pool, clock.clone(), "b");
+    assert_eq!(b.run_once().await.unwrap().claimed, 0, "A's leases hold");
+    assert_eq!(b.rescue_once().await.unwrap(), 0, "not expired yet");
+    clock.advance(Duration::from_secs(6));
+    assert_eq!(b.rescue_once().await.unwrap(), 10);
+    let round = b.run_once().await.unwrap();
+    assert_eq!((round.claimed, round.completed), (10, 10));
+
+    // A comes back and tries to settle what it claimed: refused, nothing changes
+    for j in &lost {
+        assert!(
+            !store::settle(&pool, j.id, j.lease_token, &Settle::Completed)
+                .await
+                .unwrap()
+        );
+        assert!(!store::settle(
+            &pool,
+            j.id,
+            j.lease_token,
+            &Settle::Dead {
+                error: "stale".into()
+            }
+        )
+        .await
+        .unwrap());
+    }
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM job_runs WHERE instance = 'b'").await,
+        10
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM job_runs").await, 10);
+    let states: Vec<(i64, String, i32)> =
+        sqlx::query_as("SELECT id, state, attempts FROM delayed_job ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        ids.iter()
+            .map(|id| (*id, "completed".to_owned(), 2))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_loses_its_lease_mid_run_cannot_settle() {
+    let pool = database().await;
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    insert_all(&pool, [job("test.slow", 1, clock.now())]).await;
+    // A's handler hangs until released; meanwhile its lease runs out and B takes the job
+    let release = Arc::new(tokio::sync::Notify::new());
+    let mut a = Engine::new(
+        pool.clone(),
+        clock.clone(),
+        EngineConfig {
+            owner: "a".into(),
+            lease: Duration::from_secs(5),
+            ..Default::default()
+        },
+    );
+    let r = release.clone();
+    a.register("test.slow", move |_| {
+        let r = r.clone();
+        async move {
+            r.notified().await;
+            Outcome::Done
+        }
+    });
+    let a = Arc::new(a);
+    let a_round = {
+        let a = a.clone();
+        tokio::spawn(async move { a.run_once().await.unwrap() })
+    };
+    eventually("A to hold the job", Duration::from_secs(10), || async {
+        (count(
+            &pool,
+            "SELECT count(*) FROM delayed_job WHERE state = 'running'",
+        )
+        .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    clock.advance(Duration::from_secs(6));
+    let mut b = Engine::new(
+        pool.clone(),
+        clock.clone(),
+        EngineConfig {
+            owner: "b".into(),
+            ..Default::default()
+        },
+    );
+    b.register("test.slow", |_| async { Outcome::Done });
+    assert_eq!(b.rescue_once().await.unwrap(), 1);
+    assert_eq!(b.run_once().await.unwrap().completed, 1);
+    release.notify_one();
+    let report = a_round.await.unwrap();
+    assert_eq!((report.completed, report.lease_lost), (0, 1));
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM delayed_job WHERE state = 'completed'"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_then_die_with_the_last_error_and_a_redrive_runs_again() {
+    let pool = database().await;
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let failing = Arc::new(AtomicBool::new(true));
+    let mut engine = Engine::new(
+        pool.clone(),
+        clock.clone(),
+        EngineConfig {
+            backoff_base: Duration::from_secs(10),
+            backoff_cap: Duration::from_secs(60),
+            ..Default::default()
+        },
+    );
+    let f = failing.clone();
+    engine.register("test.flaky", move |j| {
+        let f = f.clone();
+        async move {
+            if f.load(Ordering::SeqCst) {
+                Outcome::Retry(format!("boom on attempt {}", j.attempt))
+            } else {
+                Outcome::Done
+            }
+        }
+    });
+    engine.register("test.permanent", |_| async {
+        Outcome::Permanent("bad payload".into())
+    });
+    engine.register("test.later", |_| async {
+        Outcome::RetryAfter(Duration::from_secs(42), "not yet".into())
+    });
+    let ids = insert_all(
+        &pool,
+        [
+            job("test.flaky", 1, clock.now()),
+            job("test.permanent", 2, clock.now()),
+            job("test.later", 3, clock.now()),
+        ],
+    )
+    .await;
+    let (flaky, permanent, later) = (ids[0], ids[1], ids[2]);
+    let row = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i32, chrono::DateTime<Utc>, Option<String>)>(
+                "SELECT state, attempts, run_at, last_error FROM delayed_job WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    let r = engine.run_once().await.unwrap();
+    assert_eq!((r.claimed, r.retried, r.dead), (3, 2, 1));
+    let (state, _, _, error) = row(permanent).await;
+    assert_eq!(
+        (state.as_str(), error.as_deref()),
+        ("dead", Some("bad payload"))
+    );
+    let (_, _, run_at, _) = row(later).await;
+    assert_eq!(run_at, clock.now() + chrono::Duration::seconds(42));
+    // attempt 1 backs off 5 to 10 s (equal jitter on a 10 s base): not due before 5 s
+    let (_, _, run_at, _) = row(flaky).await;
+    let wait = run_at - clock.now();
+    assert!(
+        wait >= chrono::Duration::seconds(5) && wait <= chrono::Duration::seconds(10),
+        "{wait}"
+    );
+    clock.advance(Duration::from_millis(4_900));
+    assert_eq!(engine.run_once().await.unwrap().claimed, 0, "not due yet");
+    clock.advance(Duration::from_millis(5_100));
+    assert_eq!(engine.run_once().await.unwrap().retried, 1, "attempt 2");
+    // attempt 2 backs off 10 to 20 s; attempt 3 is the last
+    clock.advance(Duration::from_secs(20));
+    let r = engine.run_once().await.unwrap();
+    assert_eq!((r.claimed, r.dead), (1, 1));
+    let (state, attempts, _, error) = row(flaky).await;
+    assert_eq!(
+        (state.as_str(), attempts, error.as_deref()),
+        ("dead", 3, Some("boom on attempt 3"))
+    );
+
+    // an operator redrives it once the cause is fixed
+    failing.store(false, Ordering::SeqCst);
+    assert!(store::redrive(&pool, flaky, clock.now()).await.unwrap());
+    assert!(
+        !store::redrive(&pool, flaky, clock.now()).await.unwrap(),
+        "no longer dead"
+    );
+    assert_eq!(engine.run_once().await.unwrap().completed, 1);
+    assert_eq!(row(flaky).await.0, "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_dedupe_key_names_the_existing_job_and_kinds_stay_apart() {
+    let pool = database().await;
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let keyed = |kind: &str| NewJob {
+        dedupe_key: Some("order.expire:42".into()),
+        ..job(kind, 1, clock.now())
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    let first = store::insert(&mut conn, &keyed("test.run")).await.unwrap();
+    let Inserted::New(id) = first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(
+        store::insert(&mut conn, &keyed("test.run")).await.unwrap(),
+        Inserted::DuplicateOf(id)
+    );
+    // another binary's kind in the same table: an engine claims only the kinds it runs
+    insert_all(&pool, [job("payment.check", 2, clock.now())]).await;
+    let engine = recording_engine(&pool, clock.clone(), "scheduler");
+    let r = engine.run_once().await.unwrap();
+    assert_eq!((r.claimed, r.completed), (1, 1));
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM delayed_job WHERE kind = 'payment.check' AND state = 'scheduled'"
+        )
+        .await,
+        1
+    );
+}
