@@ -1,5 +1,7 @@
 //! The real binaries, started as processes: an order placed, paid through the simulator's
-//! signed callback, PAID read back; then each stops gracefully on SIGTERM.
+//! signed callback, PAID, then CONFIRMED with a voucher by the scheduler's follow-up jobs and
+//! redeemed at the bar; an unpaid order EXPIRED with its units back; then each binary stops
+//! gracefully on SIGTERM.
 
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_binaries_take_an_order_from_buy_now_to_paid() {
+async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
     let db = fresh_database().await;
     let (order_port, prelock_port, gateway_port) = (free_port(), free_port(), free_port());
     let order_api = format!("http://127.0.0.1:{order_port}");
@@ -55,6 +57,17 @@ async fn real_binaries_take_an_order_from_buy_now_to_paid() {
         ]),
     );
     wait_ready(&http, &order_api, &mut o).await;
+    let scheduler_port = free_port();
+    let scheduler = format!("http://127.0.0.1:{scheduler_port}");
+    let mut sch = Proc::spawn(
+        "scheduler",
+        &with(&[
+            ("SCHEDULER_ADDR", format!("127.0.0.1:{scheduler_port}")),
+            ("PRELOCK_URL", prelock.clone()),
+            ("JOB_POLL_MS", "50".to_owned()),
+        ]),
+    );
+    wait_ready(&http, &scheduler, &mut sch).await;
 
     let r = http
         .put(format!("{prelock}/v1/skus/sku-e2e"))
@@ -114,22 +127,107 @@ async fn real_binaries_take_an_order_from_buy_now_to_paid() {
     .await;
     assert_eq!(paid["version"], 2);
 
-    let sku: Value = http
-        .get(format!("{prelock}/v1/skus/sku-e2e"))
+    // two seconds later the scheduler deducts the stock and issues the voucher: CONFIRMED
+    let confirmed = eventually(
+        "order CONFIRMED with a voucher",
+        Duration::from_secs(20),
+        || async {
+            let o: Value = http
+                .get(format!("{order_api}/v1/orders/{id}"))
+                .bearer_auth(token("e2e-user"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (o["state"] == "CONFIRMED").then_some(o)
+        },
+    )
+    .await;
+    assert_eq!(confirmed["version"], 3);
+    let code = confirmed["voucher_code"]
+        .as_str()
+        .expect("voucher code")
+        .to_owned();
+    let sku_view = |sku: &'static str| {
+        let (http, prelock) = (http.clone(), prelock.clone());
+        async move {
+            let v: Value = http
+                .get(format!("{prelock}/v1/skus/{sku}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (
+                v["stock_real"].as_i64().unwrap(),
+                v["available"].as_i64().unwrap(),
+                v["reserved"].as_i64().unwrap(),
+            )
+        }
+    };
+    assert_eq!(
+        sku_view("sku-e2e").await,
+        (2, 2, 0),
+        "the unit left the real stock; nothing is reserved for the order any more"
+    );
+    // the bar redeems the voucher once
+    let redeem = || {
+        http.post(format!("{order_api}/v1/vouchers/{code}/redeem"))
+            .bearer_auth(OPS_TOKEN)
+            .send()
+    };
+    let r = redeem().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["state"], "REDEEMED");
+    let r = redeem().await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CONFLICT,
+        "a voucher is redeemed once"
+    );
+
+    // an unpaid order on a SKU with a one-second pre-lock expires, and its units come back
+    let r = http
+        .put(format!("{prelock}/v1/skus/sku-e2e-ttl"))
+        .bearer_auth(OPS_TOKEN)
+        .json(&json!({"store_id": "bar-e2e", "price_cents": 500, "stock": 2, "prelock_ttl_seconds": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let lapsing: Value = http
+        .post(format!("{order_api}/v1/orders"))
+        .bearer_auth(token("e2e-user"))
+        .header("Idempotency-Key", "e2e-2")
+        .json(&json!({"sku_id": "sku-e2e-ttl", "store_id": "bar-e2e", "quantity": 2}))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(
-        (
-            sku["stock_real"].as_i64(),
-            sku["available"].as_i64(),
-            sku["reserved"].as_i64()
-        ),
-        (Some(3), Some(2), Some(1))
-    );
+    let lapsing_id = lapsing["order_id"].as_str().unwrap().to_owned();
+    eventually(
+        "the unpaid order to expire",
+        Duration::from_secs(20),
+        || async {
+            let o: Value = http
+                .get(format!("{order_api}/v1/orders/{lapsing_id}"))
+                .bearer_auth(token("e2e-user"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (o["state"] == "EXPIRED").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(sku_view("sku-e2e-ttl").await, (2, 2, 0));
 
     // metrics are labelled by route template, never by raw id
     let metrics = http
@@ -156,6 +254,10 @@ async fn real_binaries_take_an_order_from_buy_now_to_paid() {
         "{metrics}"
     );
 
+    let status = sch.terminate(Duration::from_secs(15));
+    let log = sch.log_text();
+    assert!(status.success(), "scheduler exited with {status}:\n{log}");
+    assert!(log.contains("job engine drained"), "{log}");
     for proc in [&mut o, &mut g, &mut p] {
         let status = proc.terminate(Duration::from_secs(15));
         assert!(

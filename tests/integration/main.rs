@@ -5,6 +5,7 @@ mod callbacks;
 mod deploy;
 mod end_to_end;
 mod faults;
+mod follow_ups;
 mod hardening;
 mod jobs;
 mod lifecycle;

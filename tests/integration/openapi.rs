@@ -14,6 +14,7 @@ async fn openapi_covers_every_order_api_path() {
         ("/v1/orders/{order_id}/cancel", "post"),
         ("/v1/orders/{order_id}/payments", "post"),
         ("/v1/payments/{provider}/callback", "post"),
+        ("/v1/vouchers/{code}/redeem", "post"),
     ] {
         let op = &paths.get(path).unwrap_or_else(|| panic!("{path} missing"))[method];
         assert!(op.is_object(), "{method} {path} missing");
@@ -24,7 +25,7 @@ async fn openapi_covers_every_order_api_path() {
     }
     assert_eq!(
         paths.len(),
-        5,
+        6,
         "a path without a test: {:?}",
         paths.keys().collect::<Vec<_>>()
     );
@@ -38,7 +39,7 @@ async fn openapi_covers_every_order_api_path() {
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
-    assert_eq!(order_api::openapi().paths.paths.len(), 5);
+    assert_eq!(order_api::openapi().paths.paths.len(), 6);
 }
 
 /// The rest of the HTTP contract: each service documents its own paths, generated from its
@@ -62,6 +63,14 @@ async fn prelock_service_and_the_simulator_document_their_paths() {
                 ),
                 (
                     "/v1/skus/{sku_id}/reservations/{reservation_id}/withdraw",
+                    "post",
+                ),
+                (
+                    "/v1/skus/{sku_id}/reservations/{reservation_id}/lapse",
+                    "post",
+                ),
+                (
+                    "/v1/skus/{sku_id}/reservations/{reservation_id}/deduct",
                     "post",
                 ),
             ],

@@ -29,7 +29,7 @@ async fn scripts_agree_with_the_reference_ledger() {
         for _ in 0..80 {
             let i = (rng() % ids.len() as u64) as usize;
             let a = attempts[(rng() % attempts.len() as u64) as usize];
-            match rng() % 4 {
+            match rng() % 6 {
                 0 => {
                     let q = (rng() % 3 + 1) as u32;
                     let want = model.reserve(i, q, 0, 3_600_000, Claim::Attempt(a));
@@ -66,6 +66,14 @@ async fn scripts_agree_with_the_reference_ledger() {
                     let want = model.withdraw(&i, Claim::Attempt(a));
                     let got = redis.withdraw(&sku, ids[i], a).await.unwrap();
                     assert_eq!(got, want);
+                }
+                3 => {
+                    let want = model.lapse(&i);
+                    assert_eq!(redis.lapse(&sku, ids[i]).await.unwrap(), want);
+                }
+                4 => {
+                    let want = model.deduct(&i);
+                    assert_eq!(redis.deduct(&sku, ids[i]).await.unwrap(), want);
                 }
                 _ => {
                     let want = model.release(&i);

@@ -460,7 +460,8 @@ impl Stack {
     ///   stock_real`, and `available >= 0`;
     /// - the SKU is not over-committed: live reservations hold at most `stock_real`;
     /// - ledger rows match their orders: an ACTIVE reservation belongs to a PENDING order, a
-    ///   PAID order holds a CONFIRMED reservation.
+    ///   PAID order's units are held (CONFIRMED) or deducted (ALLOCATED), a CONFIRMED or
+    ///   REDEEMED order's are deducted.
     ///
     /// Returns (available, units held by live reservations, stock_real).
     pub async fn assert_consistent(&self, sku: &str) -> (i64, i64, i64) {
@@ -518,7 +519,8 @@ impl Stack {
             "SELECT o.id, o.state, r.status FROM orders o JOIN reservations r ON r.order_id = o.id
              WHERE o.sku_id = $1
                AND ((r.status = 'ACTIVE' AND o.state <> 'PENDING')
-                    OR (o.state = 'PAID' AND r.status <> 'CONFIRMED'))",
+                    OR (o.state = 'PAID' AND r.status NOT IN ('CONFIRMED', 'ALLOCATED'))
+                    OR (o.state IN ('CONFIRMED', 'REDEEMED') AND r.status <> 'ALLOCATED'))",
         )
         .bind(sku)
         .fetch_all(&self.pg)

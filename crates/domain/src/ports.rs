@@ -49,6 +49,10 @@ pub enum PrelockError {
 /// - `withdraw` removes `attempt`'s claim, giving the units back only if no claimant is left:
 ///   how a create attempt whose answer was lost gives back an orphaned pre-lock without ever
 ///   taking units from a retry or an order that found it.
+/// - `lapse` (the expiry job, once its order expired) gives the units back unless the
+///   reservation is pinned: a late payment that pinned them meanwhile keeps them.
+/// - `deduct` (once the real stock was deducted) drops a pinned reservation without giving its
+///   units back; `false` when nothing is pinned under the id (already deducted).
 /// - Expiry times come from the pre-lock store's own clock, so every caller agrees on them.
 pub trait StockPrelock: Send + Sync {
     fn reserve(
@@ -78,4 +82,16 @@ pub trait StockPrelock: Send + Sync {
         id: OrderId,
         attempt: Uuid,
     ) -> impl Future<Output = Result<WithdrawOutcome, PrelockError>> + Send;
+
+    fn lapse(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+    ) -> impl Future<Output = Result<ReleaseOutcome, PrelockError>> + Send;
+
+    fn deduct(
+        &self,
+        sku: &SkuId,
+        id: OrderId,
+    ) -> impl Future<Output = Result<bool, PrelockError>> + Send;
 }

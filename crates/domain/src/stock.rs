@@ -260,8 +260,18 @@ impl<K: Ord + Clone> SkuLedger<K> {
         }
     }
 
-    /// The stock-deduction job: a confirmed reservation's units leave `stock_real` for good.
-    /// Returns false (and changes nothing) unless `id` is a confirmed reservation.
+    /// The expiry job, after its order expired: gives `id`'s units back unless it is pinned.
+    /// A late payment may pin the expired order's units again between the expiry and this
+    /// call; those stay (`NotFound`: nothing to lapse).
+    pub fn lapse(&mut self, id: &K) -> ReleaseOutcome {
+        match self.held.get(id) {
+            Some(h) if h.expires_at_ms.is_some() => self.release(id),
+            _ => ReleaseOutcome::NotFound,
+        }
+    }
+
+    /// The stock-deduction job: a pinned (paid) reservation's units leave `stock_real` for
+    /// good. Returns false (and changes nothing) unless `id` is a pinned reservation.
     pub fn deduct(&mut self, id: &K) -> bool {
         match self.held.get(id) {
             Some(h) if h.expires_at_ms.is_none() => {
@@ -568,6 +578,30 @@ mod tests {
                 "stock {stock}, {live:?}"
             );
         }
+    }
+
+    #[test]
+    fn lapse_gives_back_only_unpinned_units() {
+        let mut l = SkuLedger::new(3);
+        l.reserve(1, 1, 0, 100, A);
+        l.reserve(2, 1, 0, 100, A);
+        l.pin(2, 1, 0);
+        assert_eq!(
+            l.lapse(&1),
+            ReleaseOutcome::Released {
+                quantity: 1,
+                available: 2
+            }
+        );
+        assert_eq!(
+            l.lapse(&2),
+            ReleaseOutcome::NotFound,
+            "paid: it keeps its unit"
+        );
+        assert_eq!(l.lapse(&3), ReleaseOutcome::NotFound);
+        assert!(!l.deduct(&1));
+        assert!(l.deduct(&2));
+        assert_eq!((l.stock_real(), l.available(), l.held_units()), (2, 2, 0));
     }
 
     #[test]

@@ -21,7 +21,10 @@ enum Ev {
     Withdraw(usize),
     Pay(usize),
     Cancel(usize),
+    /// The expiry job's transaction (PENDING -> EXPIRED)...
     ExpiryJob(usize),
+    /// ...and, any time later, its Redis step for the `k`-th expired order.
+    ExpiryRedis(usize),
     Deduct(usize),
     Redeem(usize),
     Restock(i64),
@@ -37,6 +40,7 @@ fn ev() -> impl Strategy<Value = Ev> {
         (0usize..12).prop_map(Ev::Pay),
         (0usize..12).prop_map(Ev::Cancel),
         (0usize..12).prop_map(Ev::ExpiryJob),
+        (0usize..12).prop_map(Ev::ExpiryRedis),
         (0usize..12).prop_map(Ev::Deduct),
         (0usize..12).prop_map(Ev::Redeem),
         (0i64..12).prop_map(Ev::Restock),
@@ -74,6 +78,7 @@ proptest! {
         // lost attempts: (reservation id, quantity, the attempt's claim)
         let mut lost: Vec<(usize, u32, Claim)> = Vec::new();
         let mut next_rid = 0usize;
+        let mut expired: Vec<usize> = Vec::new();
         let mut next_claim = 0u128;
         let mut claim = || { next_claim += 1; Claim::Attempt(Uuid::from_u128(next_claim)) };
         let mut now = 0i64;
@@ -137,8 +142,13 @@ proptest! {
                     let Some(o) = orders.get_mut(i) else { continue };
                     if o.row.state == OrderState::Pending && now >= o.expires_at {
                         step(o, OrderState::Expired);
-                        ledger.release(&o.rid);
+                        expired.push(o.rid);
                     }
+                }
+                Ev::ExpiryRedis(k) => {
+                    // after its commit, possibly after a late payment pinned the units again
+                    let Some(&rid) = expired.get(k) else { continue };
+                    ledger.lapse(&rid);
                 }
                 Ev::Deduct(i) => {
                     let Some(o) = orders.get_mut(i) else { continue };

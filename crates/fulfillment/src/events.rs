@@ -13,6 +13,10 @@ pub const ORDER_CANCELLED: &str = "OrderCancelled";
 pub const ORDER_PAID: &str = "OrderPaid";
 pub const ORDER_EXPIRED: &str = "OrderExpired";
 pub const REFUND_REQUESTED: &str = "RefundRequested";
+pub const STOCK_DEDUCTED: &str = "StockDeducted";
+pub const VOUCHER_ISSUED: &str = "VoucherIssued";
+pub const ORDER_CONFIRMED: &str = "OrderConfirmed";
+pub const ORDER_REDEEMED: &str = "OrderRedeemed";
 
 pub const JOB_ORDER_EXPIRE: &str = "order.expire";
 pub const JOB_STOCK_DEDUCT: &str = "stock.deduct";

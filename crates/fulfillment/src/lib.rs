@@ -7,6 +7,8 @@
 //! - [`orders`]: create (pre-lock + order + reservation + outbox + expiry job in one
 //!   transaction) and cancel.
 //! - [`payments`]: apply a confirmed payment exactly once.
+//! - [`follow_up`]: what the scheduler runs for an order: expiry, stock deduction, voucher
+//!   issue; and the bar's redemption.
 //! - [`events`]: the outbox events and jobs these write (kinds, payloads, versions).
 //!
 //! Concurrency contract: every transaction that changes a SKU's reservations and the Redis
@@ -17,6 +19,7 @@
 
 pub mod error;
 pub mod events;
+pub mod follow_up;
 pub mod orders;
 pub mod payments;
 

@@ -194,14 +194,11 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             OrderState::Cancelled => "order was cancelled",
             _ => "order was already paid",
         };
-        // Nothing may stay pre-locked for an order that keeps no money. An earlier attempt of
-        // this very call may have pinned units before a concurrent cancel won the
-        // compare-and-set; releasing (idempotent, after the commit) gives them back.
-        let release = matches!(
-            order.state,
-            OrderState::Pending | OrderState::Expired | OrderState::Cancelled
-        )
-        .then_some((sku, id));
+        // A cancelled order may not hold units, yet an earlier attempt of this very call may
+        // have pinned some before the cancel won the compare-and-set: release them (after the
+        // commit). Only for a cancelled order: an expired one that another payment of it has
+        // just pinned again keeps its units (and here pin found none for this payment).
+        let release = (order.state == OrderState::Cancelled).then_some((sku, id));
         if matches!(order.state, OrderState::Pending | OrderState::Expired) {
             orders::set_reservation(tx, order.id, "RELEASED", None).await?;
             effects::cancel_job(tx, &events::expiry_job_key(order.id)).await?;

@@ -32,13 +32,25 @@ pub struct OrderView {
     pub amount_cents: i64,
     /// When the stock pre-lock lapses unless the order is paid.
     pub expires_at: DateTime<Utc>,
+    /// The code to show at the bar, once the voucher is issued (a few seconds after payment).
+    pub voucher_code: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl OrderView {
+    pub fn with_voucher(o: OrderRow, voucher_code: Option<String>) -> Self {
+        OrderView {
+            voucher_code,
+            ..o.into()
+        }
+    }
 }
 
 impl From<OrderRow> for OrderView {
     fn from(o: OrderRow) -> Self {
         OrderView {
+            voucher_code: None,
             order_id: o.id.to_string(),
             state: o.state.as_str().to_owned(),
             version: o.version,

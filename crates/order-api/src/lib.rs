@@ -189,6 +189,7 @@ pub fn openapi_router() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::orders::cancel_order))
         .routes(routes!(routes::payments::start_payment))
         .routes(routes!(routes::payments::payment_callback))
+        .routes(routes!(routes::orders::redeem_voucher))
 }
 
 /// The OpenAPI document (also served at `GET /openapi.json`).

@@ -7,6 +7,7 @@
 //! - [`payments`]: payments and provider events (deduplicated by the database).
 //! - [`effects`]: what a transaction schedules besides its own rows: outbox events and
 //!   delayed jobs.
+//! - [`vouchers`]: the codes buyers redeem at the bar.
 //!
 //! It owns the SQL and maps database errors to what callers branch on. It must never decide
 //! business rules (those are in `domain`) nor call Redis or HTTP.
@@ -15,6 +16,7 @@ pub mod effects;
 pub mod orders;
 pub mod payments;
 pub mod skus;
+pub mod vouchers;
 
 use std::time::Duration;
 

@@ -90,6 +90,32 @@ pub async fn find_order(
     raw.map(OrderRow::try_from).transpose()
 }
 
+/// Reads the order and locks its row for the rest of the transaction: the follow-up jobs of
+/// one order (deduct, voucher) run one at a time, so the last of them sees the others' work.
+pub async fn lock_order(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<OrderRow>, sqlx::Error> {
+    let raw: Option<RawOrder> = sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    raw.map(OrderRow::try_from).transpose()
+}
+
+/// The ledger status of an order's reservation (ACTIVE, CONFIRMED, ALLOCATED, RELEASED).
+pub async fn reservation_status(
+    ex: impl PgExecutor<'_>,
+    order_id: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(ex)
+        .await
+}
+
 /// Whether `id` may own pre-locked units: an order exists, or an attempt to create it lost its
 /// pre-lock answer (see [`record_lost_answer`]). One indexed read: what a sold-out shortcut
 /// asks before answering "sold out".

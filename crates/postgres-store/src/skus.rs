@@ -69,6 +69,20 @@ pub async fn upsert_sku(
     .await
 }
 
+/// A paid order's units leave the real stock for good (the stock-deduction job).
+pub async fn deduct_stock(
+    conn: &mut PgConnection,
+    sku: &str,
+    quantity: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE skus SET stock_real = stock_real - $2, updated_at = now() WHERE id = $1")
+        .bind(sku)
+        .bind(quantity)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
 pub async fn held_units(ex: impl PgExecutor<'_>, sku: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(&format!(
         "SELECT COALESCE(SUM(quantity), 0)::bigint FROM reservations WHERE sku_id = $1 AND {HELD}"

@@ -6,6 +6,8 @@
 //! - `GET    /v1/skus/{sku_id}/reservations/{id}`           -> [`HoldsReply`] (operators)
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/pin`       `{"quantity"}` -> [`PinReply`]
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/withdraw`  `{"attempt"}` -> [`WithdrawReply`]
+//! - `POST   /v1/skus/{sku_id}/reservations/{id}/lapse`     -> [`ReleaseReply`]
+//! - `POST   /v1/skus/{sku_id}/reservations/{id}/deduct`    -> [`DeductReply`]
 //! - `DELETE /v1/skus/{sku_id}/reservations/{id}`           -> [`ReleaseReply`]
 //!
 //! Outcomes (reserved, shortage, pinned, ...) are 200 bodies; failures are the house error
@@ -36,6 +38,12 @@ pub struct PinRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WithdrawRequest {
     pub attempt: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeductReply {
+    /// Whether a pinned reservation was dropped (false: none under this id, e.g. already).
+    pub deducted: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -215,6 +223,18 @@ pub struct ReleaseReply {
     pub available: Option<i64>,
 }
 
+impl From<ReleaseReply> for ReleaseOutcome {
+    fn from(r: ReleaseReply) -> Self {
+        match r.outcome {
+            ReleaseStatus::Released => ReleaseOutcome::Released {
+                quantity: r.quantity.unwrap_or(0),
+                available: r.available.unwrap_or(0),
+            },
+            ReleaseStatus::NotFound => ReleaseOutcome::NotFound,
+        }
+    }
+}
+
 impl From<ReleaseOutcome> for ReleaseReply {
     fn from(o: ReleaseOutcome) -> Self {
         match o {
@@ -338,13 +358,21 @@ impl StockPrelock for PrelockClient {
 
     async fn release(&self, sku: &SkuId, id: OrderId) -> Result<ReleaseOutcome, PrelockError> {
         let reply: ReleaseReply = self.call(self.http.delete(self.url(sku, id, ""))).await?;
-        Ok(match reply.outcome {
-            ReleaseStatus::Released => ReleaseOutcome::Released {
-                quantity: reply.quantity.unwrap_or(0),
-                available: reply.available.unwrap_or(0),
-            },
-            ReleaseStatus::NotFound => ReleaseOutcome::NotFound,
-        })
+        Ok(reply.into())
+    }
+
+    async fn lapse(&self, sku: &SkuId, id: OrderId) -> Result<ReleaseOutcome, PrelockError> {
+        let reply: ReleaseReply = self
+            .call(self.http.post(self.url(sku, id, "/lapse")))
+            .await?;
+        Ok(reply.into())
+    }
+
+    async fn deduct(&self, sku: &SkuId, id: OrderId) -> Result<bool, PrelockError> {
+        let reply: DeductReply = self
+            .call(self.http.post(self.url(sku, id, "/deduct")))
+            .await?;
+        Ok(reply.deducted)
     }
 
     async fn withdraw(

@@ -8,8 +8,8 @@ use domain::stock::{PinOutcome, ReserveOutcome, WithdrawOutcome};
 use domain::{Money, OrderId, SkuId, StoreId};
 use postgres_store::{lock_sku_exclusive, skus};
 use prelock_api::{
-    HoldsReply, PinReply, PinRequest, ReleaseReply, ReserveReply, ReserveRequest, WithdrawReply,
-    WithdrawRequest,
+    DeductReply, HoldsReply, PinReply, PinRequest, ReleaseReply, ReserveReply, ReserveRequest,
+    WithdrawReply, WithdrawRequest,
 };
 use serde::{Deserialize, Serialize};
 use service_kit::auth::Ops;
@@ -40,6 +40,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(reserve, holds, release))
         .routes(routes!(pin))
         .routes(routes!(withdraw))
+        .routes(routes!(lapse))
+        .routes(routes!(deduct))
         .with_state(state)
         .split_for_parts();
     api.route("/openapi.json", get(move || async move { Json(doc) }))
@@ -320,6 +322,40 @@ async fn withdraw(
         },
     );
     Ok(Json(outcome.into()))
+}
+
+#[utoipa::path(post, path = "/v1/skus/{sku_id}/reservations/{reservation_id}/lapse", tag = "reservations",
+    description = "The expiry job, once its order expired: gives the units back unless the reservation is pinned (a late payment pinned it again).",
+    params(("sku_id" = String, Path), ("reservation_id" = String, Path)),
+    responses((status = 200, body = ReleaseReply), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn lapse(
+    State(s): State<AppState>,
+    _ops: Ops,
+    Path((sku_id, id)): Path<(String, String)>,
+) -> Result<Json<ReleaseReply>, ApiError> {
+    let (sku, id) = parse_ids(&sku_id, &id)?;
+    let outcome = s.0.redis.lapse(&sku, id).await;
+    let outcome = settle(&s, &sku, "lapse", outcome).await?;
+    count(&s.0, "lapse", "ok");
+    Ok(Json(outcome.into()))
+}
+
+#[utoipa::path(post, path = "/v1/skus/{sku_id}/reservations/{reservation_id}/deduct", tag = "reservations",
+    description = "The stock-deduction job, once the real stock was deducted: drops the pinned reservation without giving its units back.",
+    params(("sku_id" = String, Path), ("reservation_id" = String, Path)),
+    responses((status = 200, body = DeductReply), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn deduct(
+    State(s): State<AppState>,
+    _ops: Ops,
+    Path((sku_id, id)): Path<(String, String)>,
+) -> Result<Json<DeductReply>, ApiError> {
+    let (sku, id) = parse_ids(&sku_id, &id)?;
+    let deducted = s.0.redis.deduct(&sku, id).await;
+    let deducted = settle(&s, &sku, "deduct", deducted).await?;
+    count(&s.0, "deduct", "ok");
+    Ok(Json(DeductReply { deducted }))
 }
 
 #[utoipa::path(delete, path = "/v1/skus/{sku_id}/reservations/{reservation_id}", tag = "reservations",

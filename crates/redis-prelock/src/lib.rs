@@ -140,6 +140,26 @@ if not held then return {'NOT_FOUND', 0, 0} end
 return give_back(ARGV[1], tonumber(held))
 "#;
 
+/// The expiry job: gives the units back unless the reservation is pinned (a late payment
+/// pinned it again after the order expired). ARGV: id.
+/// Returns RELEASED(qty, available) | NOT_FOUND (absent or pinned) | NOT_LOADED.
+const LAPSE: &str = r#"
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held or expiry(ARGV[1]) == -1 then return {'NOT_FOUND', 0, 0} end
+return give_back(ARGV[1], tonumber(held))
+"#;
+
+/// The stock-deduction job: a pinned reservation's units have left the real stock, so the
+/// reservation goes without giving them back. ARGV: id.
+/// Returns DEDUCTED(qty) | NOT_PINNED | NOT_FOUND | NOT_LOADED.
+const DEDUCT: &str = r#"
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held then return {'NOT_FOUND', 0, 0} end
+if expiry(ARGV[1]) ~= -1 then return {'NOT_PINNED', 0, 0} end
+drop(ARGV[1])
+return {'DEDUCTED', tonumber(held), 0}
+"#;
+
 /// ARGV: id, claim. Removes the claim; the units go back only when no claimant is left.
 /// Returns RELEASED(qty, available) | CLAIMED | NOT_FOUND | NOT_LOADED.
 const WITHDRAW: &str = r#"
@@ -174,6 +194,8 @@ pub struct RedisPrelock {
     release: Script,
     withdraw: Script,
     holds: Script,
+    lapse: Script,
+    deduct: Script,
 }
 
 /// One reservation as stored: (id, quantity, lapse time in ms or `None` once pinned).
@@ -218,6 +240,8 @@ impl RedisPrelock {
             release: script(RELEASE),
             withdraw: script(WITHDRAW),
             holds: script(HOLDS),
+            lapse: script(LAPSE),
+            deduct: script(DEDUCT),
         })
     }
 
@@ -363,6 +387,30 @@ impl RedisPrelock {
             }),
             "CLAIMED" => Ok(WithdrawOutcome::StillClaimed),
             "NOT_FOUND" => Ok(WithdrawOutcome::NotFound),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// After the order expired: gives the units back unless the reservation is pinned.
+    pub async fn lapse(&self, sku: &SkuId, id: OrderId) -> Result<ReleaseOutcome, PrelockError> {
+        let (status, a, b) = self.run(&self.lapse, sku, &[id.to_string()]).await?;
+        match status.as_str() {
+            "RELEASED" => Ok(ReleaseOutcome::Released {
+                quantity: u32::try_from(a).unwrap_or(0),
+                available: b,
+            }),
+            "NOT_FOUND" => Ok(ReleaseOutcome::NotFound),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// After the real stock was deducted: drops a pinned reservation without giving its units
+    /// back. `true` if it did (false: nothing pinned under this id, e.g. already deducted).
+    pub async fn deduct(&self, sku: &SkuId, id: OrderId) -> Result<bool, PrelockError> {
+        let (status, _, _) = self.run(&self.deduct, sku, &[id.to_string()]).await?;
+        match status.as_str() {
+            "DEDUCTED" => Ok(true),
+            "NOT_PINNED" | "NOT_FOUND" => Ok(false),
             other => Err(unexpected(other)),
         }
     }

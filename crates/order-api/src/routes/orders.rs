@@ -123,7 +123,50 @@ pub async fn get_order(
             .owned_order(&user, id)
             .await
             .map_err(api_error)?;
-    Ok(Json(order.into()))
+    let voucher = postgres_store::vouchers::of_order(&s.0.fulfillment.store.pool, order.id)
+        .await
+        .map_err(crate::api::db_error)?;
+    Ok(Json(OrderView::with_voucher(
+        order,
+        voucher.map(|v| v.code),
+    )))
+}
+
+/// The bar redeems a buyer's voucher (ops token): the order goes CONFIRMED -> REDEEMED. A
+/// second redemption answers 409.
+#[utoipa::path(
+    post,
+    path = "/v1/vouchers/{code}/redeem",
+    tag = "vouchers",
+    params(("code" = String, Path, description = "The voucher code the buyer shows")),
+    responses(
+        (status = 200, description = "Now REDEEMED", body = OrderView),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "ERR_NOT_FOUND: no such voucher", body = ErrorBody),
+        (status = 409, description = "ERR_INVALID_TRANSITION: already redeemed, or not confirmed yet", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn redeem_voucher(
+    State(s): State<AppState>,
+    _ops: service_kit::auth::Ops,
+    Path(code): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
+    if code.len() != 12 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ApiError::field("code", "must be 12 letters and digits"));
+    }
+    let order =
+        s.0.fulfillment
+            .redeem_voucher(&code.to_ascii_uppercase())
+            .await
+            .map_err(|e| match e {
+                fulfillment::FulfillmentError::NotFound => ApiError::not_found("voucher"),
+                e => api_error(e),
+            })?;
+    Ok(Json(OrderView::with_voucher(
+        order,
+        Some(code.to_ascii_uppercase()),
+    )))
 }
 
 /// Cancels a PENDING order and releases its stock.

@@ -1,0 +1,211 @@
+//! scheduler: runs the order flow's delayed jobs on the job engine.
+//!
+//! Layout:
+//! - this file: configuration, the app (engine + handlers + ops routes), start-up.
+//! - [`notify`]: the `order.notify` webhook.
+//!
+//! Kinds it runs: `order.expire`, `stock.deduct`, `voucher.issue` (the `fulfillment` use
+//! cases) and `order.notify`. `payment.refund` belongs to the compensation worker (it needs the
+//! providers' refund API) and is left scheduled for it. Any number of schedulers may run: the
+//! engine's leases keep each job to one of them. The handlers hold no business rule: they map
+//! a use case's answer to a job outcome.
+
+pub mod notify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use domain::OrderId;
+use fulfillment::events;
+use fulfillment::follow_up::FollowUp;
+use fulfillment::{Fulfillment, FulfillmentConfig, FulfillmentError};
+use job_engine::{Engine, EngineConfig, Job, Outcome, SystemClock};
+use postgres_store::{PgLimits, PgStore};
+use prelock_api::PrelockClient;
+use service_kit::config::{env_millis, env_or, env_string};
+use service_kit::telemetry::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub pg: PgLimits,
+    pub run_migrations: bool,
+    pub prelock_url: String,
+    /// Bound on one call to prelock-service; a background job can wait longer than a buyer.
+    pub prelock_timeout: Duration,
+    pub engine: EngineConfig,
+    /// Where `order.notify` posts; `None` switches notifications off (the jobs complete).
+    pub notify_url: Option<String>,
+    pub notify_timeout: Duration,
+}
+
+impl Config {
+    pub fn from_env() -> anyhow::Result<Self> {
+        let d = EngineConfig::default();
+        let notify_url = env_string("NOTIFY_WEBHOOK_URL", "");
+        Ok(Config {
+            database_url: env_string(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/bar_fulfillment",
+            ),
+            pg: PgLimits::from_env(8, env_or)?,
+            run_migrations: env_or("RUN_MIGRATIONS", true)?,
+            prelock_url: env_string("PRELOCK_URL", "http://127.0.0.1:8081"),
+            prelock_timeout: env_millis("PRELOCK_TIMEOUT_MS", 1000)?,
+            engine: EngineConfig {
+                owner: format!(
+                    "scheduler-{}-{}",
+                    env_string("HOSTNAME", "local"),
+                    std::process::id()
+                ),
+                batch_size: env_or("JOB_BATCH_SIZE", d.batch_size)?,
+                lease: env_millis("JOB_LEASE_MS", d.lease.as_millis() as u64)?,
+                poll_interval: env_millis("JOB_POLL_MS", d.poll_interval.as_millis() as u64)?,
+                backoff_base: env_millis("JOB_BACKOFF_BASE_MS", 1000)?,
+                backoff_cap: env_millis("JOB_BACKOFF_CAP_MS", 300_000)?,
+            },
+            notify_url: (!notify_url.trim().is_empty()).then_some(notify_url),
+            notify_timeout: env_millis("NOTIFY_TIMEOUT_MS", 2000)?,
+        })
+    }
+}
+
+pub struct App {
+    pub config: Config,
+    pub store: PgStore,
+    pub engine: Engine,
+    pub metrics: Metrics,
+}
+
+impl App {
+    /// Connects (retrying, and saying so, while Postgres does not answer), then registers the
+    /// handlers. `notify_secret` is required when `config.notify_url` is set.
+    pub async fn build(
+        config: Config,
+        ops_token: &str,
+        notify_secret: Option<String>,
+    ) -> anyhow::Result<Arc<App>> {
+        let store = connect_patiently(&config).await?;
+        if config.run_migrations {
+            store.migrate().await?;
+        }
+        let prelock = PrelockClient::new(&config.prelock_url, ops_token, config.prelock_timeout)?;
+        let fulfillment = Arc::new(Fulfillment::new(
+            store.clone(),
+            prelock,
+            FulfillmentConfig::default(),
+        ));
+        let mut engine = Engine::new(
+            store.pool.clone(),
+            Arc::new(SystemClock),
+            config.engine.clone(),
+        );
+        register_follow_ups(&mut engine, fulfillment);
+        let notifier = match (&config.notify_url, notify_secret) {
+            (Some(url), Some(secret)) => Some(Arc::new(notify::Notifier::new(
+                url,
+                secret,
+                config.notify_timeout,
+            )?)),
+            (Some(_), None) => anyhow::bail!("NOTIFY_WEBHOOK_URL is set without a secret"),
+            (None, _) => {
+                tracing::info!("NOTIFY_WEBHOOK_URL unset: order notifications are off");
+                None
+            }
+        };
+        engine.register(events::JOB_ORDER_NOTIFY, move |job| {
+            let notifier = notifier.clone();
+            async move {
+                match notifier {
+                    Some(n) => n.send(&job).await,
+                    None => Outcome::Done,
+                }
+            }
+        });
+        Ok(Arc::new(App {
+            config,
+            store,
+            engine,
+            metrics: Metrics::new("scheduler"),
+        }))
+    }
+
+    /// `/healthz`, `/readyz` (Postgres answers), `/metrics`.
+    pub fn router(self: &Arc<App>) -> Router {
+        let app = self.clone();
+        let ready = service_kit::http::ready_check(move || {
+            let app = app.clone();
+            async move { app.store.ping().await.map_err(|e| format!("postgres: {e}")) }
+        });
+        service_kit::http::finish(Router::new(), self.metrics.clone(), ready)
+    }
+}
+
+/// Registers the order follow-ups: each handler parses the order id and maps the use case's
+/// answer to an outcome.
+fn register_follow_ups(engine: &mut Engine, f: Arc<Fulfillment<PrelockClient>>) {
+    macro_rules! follow_up {
+        ($kind:expr, $method:ident) => {{
+            let f = f.clone();
+            engine.register($kind, move |job: Job| {
+                let f = f.clone();
+                async move {
+                    match order_id(&job) {
+                        Ok(id) => outcome(f.$method(id).await),
+                        Err(bad) => bad,
+                    }
+                }
+            });
+        }};
+    }
+    follow_up!(events::JOB_ORDER_EXPIRE, expire_order);
+    follow_up!(events::JOB_STOCK_DEDUCT, deduct_stock);
+    follow_up!(events::JOB_VOUCHER_ISSUE, issue_voucher);
+}
+
+fn order_id(job: &Job) -> Result<OrderId, Outcome> {
+    job.payload["order_id"]
+        .as_str()
+        .and_then(|s| OrderId::parse(s).ok())
+        .ok_or_else(|| Outcome::Permanent("payload has no valid order_id".into()))
+}
+
+/// A use case's answer as a job outcome: trouble with a dependency is retried, a request that
+/// can never succeed is permanent.
+fn outcome(r: Result<FollowUp, FulfillmentError>) -> Outcome {
+    use FulfillmentError as F;
+    match r {
+        Ok(FollowUp::Done) => Outcome::Done,
+        Ok(FollowUp::NotNeeded(why)) => {
+            tracing::info!(why, "follow-up not needed");
+            Outcome::Done
+        }
+        Ok(FollowUp::NotDue(at)) => Outcome::RetryAfter(
+            (at - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(10),
+            "not due yet".into(),
+        ),
+        Err(e @ (F::Db(_) | F::PrelockUnavailable(_) | F::PrelockNotLoaded | F::Conflict)) => {
+            Outcome::Retry(e.to_string())
+        }
+        Err(e) => Outcome::Permanent(e.to_string()),
+    }
+}
+
+/// Start-up while Postgres is down: retry with backoff (0.5 s doubling to 5 s), logging each
+/// attempt, for up to two minutes.
+async fn connect_patiently(config: &Config) -> anyhow::Result<PgStore> {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match PgStore::connect(&config.database_url, &config.pg).await {
+            Ok(store) => return Ok(store),
+            Err(e) if started.elapsed() < Duration::from_secs(120) => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "postgres not answering; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.context("postgres did not answer for two minutes")),
+        }
+    }
+}

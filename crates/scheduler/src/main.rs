@@ -1,0 +1,50 @@
+//! scheduler binary: config -> telemetry -> app -> run(shutdown).
+
+use std::time::Duration;
+
+use scheduler::{App, Config};
+use service_kit::auth::DEV_OPS_TOKEN;
+use service_kit::config::{listen_addr, SecretLoader};
+use service_kit::{http, telemetry};
+use tokio_util::sync::CancellationToken;
+
+/// Development value of `NOTIFY_WEBHOOK_SECRET` (refused outside development).
+const DEV_NOTIFY_SECRET: &str = "dev-notify-secret";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init_logging("scheduler");
+    let config = Config::from_env()?;
+    let addr = listen_addr("SCHEDULER_ADDR", "127.0.0.1:8082")?;
+    let mut secrets = SecretLoader::from_env();
+    let ops_token = secrets.require("OPS_TOKEN", DEV_OPS_TOKEN);
+    let notify_secret = config
+        .notify_url
+        .as_ref()
+        .map(|_| secrets.require("NOTIFY_WEBHOOK_SECRET", DEV_NOTIFY_SECRET));
+    secrets.finish()?;
+    let app = App::build(config, &ops_token, notify_secret).await?;
+
+    let stop = CancellationToken::new();
+    let engine = {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move { app.engine.run(stop).await })
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let shutdown = {
+        let stop = stop.clone();
+        async move {
+            http::shutdown_signal().await;
+            stop.cancel();
+        }
+    };
+    http::serve(listener, app.router(), shutdown).await?;
+    // the round in flight settles its jobs; a handler that hangs past this bound leaves its
+    // leases to expire, and another instance rescues those jobs
+    stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(10), engine).await {
+        Ok(_) => tracing::info!("job engine drained"),
+        Err(_) => tracing::warn!("job engine still busy at exit; its leases will be rescued"),
+    }
+    Ok(())
+}
