@@ -81,6 +81,7 @@ fn kubernetes_manifests_parse_and_probe_health() {
     let rules = &load("deploy/prometheus/alerts.yml")[0];
     let text = serde_yaml::to_string(rules).unwrap();
     assert!(text.contains("prelock_timeouts_total"));
+    assert!(text.contains("job_fire_delay_seconds_bucket"));
 }
 
 #[test]
@@ -101,6 +102,8 @@ fn the_dashboard_parses_and_charts_the_slas() {
         "prelock_timeouts_total",
         "orders_created_total",
         "payment_callbacks_total",
+        "job_fire_delay_seconds_bucket",
+        "jobs_total",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(metric)),

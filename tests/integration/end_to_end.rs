@@ -173,6 +173,22 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         (2, 2, 0),
         "the unit left the real stock; nothing is reserved for the order any more"
     );
+    // every fire is measured: the paper's job_fire_delay, by kind and priority
+    let page = http
+        .get(format!("{scheduler}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"job_fire_delay_seconds_count{kind="stock.deduct",priority="P0",service="scheduler"} 1"#,
+        r#"jobs_total{kind="voucher.issue",outcome="completed",service="scheduler"} 1"#,
+        r#"jobs_total{kind="order.notify",outcome="completed",service="scheduler"} 1"#,
+    ] {
+        assert!(page.contains(series), "{series} missing:\n{page}");
+    }
     // the bar redeems the voucher once
     let redeem = || {
         http.post(format!("{order_api}/v1/vouchers/{code}/redeem"))

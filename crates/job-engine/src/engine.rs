@@ -41,6 +41,20 @@ pub struct Job {
 
 type HandlerFn = dyn Fn(Job) -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync;
 
+/// What the engine reports about each job it settles, for metrics (the engine keeps no
+/// registry of its own).
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub kind: String,
+    pub priority: i16,
+    /// Claimed at minus due at: how late the job started (zero if claimed early).
+    pub fire_delay: Duration,
+    /// `completed`, `retried`, `dead` or `lease_lost`.
+    pub outcome: &'static str,
+}
+
+type Observer = dyn Fn(&Settled) + Send + Sync;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Names this instance in lease rows (host, pid); for operators, not for correctness.
@@ -93,6 +107,7 @@ pub struct Engine {
     config: EngineConfig,
     handlers: HashMap<String, Arc<HandlerFn>>,
     kinds: Vec<String>,
+    observer: Option<Arc<Observer>>,
 }
 
 impl Engine {
@@ -103,7 +118,13 @@ impl Engine {
             config,
             handlers: HashMap::new(),
             kinds: Vec::new(),
+            observer: None,
         }
+    }
+
+    /// Calls `f` for every job this instance settles (metrics: fire delay, outcomes).
+    pub fn on_settled(&mut self, f: impl Fn(&Settled) + Send + Sync + 'static) {
+        self.observer = Some(Arc::new(f));
     }
 
     /// Runs `handler` for every job of `kind`. An instance claims only kinds it has handlers
@@ -168,17 +189,33 @@ impl Engine {
             };
             let how = self.settlement(&job, outcome);
             let held = store::settle(&self.pool, job.id, job.lease_token, &how).await?;
-            match (&how, held) {
+            let outcome = match (&how, held) {
                 (_, false) => {
                     report.lease_lost += 1;
                     tracing::warn!(job_id = job.id, kind = %job.kind, "lease lost before the job settled; its new owner decides");
+                    "lease_lost"
                 }
-                (Settle::Completed, true) => report.completed += 1,
-                (Settle::Retry { .. }, true) => report.retried += 1,
+                (Settle::Completed, true) => {
+                    report.completed += 1;
+                    "completed"
+                }
+                (Settle::Retry { .. }, true) => {
+                    report.retried += 1;
+                    "retried"
+                }
                 (Settle::Dead { error }, true) => {
                     report.dead += 1;
                     tracing::error!(job_id = job.id, kind = %job.kind, attempts = job.attempts, error = %error, "job is dead");
+                    "dead"
                 }
+            };
+            if let Some(observe) = &self.observer {
+                observe(&Settled {
+                    fire_delay: (now - job.run_at).to_std().unwrap_or_default(),
+                    kind: job.kind,
+                    priority: job.priority,
+                    outcome,
+                });
             }
         }
         Ok(report)

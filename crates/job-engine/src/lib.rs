@@ -24,5 +24,5 @@ pub mod engine;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{Engine, EngineConfig, EngineError, Job, Outcome, RoundReport};
+pub use engine::{Engine, EngineConfig, EngineError, Job, Outcome, RoundReport, Settled};
 pub use store::{Inserted, NewJob, Priority, Settle};

@@ -123,11 +123,29 @@ impl App {
                 }
             }
         });
+        let metrics = Metrics::new("scheduler");
+        let fire_delay = metrics.histogram(
+            "job_fire_delay_seconds",
+            "How late each job started: claimed at minus due at",
+            &["kind", "priority"],
+        );
+        let jobs = metrics.counter(
+            "jobs_total",
+            "Jobs settled, by kind and outcome (completed, retried, dead, lease_lost)",
+            &["kind", "outcome"],
+        );
+        engine.on_settled(move |s| {
+            let priority = format!("P{}", s.priority);
+            fire_delay
+                .with_label_values(&[&s.kind, &priority])
+                .observe(s.fire_delay.as_secs_f64());
+            jobs.with_label_values(&[&s.kind, s.outcome]).inc();
+        });
         Ok(Arc::new(App {
             config,
             store,
             engine,
-            metrics: Metrics::new("scheduler"),
+            metrics,
         }))
     }
 
