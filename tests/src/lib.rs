@@ -126,6 +126,17 @@ pub struct Stack {
     pub http: reqwest::Client,
 }
 
+/// The services' Postgres limits, except the acquire timeout: tests assert exact outcomes of
+/// bursts on a loaded 2-core CI machine, so a request waits for a pooled connection (5 s) as
+/// a patient client would, rather than answering 503 after 250 ms. Statement and lock
+/// timeouts stay as in production (a test relies on the lock timeout).
+pub fn test_pg_limits(max_connections: u32) -> postgres_store::PgLimits {
+    postgres_store::PgLimits {
+        acquire_timeout: Duration::from_secs(5),
+        ..postgres_store::PgLimits::new(max_connections)
+    }
+}
+
 async fn listen() -> (tokio::net::TcpListener, String) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -162,7 +173,7 @@ impl Stack {
                 redis_prefix: redis_prefix.clone(),
                 redis_timeout: Duration::from_millis(500),
                 default_ttl: opts.default_ttl,
-                pg: postgres_store::PgLimits::new(8),
+                pg: test_pg_limits(8),
                 run_migrations: true,
             },
             auth(),
@@ -189,7 +200,7 @@ impl Stack {
                 gateway_url: gateway.clone(),
                 gateway_timeout: Duration::from_secs(3),
                 public_url: order_api.clone(),
-                pg: postgres_store::PgLimits::new(16),
+                pg: test_pg_limits(16),
                 run_migrations: false,
                 fulfillment: fcfg,
             },
@@ -303,7 +314,7 @@ impl Stack {
         cfg.prelock_url = prelock_url.to_owned();
         cfg.prelock_timeout = timeout;
         cfg.run_migrations = false;
-        cfg.pg.max_connections = 4;
+        cfg.pg = test_pg_limits(4);
         cfg.fulfillment.orphan_release_delay = Duration::from_millis(400);
         let app = order_api::App::build(
             cfg,

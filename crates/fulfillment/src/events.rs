@@ -3,7 +3,8 @@
 //! version, bumped on any change a consumer could notice.
 
 use chrono::{DateTime, Utc};
-use postgres_store::effects::{NewJob, OutboxEvent};
+use job_engine::{NewJob, Priority};
+use postgres_store::effects::OutboxEvent;
 use postgres_store::orders::OrderRow;
 use serde_json::json;
 use uuid::Uuid;
@@ -24,9 +25,8 @@ pub const JOB_VOUCHER_ISSUE: &str = "voucher.issue";
 pub const JOB_ORDER_NOTIFY: &str = "order.notify";
 pub const JOB_PAYMENT_REFUND: &str = "payment.refund";
 
-/// P0: money and stock. P1: user-facing follow-ups.
-const P0: i16 = 0;
-const P1: i16 = 1;
+/// Attempts before a job is dead (kept, with its last error, for a redrive).
+const MAX_ATTEMPTS: i32 = 10;
 
 /// The facts every order event carries.
 pub struct OrderFacts<'a> {
@@ -91,13 +91,14 @@ pub fn order_event<'a>(
 }
 
 /// Lapses the order at its pre-lock expiry (run by the scheduler).
-pub fn expiry_job(order_id: Uuid, sku_id: &str, expires_at: DateTime<Utc>) -> NewJob<'static> {
+pub fn expiry_job(order_id: Uuid, sku_id: &str, expires_at: DateTime<Utc>) -> NewJob {
     NewJob {
-        kind: JOB_ORDER_EXPIRE,
+        kind: JOB_ORDER_EXPIRE.to_owned(),
         payload: json!({ "order_id": order_id, "sku_id": sku_id }),
-        priority: P0,
+        priority: Priority::P0,
         run_at: expires_at,
-        dedupe_key: expiry_job_key(order_id),
+        max_attempts: MAX_ATTEMPTS,
+        dedupe_key: Some(expiry_job_key(order_id)),
     }
 }
 
@@ -107,28 +108,29 @@ pub fn expiry_job_key(order_id: Uuid) -> String {
 
 /// The follow-up actions of a kept payment: deduct real stock, issue the voucher, notify the
 /// buyer and the bar. One job per action, deduplicated by order.
-pub fn follow_up_jobs(order: &OrderRow, due: DateTime<Utc>) -> [NewJob<'static>; 3] {
-    let job = |kind: &'static str, priority: i16, payload: serde_json::Value| NewJob {
-        kind,
+pub fn follow_up_jobs(order: &OrderRow, due: DateTime<Utc>) -> [NewJob; 3] {
+    let job = |kind: &str, priority: Priority, payload: serde_json::Value| NewJob {
+        kind: kind.to_owned(),
         payload,
         priority,
         run_at: due,
-        dedupe_key: format!("{kind}:{}", order.id),
+        max_attempts: MAX_ATTEMPTS,
+        dedupe_key: Some(format!("{kind}:{}", order.id)),
     };
     [
         job(
             JOB_STOCK_DEDUCT,
-            P0,
+            Priority::P0,
             json!({ "order_id": order.id, "sku_id": order.sku_id, "quantity": order.quantity }),
         ),
         job(
             JOB_VOUCHER_ISSUE,
-            P0,
+            Priority::P0,
             json!({ "order_id": order.id, "user_id": order.user_id, "store_id": order.store_id }),
         ),
         job(
             JOB_ORDER_NOTIFY,
-            P1,
+            Priority::P1,
             json!({ "order_id": order.id, "user_id": order.user_id, "store_id": order.store_id }),
         ),
     ]
@@ -139,15 +141,16 @@ pub fn refund_job(
     order: &OrderRow,
     amount_cents: i64,
     reason: &str,
-) -> NewJob<'static> {
+) -> NewJob {
     NewJob {
-        kind: JOB_PAYMENT_REFUND,
+        kind: JOB_PAYMENT_REFUND.to_owned(),
         payload: json!({
             "payment_id": payment_id, "order_id": order.id,
             "amount_cents": amount_cents, "reason": reason,
         }),
-        priority: P0,
+        priority: Priority::P0,
         run_at: Utc::now(),
-        dedupe_key: format!("{JOB_PAYMENT_REFUND}:{payment_id}"),
+        max_attempts: MAX_ATTEMPTS,
+        dedupe_key: Some(format!("{JOB_PAYMENT_REFUND}:{payment_id}")),
     }
 }

@@ -294,7 +294,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
                 events::order_event(events::ORDER_CANCELLED, &order, json!({})),
             )
             .await?;
-            effects::cancel_job(&mut tx, &events::expiry_job_key(order.id)).await?;
+            job_engine::store::cancel(&mut tx, &events::expiry_job_key(order.id)).await?;
             tx.commit().await?;
             // Commit first, then release: released first, a commit that failed (or a slow
             // pre-lock that made this request time out and roll back) left a PENDING order
@@ -411,7 +411,7 @@ pub async fn expire_pending(
         events::order_event(events::ORDER_EXPIRED, &order, json!({ "reason": reason })),
     )
     .await?;
-    effects::cancel_job(&mut *conn, &events::expiry_job_key(order.id)).await?;
+    job_engine::store::cancel(&mut *conn, &events::expiry_job_key(order.id)).await?;
     Ok(Some(order))
 }
 

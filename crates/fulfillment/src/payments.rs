@@ -180,9 +180,9 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             .await?;
             let due = Utc::now() + self.config.follow_up_delay;
             for job in events::follow_up_jobs(&order, due) {
-                effects::schedule_job(tx, job).await?;
+                job_engine::store::insert(tx, &job).await?;
             }
-            effects::cancel_job(tx, &events::expiry_job_key(order.id)).await?;
+            job_engine::store::cancel(tx, &events::expiry_job_key(order.id)).await?;
             payments::record_event(tx, &record("PAID")).await?;
             tracing::info!(order_id = %order.id, payment_id = %payment.id, source = source.as_str(), "payment applied");
             return Ok((ApplyOutcome::Paid, None));
@@ -201,7 +201,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         let release = (order.state == OrderState::Cancelled).then_some((sku, id));
         if matches!(order.state, OrderState::Pending | OrderState::Expired) {
             orders::set_reservation(tx, order.id, "RELEASED", None).await?;
-            effects::cancel_job(tx, &events::expiry_job_key(order.id)).await?;
+            job_engine::store::cancel(tx, &events::expiry_job_key(order.id)).await?;
         }
         payments::settle_payment(
             tx,
@@ -220,9 +220,9 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             ),
         )
         .await?;
-        effects::schedule_job(
+        job_engine::store::insert(
             tx,
-            events::refund_job(payment.id, &order, conf.amount_cents, reason),
+            &events::refund_job(payment.id, &order, conf.amount_cents, reason),
         )
         .await?;
         payments::record_event(tx, &record("REFUND_REQUIRED")).await?;

@@ -76,6 +76,19 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, s
     Ok(Inserted::DuplicateOf(existing))
 }
 
+/// Cancels a job that has not started (e.g. the expiry job of an order that was paid), in the
+/// caller's transaction. `false` if no scheduled job has this key.
+pub async fn cancel(conn: &mut PgConnection, dedupe_key: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE delayed_job SET state = 'cancelled', updated_at = now()
+         WHERE dedupe_key = $1 AND state = 'scheduled'",
+    )
+    .bind(dedupe_key)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// A job this instance holds a lease on.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ClaimedJob {

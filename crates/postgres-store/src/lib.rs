@@ -5,8 +5,8 @@
 //! - [`skus`]: SKUs and the reservations ledger as stock sees it (held units, rebuild input).
 //! - [`orders`]: order rows, the compare-and-set transition, reservation status changes.
 //! - [`payments`]: payments and provider events (deduplicated by the database).
-//! - [`effects`]: what a transaction schedules besides its own rows: outbox events and
-//!   delayed jobs.
+//! - [`effects`]: what a transaction publishes besides its own rows: outbox events (delayed
+//!   jobs are written through `job_engine::store`, in the same transactions).
 //! - [`vouchers`]: the codes buyers redeem at the bar.
 //!
 //! It owns the SQL and maps database errors to what callers branch on. It must never decide
@@ -29,6 +29,9 @@ pub type Tx = Transaction<'static, Postgres>;
 
 /// The schema, embedded from `/migrations`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// How long [`PgStore::connect`] waits for Postgres to answer at start-up.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long the services wait on Postgres before answering 503 (`PG_*_MS`).
 #[derive(Clone, Debug)]
@@ -87,6 +90,10 @@ impl PgStore {
     /// `lock_timeout`, so a slow or locked database answers 503 fast instead of holding the
     /// request (and its connection) for seconds. Half the pool is opened ahead of time: a
     /// flash sale's first second must not pay for connects.
+    ///
+    /// The short acquire timeout is for requests, not for start-up: the pool opens lazily and
+    /// this waits (up to [`STARTUP_PATIENCE`]) until Postgres answers, so a busy machine's slow
+    /// first connects do not stop a service from starting.
     pub async fn connect(url: &str, limits: &PgLimits) -> anyhow::Result<PgStore> {
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()?
@@ -96,12 +103,21 @@ impl PgStore {
             .max_connections(limits.max_connections)
             .min_connections((limits.max_connections / 2).max(1))
             .acquire_timeout(limits.acquire_timeout)
-            .connect_with(options.clone().options([
+            .connect_lazy_with(options.clone().options([
                 ("statement_timeout", ms(limits.statement_timeout)),
                 ("lock_timeout", ms(limits.lock_timeout)),
-            ]))
-            .await?;
-        Ok(PgStore { pool, options })
+            ]));
+        let store = PgStore { pool, options };
+        let started = std::time::Instant::now();
+        loop {
+            match store.ping().await {
+                Ok(()) => return Ok(store),
+                Err(_) if started.elapsed() < STARTUP_PATIENCE => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("postgres did not answer")),
+            }
+        }
     }
 
     /// Applies `migrations/` on a dedicated connection: a long index build must not hit the

@@ -5,7 +5,9 @@ use domain::order::{check_transition, OrderState, TransitionError, Versioned};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use crate::effects::{NewJob, OutboxEvent};
+use job_engine::NewJob;
+
+use crate::effects::OutboxEvent;
 
 #[derive(Debug, Clone)]
 pub struct OrderRow {
@@ -176,7 +178,7 @@ pub async fn insert_new_order(
     conn: &mut PgConnection,
     o: &NewOrder<'_>,
     event: &OutboxEvent<'_>,
-    expiry: &NewJob<'_>,
+    expiry: &NewJob,
 ) -> Result<OrderRow, sqlx::Error> {
     let raw: RawOrder = sqlx::query_as(&format!(
         "WITH o AS (
@@ -192,8 +194,8 @@ pub async fn insert_new_order(
                  schema_version, payload)
              SELECT $11, $12, id::text, $13, $14, $15 FROM o),
          j AS (
-             INSERT INTO delayed_job (kind, payload, priority, run_at, dedupe_key)
-             SELECT $16, $17, $18, $19, $20 FROM o
+             INSERT INTO delayed_job (kind, payload, priority, run_at, dedupe_key, max_attempts)
+             SELECT $16, $17, $18, $19, $20, $21 FROM o
              ON CONFLICT (dedupe_key) DO NOTHING)
          SELECT * FROM o"
     ))
@@ -212,11 +214,12 @@ pub async fn insert_new_order(
     .bind(event.event_type)
     .bind(event.schema_version)
     .bind(&event.payload)
-    .bind(expiry.kind)
+    .bind(&expiry.kind)
     .bind(&expiry.payload)
-    .bind(expiry.priority)
+    .bind(expiry.priority as i16)
     .bind(expiry.run_at)
     .bind(&expiry.dedupe_key)
+    .bind(expiry.max_attempts)
     .fetch_one(conn)
     .await?;
     raw.try_into()
