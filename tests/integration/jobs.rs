@@ -392,3 +392,92 @@ async fn a_repeated_dedupe_key_names_the_existing_job_and_kinds_stay_apart() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time_and_a_lost_leader_is_replaced() {
+    let pool = database().await;
+    let mut a = job_engine::Leadership::new(pool.clone());
+    let mut b = job_engine::Leadership::new(pool.clone());
+    assert!(a.ensure().await);
+    assert!(!b.ensure().await, "the lock is held");
+    assert!(
+        a.ensure().await,
+        "leadership is kept while its connection lives"
+    );
+    // A's connection dies (a crash, a network cut): B takes over at its next try, and A,
+    // when it notices, does not lead any more
+    let pid = a.backend_pid().await.expect("a leads");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !b.ensure().await {
+        assert!(std::time::Instant::now() < deadline, "B never took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!a.ensure().await);
+    assert!(!a.is_leader());
+    // B resigns on shutdown: A leads again
+    b.resign().await;
+    assert!(a.ensure().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_moves_finished_jobs_out_of_the_hot_table() {
+    let pool = database().await;
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    insert_all(&pool, (0..250).map(|n| job("test.run", n, clock.now()))).await;
+    let mut dead = job("test.run", 999, clock.now());
+    dead.max_attempts = 1;
+    dead.kind = "test.dies".into();
+    insert_all(
+        &pool,
+        [
+            dead,
+            job("test.run", 1000, clock.now() + chrono::Duration::days(1)),
+        ],
+    )
+    .await;
+    let mut engine = recording_engine(&pool, clock.clone(), "a");
+    engine.register("test.dies", |_| async { Outcome::Permanent("no".into()) });
+    let mut done = 0;
+    while done < 251 {
+        let r = engine.run_once().await.unwrap();
+        assert!(r.claimed > 0);
+        done += r.completed + r.dead;
+    }
+    let mut leadership = job_engine::Leadership::new(pool.clone());
+    // not old enough yet (archive_after: one hour)
+    let m = engine.maintain_once(&mut leadership).await.unwrap();
+    assert_eq!((m.leader, m.archived), (true, 0));
+    clock.advance(Duration::from_secs(3601));
+    let m = engine.maintain_once(&mut leadership).await.unwrap();
+    assert_eq!(m.archived, 250);
+    // hot: the dead job (awaiting a redrive) and the one not due yet; cold: the 250 finished
+    let hot: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, state FROM delayed_job ORDER BY kind")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        hot,
+        vec![
+            ("test.dies".to_owned(), "dead".to_owned()),
+            ("test.run".to_owned(), "scheduled".to_owned())
+        ]
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM delayed_job_archive WHERE state = 'completed'"
+        )
+        .await,
+        250
+    );
+    // a second instance does not lead, so does no maintenance
+    let mut other = job_engine::Leadership::new(pool.clone());
+    let m = engine.maintain_once(&mut other).await.unwrap();
+    assert_eq!(m, job_engine::Maintenance::default());
+}

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::leader::Leadership;
 use crate::store::{self, ClaimedJob, Settle};
 
 /// What a handler says about one run of a job.
@@ -68,6 +69,10 @@ pub struct EngineConfig {
     /// First retry delay; doubled per attempt, up to `backoff_cap`, with jitter.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// How often the loop tries for leadership and, as leader, runs maintenance.
+    pub maintenance_interval: Duration,
+    /// Finished jobs older than this leave the hot table for the archive.
+    pub archive_after: Duration,
 }
 
 impl Default for EngineConfig {
@@ -79,9 +84,23 @@ impl Default for EngineConfig {
             poll_interval: Duration::from_millis(200),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(300),
+            maintenance_interval: Duration::from_secs(5),
+            archive_after: Duration::from_secs(3600),
         }
     }
 }
+
+/// What one [`Engine::maintain_once`] did (all zero when this instance does not lead).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    pub leader: bool,
+    pub rescued: u64,
+    pub archived: u64,
+}
+
+/// Finished jobs moved to the archive per statement, and statements per maintenance round.
+const ARCHIVE_BATCH: i64 = 1000;
+const ARCHIVE_BATCHES: usize = 20;
 
 /// What one [`Engine::run_once`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -256,17 +275,46 @@ impl Engine {
         Ok(n)
     }
 
+    /// Maintenance, on the leader only: rescues expired leases and moves finished jobs older
+    /// than `archive_after` to the archive (in bounded batches).
+    pub async fn maintain_once(
+        &self,
+        leadership: &mut Leadership,
+    ) -> Result<Maintenance, EngineError> {
+        if !leadership.ensure().await {
+            return Ok(Maintenance::default());
+        }
+        let mut m = Maintenance {
+            leader: true,
+            rescued: self.rescue_once().await?,
+            archived: 0,
+        };
+        let before = self.clock.now() - to_chrono(self.config.archive_after);
+        for _ in 0..ARCHIVE_BATCHES {
+            let moved = store::archive_finished(&self.pool, before, ARCHIVE_BATCH).await?;
+            m.archived += moved;
+            if moved < ARCHIVE_BATCH as u64 {
+                break;
+            }
+        }
+        Ok(m)
+    }
+
     /// Runs rounds until `shutdown`: back to back while there is work, then every
-    /// `poll_interval`; rescues expired leases every `lease`. A round in progress finishes
-    /// (its jobs settle) before the loop returns.
+    /// `poll_interval`; every `maintenance_interval` it tries for leadership and, as leader,
+    /// runs maintenance. A round in progress finishes (its jobs settle) before the loop
+    /// returns, and leadership is given up.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut last_rescue = self.clock.now();
+        let mut leadership = Leadership::new(self.pool.clone());
+        let mut last_maintenance: Option<chrono::DateTime<chrono::Utc>> = None;
         while !shutdown.is_cancelled() {
             let now = self.clock.now();
-            if now - last_rescue >= to_chrono(self.config.lease) {
-                last_rescue = now;
-                if let Err(e) = self.rescue_once().await {
-                    tracing::warn!(error = %e, "rescue failed; will retry");
+            if last_maintenance
+                .is_none_or(|t| now - t >= to_chrono(self.config.maintenance_interval))
+            {
+                last_maintenance = Some(now);
+                if let Err(e) = self.maintain_once(&mut leadership).await {
+                    tracing::warn!(error = %e, "maintenance failed; will retry");
                 }
             }
             let idle = match self.run_once().await {
@@ -283,6 +331,7 @@ impl Engine {
                 }
             }
         }
+        leadership.resign().await;
     }
 }
 

@@ -6,6 +6,7 @@
 //!   X" for a repeated dedupe key), batch claiming with `FOR UPDATE SKIP LOCKED` under a lease
 //!   (owner, token, expiry), settling checked against the lease token, heartbeats, rescue of
 //!   expired leases, redrive of dead jobs.
+//! - [`leader`]: one instance at a time runs maintenance, by a session advisory lock.
 //! - [`engine`]: handlers registered by job kind, a claim-run-settle round
 //!   ([`Engine::run_once`]) with retries (exponential backoff with jitter, per-job attempt
 //!   budget, permanent errors), and the loop around it.
@@ -15,14 +16,17 @@
 //! their own kinds (`scheduler`: the order follow-ups; `compensation-worker`: the payment
 //! checks), and each claims only the kinds it runs.
 //!
-//! Not here yet (the scheduler issue continues): the leader (advisory lock) that rescues and
-//! prunes, the timer wheel and `LISTEN/NOTIFY`, priorities with aging, per-kind concurrency,
-//! hot/cold separation, recurring schedules, metrics and the ops API.
+//! Not here yet (the scheduler issue continues): the timer wheel and `LISTEN/NOTIFY`,
+//! priorities with aging, per-kind concurrency, recurring schedules and the ops API.
 
 pub mod clock;
 pub mod engine;
+pub mod leader;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{Engine, EngineConfig, EngineError, Job, Outcome, RoundReport, Settled};
+pub use engine::{
+    Engine, EngineConfig, EngineError, Job, Maintenance, Outcome, RoundReport, Settled,
+};
+pub use leader::Leadership;
 pub use store::{Inserted, NewJob, Priority, Settle};

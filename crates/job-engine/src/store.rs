@@ -216,6 +216,34 @@ pub async fn rescue_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sq
     Ok(done.rows_affected())
 }
 
+/// Moves up to `limit` jobs that finished (completed or cancelled) before `before` to
+/// `delayed_job_archive`, in one statement; returns how many moved. The hot table keeps what is
+/// scheduled, running, dead or just finished.
+pub async fn archive_finished(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "WITH moved AS (
+             DELETE FROM delayed_job
+             WHERE id IN (SELECT id FROM delayed_job
+                          WHERE state IN ('completed', 'cancelled') AND updated_at < $1
+                          ORDER BY updated_at LIMIT $2
+                          FOR UPDATE SKIP LOCKED)
+             RETURNING id, kind, payload, priority, state, run_at, attempts, max_attempts,
+                       dedupe_key, last_error, traceparent, created_at, updated_at)
+         INSERT INTO delayed_job_archive (id, kind, payload, priority, state, run_at, attempts,
+             max_attempts, dedupe_key, last_error, traceparent, created_at, finished_at)
+         SELECT * FROM moved",
+    )
+    .bind(before)
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Gives a dead job another run at `now`, with a fresh attempt budget. `false` if it is not
 /// dead.
 pub async fn redrive(pool: &PgPool, id: i64, now: DateTime<Utc>) -> Result<bool, sqlx::Error> {

@@ -64,6 +64,14 @@ impl Config {
                 poll_interval: env_millis("JOB_POLL_MS", d.poll_interval.as_millis() as u64)?,
                 backoff_base: env_millis("JOB_BACKOFF_BASE_MS", 1000)?,
                 backoff_cap: env_millis("JOB_BACKOFF_CAP_MS", 300_000)?,
+                maintenance_interval: env_millis(
+                    "JOB_MAINTENANCE_MS",
+                    d.maintenance_interval.as_millis() as u64,
+                )?,
+                archive_after: env_millis(
+                    "JOB_ARCHIVE_AFTER_MS",
+                    d.archive_after.as_millis() as u64,
+                )?,
             },
             notify_url: (!notify_url.trim().is_empty()).then_some(notify_url),
             notify_timeout: env_millis("NOTIFY_TIMEOUT_MS", 2000)?,
