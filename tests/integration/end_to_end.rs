@@ -361,3 +361,230 @@ async fn services_refuse_to_start_with_missing_or_public_secrets() {
         assert!(log.contains("ALLOW_DEV_SECRETS"), "{log}");
     }
 }
+
+/// kill -9 of the scheduler while the follow-ups of 1,000 paid orders are due; a new one
+/// takes over (the leader rescues the dead one's leases): every order reaches CONFIRMED
+/// exactly once, and exactly 1,000 units leave the real stock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduler_killed_mid_run_still_confirms_every_order_exactly_once() {
+    const ORDERS: usize = 1000;
+    let db = fresh_database().await;
+    let (order_port, prelock_port, gateway_port) = (free_port(), free_port(), free_port());
+    let order_api = format!("http://127.0.0.1:{order_port}");
+    let prelock = format!("http://127.0.0.1:{prelock_port}");
+    let gateway = format!("http://127.0.0.1:{gateway_port}");
+    let common = vec![
+        ("DATABASE_URL", db.clone()),
+        ("REDIS_URL", redis_url(0)),
+        ("REDIS_KEY_PREFIX", unique_prefix()),
+        ("AUTH_JWT_SECRET", JWT_SECRET.to_owned()),
+        ("OPS_TOKEN", OPS_TOKEN.to_owned()),
+        ("PG_MAX_CONNECTIONS", "8".to_owned()),
+        ("PG_ACQUIRE_TIMEOUT_MS", "5000".to_owned()),
+        ("ALLOW_DEV_SECRETS", "true".to_owned()),
+        ("RUST_LOG", "warn".to_owned()),
+    ];
+    let with = |extra: &[(&'static str, String)]| {
+        let mut env = common.clone();
+        env.extend_from_slice(extra);
+        env
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(128)
+        .build()
+        .unwrap();
+    let mut p = Proc::spawn(
+        "prelock-service",
+        &with(&[("PRELOCK_ADDR", format!("127.0.0.1:{prelock_port}"))]),
+    );
+    wait_ready(&http, &prelock, &mut p).await;
+    let mut g = Proc::spawn(
+        "payment-gateway-sim",
+        &with(&[("GATEWAY_SIM_ADDR", format!("127.0.0.1:{gateway_port}"))]),
+    );
+    wait_ready(&http, &gateway, &mut g).await;
+    let mut o = Proc::spawn(
+        "order-api",
+        &with(&[
+            ("ORDER_API_ADDR", format!("127.0.0.1:{order_port}")),
+            ("PRELOCK_URL", prelock.clone()),
+            ("GATEWAY_URL", gateway.clone()),
+            ("PUBLIC_URL", order_api.clone()),
+            ("PRELOCK_TIMEOUT_MS", "5000".to_owned()),
+            ("FOLLOW_UP_DELAY_MS", "0".to_owned()),
+        ]),
+    );
+    wait_ready(&http, &order_api, &mut o).await;
+    let r = http
+        .put(format!("{prelock}/v1/skus/sku-kill"))
+        .bearer_auth(OPS_TOKEN)
+        .json(&json!({"store_id": "bar-k", "price_cents": 100, "stock": ORDERS}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // 1,000 buyers buy and pay (the provider's signed callback), 32 at a time
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..ORDERS {
+        let (http, order_api, gate) = (http.clone(), order_api.clone(), gate.clone());
+        set.spawn(async move {
+            let _permit = gate.acquire_owned().await.unwrap();
+            let user = format!("k{i}");
+            let order: Value = http
+                .post(format!("{order_api}/v1/orders"))
+                .bearer_auth(token(&user))
+                .header("Idempotency-Key", "k")
+                .json(&json!({"sku_id": "sku-kill", "store_id": "bar-k", "quantity": 1}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let id = order["order_id"].as_str().expect("order").to_owned();
+            let started: Value = http
+                .post(format!("{order_api}/v1/orders/{id}/payments"))
+                .bearer_auth(token(&user))
+                .json(&json!({"provider": "wechat"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let body = serde_json::to_vec(&json!({
+                "event_id": format!("evt-{id}"), "payment_id": started["payment_id"],
+                "order_id": id, "amount_cents": 100, "status": "SUCCESS",
+                "paid_at": chrono::Utc::now(),
+            }))
+            .unwrap();
+            let ts = chrono::Utc::now().timestamp().to_string();
+            let secret = gateway_protocol::ProviderSecrets::development();
+            let sig = gateway_protocol::sign(secret.get(domain::Provider::Wechat), &ts, &body);
+            let r = http
+                .post(format!("{order_api}/v1/payments/wechat/callback"))
+                .header("Content-Type", "application/json")
+                .header("Wechatpay-Timestamp", ts)
+                .header("Wechatpay-Signature", sig)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    let pg = sqlx::PgPool::connect(&db).await.unwrap();
+    let count = |sql: &'static str| {
+        let pg = pg.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pg)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM orders WHERE state = 'PAID'").await,
+        ORDERS as i64
+    );
+
+    // a scheduler starts on the 3,000 due follow-ups and is killed (SIGKILL) part way through
+    let scheduler_env = |port: u16| {
+        with(&[
+            ("SCHEDULER_ADDR", format!("127.0.0.1:{port}")),
+            ("PRELOCK_URL", prelock.clone()),
+            ("JOB_POLL_MS", "50".to_owned()),
+            ("JOB_BATCH_SIZE", "50".to_owned()),
+            ("JOB_LEASE_MS", "3000".to_owned()),
+            ("JOB_MAINTENANCE_MS", "300".to_owned()),
+        ])
+    };
+    let first_port = free_port();
+    let mut first = Proc::spawn("scheduler", &scheduler_env(first_port));
+    wait_ready(&http, &format!("http://127.0.0.1:{first_port}"), &mut first).await;
+    let at_kill = eventually("some orders confirmed", Duration::from_secs(60), || async {
+        let n = count("SELECT count(*) FROM orders WHERE state = 'CONFIRMED'").await;
+        (n >= 50).then_some(n)
+    })
+    .await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let running = count("SELECT count(*) FROM delayed_job WHERE state = 'running'").await;
+    let confirmed_at_kill = count("SELECT count(*) FROM orders WHERE state = 'CONFIRMED'").await;
+    assert!(
+        confirmed_at_kill < ORDERS as i64,
+        "the kill came after the work was done"
+    );
+
+    // another scheduler finishes the work, rescuing the dead one's leases
+    let second_port = free_port();
+    let mut second = Proc::spawn("scheduler", &scheduler_env(second_port));
+    wait_ready(
+        &http,
+        &format!("http://127.0.0.1:{second_port}"),
+        &mut second,
+    )
+    .await;
+    eventually(
+        "every order CONFIRMED",
+        Duration::from_secs(120),
+        || async {
+            (count("SELECT count(*) FROM orders WHERE state = 'CONFIRMED'").await == ORDERS as i64)
+                .then_some(())
+        },
+    )
+    .await;
+    for (sql, want) in [
+        (
+            "SELECT count(*) FROM outbox WHERE event_type = 'OrderConfirmed'",
+            ORDERS,
+        ),
+        (
+            "SELECT count(DISTINCT aggregate_id) FROM outbox WHERE event_type = 'OrderConfirmed'",
+            ORDERS,
+        ),
+        (
+            "SELECT count(*) FROM outbox WHERE event_type = 'StockDeducted'",
+            ORDERS,
+        ),
+        (
+            "SELECT count(*) FROM outbox WHERE event_type = 'VoucherIssued'",
+            ORDERS,
+        ),
+        ("SELECT count(DISTINCT code) FROM vouchers", ORDERS),
+        (
+            "SELECT count(*) FROM reservations WHERE status = 'ALLOCATED'",
+            ORDERS,
+        ),
+        ("SELECT count(*) FROM orders WHERE version <> 3", 0),
+    ] {
+        assert_eq!(count(sql).await, want as i64, "{sql}");
+    }
+    let sku: Value = http
+        .get(format!("{prelock}/v1/skus/sku-kill"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            sku["stock_real"].as_i64(),
+            sku["available"].as_i64(),
+            sku["reserved"].as_i64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "exactly 1,000 units left the real stock"
+    );
+    eprintln!(
+        "kill -9 test: killed at {at_kill}+ confirmed ({confirmed_at_kill} at the kill, {running} jobs left running under the dead scheduler's leases); all {ORDERS} confirmed once after the restart"
+    );
+    let status = second.terminate(Duration::from_secs(15));
+    assert!(status.success(), "{}", second.log_text());
+}
