@@ -5,69 +5,42 @@
 
 use std::time::Duration;
 
-use integration_tests::binaries::{free_port, wait_ready, Proc};
-use integration_tests::{
-    eventually, fresh_database, redis_url, token, unique_prefix, JWT_SECRET, OPS_TOKEN,
-};
+use integration_tests::binaries::{free_port, Proc, Services};
+use integration_tests::{eventually, token, OPS_TOKEN};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+/// Polls e2e-user's order until it is in `state` (20 s at most); returns it.
+async fn order_in_state(http: &reqwest::Client, base: &str, id: &str, state: &str) -> Value {
+    eventually(
+        &format!("order {state}"),
+        Duration::from_secs(20),
+        || async {
+            let o: Value = http
+                .get(format!("{base}/v1/orders/{id}"))
+                .bearer_auth(token("e2e-user"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (o["state"] == state).then_some(o)
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
-    let db = fresh_database().await;
-    let (order_port, prelock_port, gateway_port) = (free_port(), free_port(), free_port());
-    let order_api = format!("http://127.0.0.1:{order_port}");
-    let prelock = format!("http://127.0.0.1:{prelock_port}");
-    let gateway = format!("http://127.0.0.1:{gateway_port}");
-    let common = vec![
-        ("DATABASE_URL", db.clone()),
-        ("REDIS_URL", redis_url(0)),
-        ("REDIS_KEY_PREFIX", unique_prefix()),
-        ("AUTH_JWT_SECRET", JWT_SECRET.to_owned()),
-        ("OPS_TOKEN", OPS_TOKEN.to_owned()),
-        ("PG_MAX_CONNECTIONS", "4".to_owned()),
-        ("ALLOW_DEV_SECRETS", "true".to_owned()),
-        ("RUST_LOG", "info".to_owned()),
-    ];
-    let with = |extra: &[(&'static str, String)]| {
-        let mut env = common.clone();
-        env.extend_from_slice(extra);
-        env
-    };
-    let http = reqwest::Client::new();
-
-    let mut p = Proc::spawn(
-        "prelock-service",
-        &with(&[("PRELOCK_ADDR", format!("127.0.0.1:{prelock_port}"))]),
+    let mut s = Services::start(&[], &[("PRELOCK_TIMEOUT_MS", "2000".to_owned())]).await;
+    let (mut sch, scheduler) = s.scheduler(&[("JOB_POLL_MS", "50".to_owned())]).await;
+    let (http, order_api, prelock, gateway) = (
+        s.http.clone(),
+        s.order_api.clone(),
+        s.prelock.clone(),
+        s.gateway.clone(),
     );
-    wait_ready(&http, &prelock, &mut p).await;
-    let mut g = Proc::spawn(
-        "payment-gateway-sim",
-        &with(&[("GATEWAY_SIM_ADDR", format!("127.0.0.1:{gateway_port}"))]),
-    );
-    wait_ready(&http, &gateway, &mut g).await;
-    let mut o = Proc::spawn(
-        "order-api",
-        &with(&[
-            ("ORDER_API_ADDR", format!("127.0.0.1:{order_port}")),
-            ("PRELOCK_URL", prelock.clone()),
-            ("GATEWAY_URL", gateway.clone()),
-            ("PUBLIC_URL", order_api.clone()),
-            ("PRELOCK_TIMEOUT_MS", "2000".to_owned()),
-        ]),
-    );
-    wait_ready(&http, &order_api, &mut o).await;
-    let scheduler_port = free_port();
-    let scheduler = format!("http://127.0.0.1:{scheduler_port}");
-    let mut sch = Proc::spawn(
-        "scheduler",
-        &with(&[
-            ("SCHEDULER_ADDR", format!("127.0.0.1:{scheduler_port}")),
-            ("PRELOCK_URL", prelock.clone()),
-            ("JOB_POLL_MS", "50".to_owned()),
-        ]),
-    );
-    wait_ready(&http, &scheduler, &mut sch).await;
 
     let r = http
         .put(format!("{prelock}/v1/skus/sku-e2e"))
@@ -108,43 +81,11 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         StatusCode::OK
     );
 
-    let paid = eventually(
-        "order PAID via the simulator's callback",
-        Duration::from_secs(15),
-        || async {
-            let o: Value = http
-                .get(format!("{order_api}/v1/orders/{id}"))
-                .bearer_auth(token("e2e-user"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (o["state"] == "PAID").then_some(o)
-        },
-    )
-    .await;
+    let paid = order_in_state(&http, &order_api, &id, "PAID").await;
     assert_eq!(paid["version"], 2);
 
     // two seconds later the scheduler deducts the stock and issues the voucher: CONFIRMED
-    let confirmed = eventually(
-        "order CONFIRMED with a voucher",
-        Duration::from_secs(20),
-        || async {
-            let o: Value = http
-                .get(format!("{order_api}/v1/orders/{id}"))
-                .bearer_auth(token("e2e-user"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (o["state"] == "CONFIRMED").then_some(o)
-        },
-    )
-    .await;
+    let confirmed = order_in_state(&http, &order_api, &id, "CONFIRMED").await;
     assert_eq!(confirmed["version"], 3);
     let code = confirmed["voucher_code"]
         .as_str()
@@ -226,23 +167,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         .await
         .unwrap();
     let lapsing_id = lapsing["order_id"].as_str().unwrap().to_owned();
-    eventually(
-        "the unpaid order to expire",
-        Duration::from_secs(20),
-        || async {
-            let o: Value = http
-                .get(format!("{order_api}/v1/orders/{lapsing_id}"))
-                .bearer_auth(token("e2e-user"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (o["state"] == "EXPIRED").then_some(())
-        },
-    )
-    .await;
+    order_in_state(&http, &order_api, &lapsing_id, "EXPIRED").await;
     assert_eq!(sku_view("sku-e2e-ttl").await, (2, 2, 0));
 
     // metrics are labelled by route template, never by raw id
@@ -274,7 +199,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
     let log = sch.log_text();
     assert!(status.success(), "scheduler exited with {status}:\n{log}");
     assert!(log.contains("job engine drained"), "{log}");
-    for proc in [&mut o, &mut g, &mut p] {
+    for proc in [&mut s.order_proc, &mut s.gateway_proc, &mut s.prelock_proc] {
         let status = proc.terminate(Duration::from_secs(15));
         assert!(
             status.success(),
@@ -368,53 +293,24 @@ async fn services_refuse_to_start_with_missing_or_public_secrets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scheduler_killed_mid_run_still_confirms_every_order_exactly_once() {
     const ORDERS: usize = 1000;
-    let db = fresh_database().await;
-    let (order_port, prelock_port, gateway_port) = (free_port(), free_port(), free_port());
-    let order_api = format!("http://127.0.0.1:{order_port}");
-    let prelock = format!("http://127.0.0.1:{prelock_port}");
-    let gateway = format!("http://127.0.0.1:{gateway_port}");
-    let common = vec![
-        ("DATABASE_URL", db.clone()),
-        ("REDIS_URL", redis_url(0)),
-        ("REDIS_KEY_PREFIX", unique_prefix()),
-        ("AUTH_JWT_SECRET", JWT_SECRET.to_owned()),
-        ("OPS_TOKEN", OPS_TOKEN.to_owned()),
-        ("PG_MAX_CONNECTIONS", "8".to_owned()),
-        ("PG_ACQUIRE_TIMEOUT_MS", "5000".to_owned()),
-        ("ALLOW_DEV_SECRETS", "true".to_owned()),
-        ("RUST_LOG", "warn".to_owned()),
-    ];
-    let with = |extra: &[(&'static str, String)]| {
-        let mut env = common.clone();
-        env.extend_from_slice(extra);
-        env
-    };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(128)
-        .build()
-        .unwrap();
-    let mut p = Proc::spawn(
-        "prelock-service",
-        &with(&[("PRELOCK_ADDR", format!("127.0.0.1:{prelock_port}"))]),
-    );
-    wait_ready(&http, &prelock, &mut p).await;
-    let mut g = Proc::spawn(
-        "payment-gateway-sim",
-        &with(&[("GATEWAY_SIM_ADDR", format!("127.0.0.1:{gateway_port}"))]),
-    );
-    wait_ready(&http, &gateway, &mut g).await;
-    let mut o = Proc::spawn(
-        "order-api",
-        &with(&[
-            ("ORDER_API_ADDR", format!("127.0.0.1:{order_port}")),
-            ("PRELOCK_URL", prelock.clone()),
-            ("GATEWAY_URL", gateway.clone()),
-            ("PUBLIC_URL", order_api.clone()),
+    let s = Services::start(
+        &[
+            ("PG_MAX_CONNECTIONS", "8".to_owned()),
+            ("PG_ACQUIRE_TIMEOUT_MS", "5000".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ],
+        &[
             ("PRELOCK_TIMEOUT_MS", "5000".to_owned()),
             ("FOLLOW_UP_DELAY_MS", "0".to_owned()),
-        ]),
+        ],
+    )
+    .await;
+    let (http, order_api, prelock, db) = (
+        s.http.clone(),
+        s.order_api.clone(),
+        s.prelock.clone(),
+        s.db.clone(),
     );
-    wait_ready(&http, &order_api, &mut o).await;
     let r = http
         .put(format!("{prelock}/v1/skus/sku-kill"))
         .bearer_auth(OPS_TOKEN)
@@ -494,19 +390,13 @@ async fn a_scheduler_killed_mid_run_still_confirms_every_order_exactly_once() {
     );
 
     // a scheduler starts on the 3,000 due follow-ups and is killed (SIGKILL) part way through
-    let scheduler_env = |port: u16| {
-        with(&[
-            ("SCHEDULER_ADDR", format!("127.0.0.1:{port}")),
-            ("PRELOCK_URL", prelock.clone()),
-            ("JOB_POLL_MS", "50".to_owned()),
-            ("JOB_BATCH_SIZE", "50".to_owned()),
-            ("JOB_LEASE_MS", "3000".to_owned()),
-            ("JOB_MAINTENANCE_MS", "300".to_owned()),
-        ])
-    };
-    let first_port = free_port();
-    let mut first = Proc::spawn("scheduler", &scheduler_env(first_port));
-    wait_ready(&http, &format!("http://127.0.0.1:{first_port}"), &mut first).await;
+    let scheduler_env = [
+        ("JOB_POLL_MS", "50".to_owned()),
+        ("JOB_BATCH_SIZE", "50".to_owned()),
+        ("JOB_LEASE_MS", "3000".to_owned()),
+        ("JOB_MAINTENANCE_MS", "300".to_owned()),
+    ];
+    let (mut first, _) = s.scheduler(&scheduler_env).await;
     let at_kill = eventually("some orders confirmed", Duration::from_secs(60), || async {
         let n = count("SELECT count(*) FROM orders WHERE state = 'CONFIRMED'").await;
         (n >= 50).then_some(n)
@@ -522,14 +412,7 @@ async fn a_scheduler_killed_mid_run_still_confirms_every_order_exactly_once() {
     );
 
     // another scheduler finishes the work, rescuing the dead one's leases
-    let second_port = free_port();
-    let mut second = Proc::spawn("scheduler", &scheduler_env(second_port));
-    wait_ready(
-        &http,
-        &format!("http://127.0.0.1:{second_port}"),
-        &mut second,
-    )
-    .await;
+    let (mut second, _) = s.scheduler(&scheduler_env).await;
     eventually(
         "every order CONFIRMED",
         Duration::from_secs(120),

@@ -172,3 +172,95 @@ impl Drop for ScratchRedis {
         self.stop();
     }
 }
+
+/// prelock-service, the payment simulator and order-api as processes on one fresh database
+/// (the stack end-to-end tests run), with schedulers started on demand.
+pub struct Services {
+    pub db: String,
+    pub order_api: String,
+    pub prelock: String,
+    pub gateway: String,
+    pub prelock_proc: Proc,
+    pub gateway_proc: Proc,
+    pub order_proc: Proc,
+    pub http: reqwest::Client,
+    /// What every binary gets (the test's overrides applied).
+    common: Vec<(&'static str, String)>,
+}
+
+impl Services {
+    /// `common`: environment for every binary, over the defaults (fresh database, unique
+    /// Redis prefix, test secrets); `order_api`: for order-api only.
+    pub async fn start(
+        common: &[(&'static str, String)],
+        order_api: &[(&'static str, String)],
+    ) -> Services {
+        let db = crate::fresh_database().await;
+        let mut env = vec![
+            ("DATABASE_URL", db.clone()),
+            ("REDIS_URL", crate::redis_url(0)),
+            ("REDIS_KEY_PREFIX", crate::unique_prefix()),
+            ("AUTH_JWT_SECRET", crate::JWT_SECRET.to_owned()),
+            ("OPS_TOKEN", crate::OPS_TOKEN.to_owned()),
+            ("PG_MAX_CONNECTIONS", "4".to_owned()),
+            ("ALLOW_DEV_SECRETS", "true".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        env.extend_from_slice(common); // later entries win
+        let with = |extra: &[(&'static str, String)]| {
+            let mut e = env.clone();
+            e.extend_from_slice(extra);
+            e
+        };
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(128)
+            .build()
+            .expect("client");
+        let (pp, gp, op) = (free_port(), free_port(), free_port());
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let mut prelock_proc = Proc::spawn(
+            "prelock-service",
+            &with(&[("PRELOCK_ADDR", format!("127.0.0.1:{pp}"))]),
+        );
+        wait_ready(&http, &url(pp), &mut prelock_proc).await;
+        let mut gateway_proc = Proc::spawn(
+            "payment-gateway-sim",
+            &with(&[("GATEWAY_SIM_ADDR", format!("127.0.0.1:{gp}"))]),
+        );
+        wait_ready(&http, &url(gp), &mut gateway_proc).await;
+        let mut order_env = vec![
+            ("ORDER_API_ADDR", format!("127.0.0.1:{op}")),
+            ("PRELOCK_URL", url(pp)),
+            ("GATEWAY_URL", url(gp)),
+            ("PUBLIC_URL", url(op)),
+        ];
+        order_env.extend_from_slice(order_api);
+        let mut order_proc = Proc::spawn("order-api", &with(&order_env));
+        wait_ready(&http, &url(op), &mut order_proc).await;
+        Services {
+            db,
+            order_api: url(op),
+            prelock: url(pp),
+            gateway: url(gp),
+            prelock_proc,
+            gateway_proc,
+            order_proc,
+            http,
+            common: env,
+        }
+    }
+
+    /// Starts a scheduler against this stack (with `extra` environment); returns it and its
+    /// URL once it is ready.
+    pub async fn scheduler(&self, extra: &[(&'static str, String)]) -> (Proc, String) {
+        let port = free_port();
+        let mut env = self.common.clone();
+        env.push(("SCHEDULER_ADDR", format!("127.0.0.1:{port}")));
+        env.push(("PRELOCK_URL", self.prelock.clone()));
+        env.extend_from_slice(extra);
+        let mut proc = Proc::spawn("scheduler", &env);
+        let url = format!("http://127.0.0.1:{port}");
+        wait_ready(&self.http, &url, &mut proc).await;
+        (proc, url)
+    }
+}

@@ -360,15 +360,7 @@ impl RedisPrelock {
     }
 
     pub async fn release(&self, sku: &SkuId, id: OrderId) -> Result<ReleaseOutcome, PrelockError> {
-        let (status, a, b) = self.run(&self.release, sku, &[id.to_string()]).await?;
-        match status.as_str() {
-            "RELEASED" => Ok(ReleaseOutcome::Released {
-                quantity: u32::try_from(a).unwrap_or(0),
-                available: b,
-            }),
-            "NOT_FOUND" => Ok(ReleaseOutcome::NotFound),
-            other => Err(unexpected(other)),
-        }
+        release_outcome(self.run(&self.release, sku, &[id.to_string()]).await?)
     }
 
     /// Removes `attempt`'s claim; the units go back only when no claimant is left.
@@ -393,15 +385,7 @@ impl RedisPrelock {
 
     /// After the order expired: gives the units back unless the reservation is pinned.
     pub async fn lapse(&self, sku: &SkuId, id: OrderId) -> Result<ReleaseOutcome, PrelockError> {
-        let (status, a, b) = self.run(&self.lapse, sku, &[id.to_string()]).await?;
-        match status.as_str() {
-            "RELEASED" => Ok(ReleaseOutcome::Released {
-                quantity: u32::try_from(a).unwrap_or(0),
-                available: b,
-            }),
-            "NOT_FOUND" => Ok(ReleaseOutcome::NotFound),
-            other => Err(unexpected(other)),
-        }
+        release_outcome(self.run(&self.lapse, sku, &[id.to_string()]).await?)
     }
 
     /// After the real stock was deducted: drops a pinned reservation without giving its units
@@ -542,4 +526,16 @@ impl RedisPrelock {
 
 fn unexpected(reply: &str) -> PrelockError {
     PrelockError::Unavailable(format!("unexpected reply {reply}"))
+}
+
+/// RELEASED(qty, available) | NOT_FOUND, as the release and lapse scripts answer.
+fn release_outcome((status, a, b): (String, i64, i64)) -> Result<ReleaseOutcome, PrelockError> {
+    match status.as_str() {
+        "RELEASED" => Ok(ReleaseOutcome::Released {
+            quantity: u32::try_from(a).unwrap_or(0),
+            available: b,
+        }),
+        "NOT_FOUND" => Ok(ReleaseOutcome::NotFound),
+        other => Err(unexpected(other)),
+    }
 }
