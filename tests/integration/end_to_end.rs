@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use integration_tests::binaries::{free_port, Proc, Services};
-use integration_tests::{eventually, token, OPS_TOKEN};
+use integration_tests::{eventually, post_callback_to, token, OPS_TOKEN};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -350,25 +350,14 @@ async fn a_scheduler_killed_mid_run_still_confirms_every_order_exactly_once() {
                 .json()
                 .await
                 .unwrap();
-            let body = serde_json::to_vec(&json!({
+            let body = json!({
                 "event_id": format!("evt-{id}"), "payment_id": started["payment_id"],
                 "order_id": id, "amount_cents": 100, "status": "SUCCESS",
                 "paid_at": chrono::Utc::now(),
-            }))
-            .unwrap();
-            let ts = chrono::Utc::now().timestamp().to_string();
-            let secret = gateway_protocol::ProviderSecrets::development();
-            let sig = gateway_protocol::sign(secret.get(domain::Provider::Wechat), &ts, &body);
-            let r = http
-                .post(format!("{order_api}/v1/payments/wechat/callback"))
-                .header("Content-Type", "application/json")
-                .header("Wechatpay-Timestamp", ts)
-                .header("Wechatpay-Signature", sig)
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
+            });
+            let (status, ack) =
+                post_callback_to(&http, &order_api, "wechat", &body, None, None).await;
+            assert_eq!(status, StatusCode::OK, "{ack}");
         });
     }
     while let Some(r) = set.join_next().await {

@@ -565,6 +565,27 @@ pub async fn post_callback(
     secret: Option<&str>,
     timestamp: Option<i64>,
 ) -> (StatusCode, Value) {
+    post_callback_to(
+        &stack.http,
+        &stack.order_api,
+        provider,
+        body,
+        secret,
+        timestamp,
+    )
+    .await
+}
+
+/// [`post_callback`] to the order-api at `base` (e.g. a real binary), signed with `secret` or
+/// the development secret, stamped `timestamp` or now.
+pub async fn post_callback_to(
+    http: &reqwest::Client,
+    base: &str,
+    provider: &str,
+    body: &Value,
+    secret: Option<&str>,
+    timestamp: Option<i64>,
+) -> (StatusCode, Value) {
     let p: domain::Provider = provider.parse().unwrap();
     let secrets = gateway_protocol::ProviderSecrets::development();
     let body = serde_json::to_vec(body).unwrap();
@@ -572,12 +593,8 @@ pub async fn post_callback(
         .unwrap_or_else(|| chrono::Utc::now().timestamp())
         .to_string();
     let sig = gateway_protocol::sign(secret.unwrap_or(secrets.get(p)), &ts, &body);
-    let r = stack
-        .http
-        .post(format!(
-            "{}/v1/payments/{provider}/callback",
-            stack.order_api
-        ))
+    let r = http
+        .post(format!("{base}/v1/payments/{provider}/callback"))
         .header("Content-Type", "application/json")
         .header(gateway_protocol::timestamp_header(p), ts)
         .header(gateway_protocol::signature_header(p), sig)

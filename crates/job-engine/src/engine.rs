@@ -160,10 +160,6 @@ impl Engine {
         }
     }
 
-    pub fn clock(&self) -> &Arc<dyn Clock> {
-        &self.clock
-    }
-
     /// Claims one batch of due jobs, runs them concurrently, and settles each under its lease.
     pub async fn run_once(&self) -> Result<RoundReport, EngineError> {
         let now = self.clock.now();

@@ -4,7 +4,7 @@
 //! - [`clock`]: time as a port ([`Clock`]); tests move a [`ManualClock`] instead of sleeping.
 //! - [`store`]: the SQL of the `delayed_job` table: insert (with an explicit "duplicate of job
 //!   X" for a repeated dedupe key), batch claiming with `FOR UPDATE SKIP LOCKED` under a lease
-//!   (owner, token, expiry), settling checked against the lease token, heartbeats, rescue of
+//!   (owner, token, expiry), settling checked against the lease token, rescue of
 //!   expired leases, redrive of dead jobs.
 //! - [`leader`]: one instance at a time runs maintenance, by a session advisory lock.
 //! - [`engine`]: handlers registered by job kind, a claim-run-settle round

@@ -182,24 +182,6 @@ pub async fn settle(
     Ok(done.rows_affected() == 1)
 }
 
-/// Extends the leases this owner still holds (a long handler must not be rescued while it
-/// runs). Returns how many were extended.
-pub async fn heartbeat(
-    pool: &PgPool,
-    tokens: &[Uuid],
-    until: DateTime<Utc>,
-) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE delayed_job SET lease_expires_at = $2
-         WHERE lease_token = ANY($1) AND state = 'running'",
-    )
-    .bind(tokens)
-    .bind(until)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected())
-}
-
 /// Puts jobs whose lease expired before `now` back to `scheduled` (their owner died or hung);
 /// their old tokens stop working. The attempt they were on counts.
 pub async fn rescue_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sqlx::Error> {
