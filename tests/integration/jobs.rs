@@ -24,10 +24,13 @@ async fn database() -> PgPool {
         .await
         .unwrap();
     postgres_store::MIGRATOR.run(&pool).await.unwrap();
-    sqlx::query("CREATE TABLE job_runs (job_id bigint NOT NULL, instance text NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "CREATE TABLE job_runs (job_id bigint NOT NULL, instance text NOT NULL,
+                                fired_at timestamptz NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     pool
 }
 
@@ -52,28 +55,36 @@ async fn insert_all(pool: &PgPool, jobs: impl IntoIterator<Item = NewJob>) -> Ve
     ids
 }
 
-/// An engine whose `test.run` handler records (job, instance) in `job_runs`.
+fn test_config(instance: &str) -> EngineConfig {
+    EngineConfig {
+        owner: instance.to_owned(),
+        batch_size: 100,
+        lease: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(20),
+        maintenance_interval: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+/// An engine whose `test.run` handler records (job, instance, when it fired) in `job_runs`.
 fn recording_engine(pool: &PgPool, clock: Arc<dyn Clock>, instance: &str) -> Engine {
-    let mut engine = Engine::new(
-        pool.clone(),
-        clock,
-        EngineConfig {
-            owner: instance.to_owned(),
-            batch_size: 100,
-            lease: Duration::from_secs(5),
-            poll_interval: Duration::from_millis(20),
-            ..Default::default()
-        },
-    );
-    let (pool, name) = (pool.clone(), instance.to_owned());
+    recording_engine_with(pool, clock, test_config(instance))
+}
+
+fn recording_engine_with(pool: &PgPool, clock: Arc<dyn Clock>, config: EngineConfig) -> Engine {
+    let (pool, name) = (pool.clone(), config.owner.clone());
+    let mut engine = Engine::new(pool.clone(), clock.clone(), config);
     engine.register("test.run", move |j| {
-        let (pool, name) = (pool.clone(), name.clone());
+        let (pool, name, clock) = (pool.clone(), name.clone(), clock.clone());
         async move {
-            match sqlx::query("INSERT INTO job_runs (job_id, instance) VALUES ($1, $2)")
-                .bind(j.id)
-                .bind(&name)
-                .execute(&pool)
-                .await
+            match sqlx::query(
+                "INSERT INTO job_runs (job_id, instance, fired_at) VALUES ($1, $2, $3)",
+            )
+            .bind(j.id)
+            .bind(&name)
+            .bind(clock.now())
+            .execute(&pool)
+            .await
             {
                 Ok(_) => Outcome::Done,
                 Err(e) => Outcome::Retry(e.to_string()),
@@ -87,10 +98,54 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
+/// Runs an engine on a runtime of its own, so the test can kill the whole instance (every task
+/// it spawned) without letting it settle anything.
+struct Instance {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// A pool of its own for an [`Instance`]: connections belong to the runtime that opened them,
+/// so a killed instance must not leave dead ones in a pool the test still uses.
+fn own_pool(pool: &PgPool) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
+impl Instance {
+    fn start(engine: Engine, stop: CancellationToken) -> (Instance, tokio::task::JoinHandle<()>) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.spawn(async move { engine.run(stop).await });
+        (
+            Instance {
+                runtime: Some(runtime),
+            },
+            handle,
+        )
+    }
+
+    /// kill -9, in process: every task of the instance is dropped where it stands.
+    fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_instances_run_5000_jobs_due_over_two_seconds_each_exactly_once() {
+async fn three_instances_run_5000_jobs_exactly_once_though_one_is_killed_mid_run() {
     let pool = database().await;
-    let start = Utc::now();
+    let start = Utc::now() + chrono::Duration::milliseconds(300);
     // due over the next two seconds, one every 0.4 ms
     insert_all(
         &pool,
@@ -104,13 +159,39 @@ async fn three_instances_run_5000_jobs_due_over_two_seconds_each_exactly_once() 
     )
     .await;
     let stop = CancellationToken::new();
-    let mut instances = Vec::new();
-    for name in ["a", "b", "c"] {
-        let engine = recording_engine(&pool, Arc::new(SystemClock), name);
-        let stop = stop.clone();
-        instances.push(tokio::spawn(async move { engine.run(stop).await }));
+    let mut running = Vec::new();
+    for name in ["a", "b"] {
+        let engine = recording_engine(&own_pool(&pool), Arc::new(SystemClock), name);
+        running.push(Instance::start(engine, stop.clone()));
     }
-    eventually("5000 jobs to complete", Duration::from_secs(60), || async {
+    // instance C takes its share and hangs in every handler: then it is killed
+    let mut c = Engine::new(
+        own_pool(&pool),
+        Arc::new(SystemClock),
+        EngineConfig {
+            lease: Duration::from_secs(3),
+            ..test_config("c")
+        },
+    );
+    c.register("test.run", |_| std::future::pending::<Outcome>());
+    let (mut c, _) = Instance::start(c, stop.clone());
+    let c_leases: Vec<(i64, uuid::Uuid)> =
+        eventually("C to hold jobs", Duration::from_secs(20), || async {
+            let held: Vec<(i64, uuid::Uuid)> =
+                sqlx::query_as("SELECT id, lease_token FROM delayed_job WHERE lease_owner = 'c'")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            (held.len() >= 20).then_some(held)
+        })
+        .await;
+    c.kill();
+    eprintln!(
+        "instance C killed holding at least {} leases",
+        c_leases.len()
+    );
+
+    eventually("5000 jobs to complete", Duration::from_secs(90), || async {
         (count(
             &pool,
             "SELECT count(*) FROM delayed_job WHERE state = 'completed'",
@@ -120,9 +201,19 @@ async fn three_instances_run_5000_jobs_due_over_two_seconds_each_exactly_once() 
             .then_some(())
     })
     .await;
+    // C's late completion of what it held is refused: the rescuer's run stands
+    for (id, token) in &c_leases {
+        assert!(
+            !store::settle(&pool, *id, *token, &Settle::Completed)
+                .await
+                .unwrap(),
+            "job {id}: a stale owner settled"
+        );
+    }
     stop.cancel();
-    for i in instances {
-        i.await.unwrap();
+    for (mut instance, handle) in running {
+        handle.await.unwrap();
+        instance.kill();
     }
     assert_eq!(count(&pool, "SELECT count(*) FROM job_runs").await, 5000);
     assert_eq!(
@@ -131,19 +222,223 @@ async fn three_instances_run_5000_jobs_due_over_two_seconds_each_exactly_once() 
         "a job ran twice"
     );
     assert_eq!(
+        count(&pool, "SELECT count(*) FROM job_runs WHERE instance = 'c'").await,
+        0
+    );
+    // jobs are claimed ahead of time, but none fires before it is due
+    assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM delayed_job WHERE attempts <> 1"
+            "SELECT count(*) FROM job_runs r JOIN delayed_job j ON j.id = r.job_id
+             WHERE r.fired_at < j.run_at"
         )
         .await,
-        0
+        0,
+        "a job fired early"
+    );
+    let rescued = count(
+        &pool,
+        "SELECT count(*) FROM delayed_job WHERE attempts = 2 AND last_error = 'lease expired'",
+    )
+    .await;
+    assert!(
+        rescued >= c_leases.len() as i64,
+        "C's jobs were rescued: {rescued}"
     );
     let per_instance: Vec<(String, i64)> =
         sqlx::query_as("SELECT instance, count(*) FROM job_runs GROUP BY 1 ORDER BY 1")
             .fetch_all(&pool)
             .await
             .unwrap();
-    eprintln!("jobs run per instance: {per_instance:?}");
+    eprintln!("jobs run per instance: {per_instance:?}; rescued from C: {rescued}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_inserted_due_now_wakes_an_engine_long_before_its_next_poll() {
+    let pool = database().await;
+    let stop = CancellationToken::new();
+    // a poll interval of a minute: only the NOTIFY can get the job run in time
+    let engine = recording_engine_with(
+        &own_pool(&pool),
+        Arc::new(SystemClock),
+        EngineConfig {
+            poll_interval: Duration::from_secs(60),
+            lookahead: Duration::from_secs(60),
+            lease: Duration::from_secs(120),
+            maintenance_interval: Duration::from_secs(3600),
+            ..test_config("a")
+        },
+    );
+    let (mut instance, handle) = Instance::start(engine, stop.clone());
+    // let it take its first (empty) poll and start listening
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    insert_all(&pool, [job("test.run", 1, Utc::now())]).await;
+    eventually("the job to run", Duration::from_secs(15), || async {
+        (count(&pool, "SELECT count(*) FROM job_runs").await == 1).then_some(())
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    instance.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_back_waiting_jobs_uncounted_and_running_ones_after_the_drain_timeout() {
+    let pool = database().await;
+    let stop = CancellationToken::new();
+    let mut engine = recording_engine_with(
+        &own_pool(&pool),
+        Arc::new(SystemClock),
+        EngineConfig {
+            lookahead: Duration::from_secs(30),
+            lease: Duration::from_secs(60),
+            drain_timeout: Duration::from_millis(300),
+            ..test_config("a")
+        },
+    );
+    engine.register("test.hang", |_| std::future::pending::<Outcome>());
+    let later = Utc::now() + chrono::Duration::seconds(20);
+    let ids = insert_all(
+        &pool,
+        [
+            job("test.run", 1, later),
+            job("test.run", 2, later),
+            job("test.hang", 3, Utc::now()),
+        ],
+    )
+    .await;
+    let (mut instance, handle) = Instance::start(engine, stop.clone());
+    eventually("all three held", Duration::from_secs(15), || async {
+        (count(
+            &pool,
+            "SELECT count(*) FROM delayed_job WHERE state = 'running'",
+        )
+        .await
+            == 3)
+            .then_some(())
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    instance.kill();
+    let rows: Vec<(i64, String, i32, Option<String>, Option<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT id, state, attempts, last_error, lease_token FROM delayed_job ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (ids[0], "scheduled".into(), 0, None, None),
+            (ids[1], "scheduled".into(), 0, None, None),
+            (
+                ids[2],
+                "scheduled".into(),
+                1,
+                Some("released at shutdown while running".into()),
+                None
+            ),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starved_low_priority_job_ages_to_the_front_and_a_paused_kind_waits() {
+    let pool = database().await;
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let mut engine = recording_engine_with(
+        &pool,
+        clock.clone(),
+        EngineConfig {
+            batch_size: 1,
+            aging_step: Duration::from_secs(60),
+            ..test_config("a")
+        },
+    );
+    engine.register("test.other", |_| async { Outcome::Done });
+    let low = NewJob {
+        priority: Priority::P2,
+        ..job("test.run", 0, clock.now())
+    };
+    let ids = insert_all(&pool, [low]).await;
+    let low_id = ids[0];
+    let mut leadership = job_engine::Leadership::new(pool.clone());
+    // a stream of P0 work: one new P0 job per round, each newer than the P2 job
+    let mut order = Vec::new();
+    for n in 1..=6 {
+        clock.advance(Duration::from_secs(40));
+        let p0 = NewJob {
+            priority: Priority::P0,
+            ..job("test.run", n, clock.now())
+        };
+        insert_all(&pool, [p0.clone(), p0]).await;
+        engine.maintain_once(&mut leadership).await.unwrap();
+        engine.run_once().await.unwrap();
+        order.push(
+            count(
+                &pool,
+                &format!("SELECT count(*) FROM job_runs WHERE job_id = {low_id}"),
+            )
+            .await,
+        );
+    }
+    // P2 waits while younger P0 jobs go first; more than 60 s overdue it is P1 (round 2, at
+    // 80 s), 60 s after that P0 (round 4, at 160 s): then it is the oldest P0 job and runs
+    let ran_at_round = order.iter().position(|n| *n == 1).map(|i| i + 1);
+    assert_eq!(ran_at_round, Some(4), "runs per round: {order:?}");
+
+    // pause: nothing of the kind is claimed, by any instance, until resumed
+    insert_all(&pool, [job("test.other", 100, clock.now())]).await;
+    sqlx::query("DELETE FROM delayed_job WHERE kind = 'test.run' AND state = 'scheduled'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(store::pause_kind(&pool, "test.other", "ops").await.unwrap());
+    assert!(!store::pause_kind(&pool, "test.other", "ops").await.unwrap());
+    assert_eq!(engine.run_once().await.unwrap().claimed, 0);
+    assert!(store::resume_kind(&pool, "test.other").await.unwrap());
+    assert_eq!(engine.run_once().await.unwrap().completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_with_a_concurrency_limit_never_runs_more_at_once() {
+    let pool = database().await;
+    let stop = CancellationToken::new();
+    let mut engine = Engine::new(own_pool(&pool), Arc::new(SystemClock), test_config("a"));
+    let now_running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r, m) = (now_running.clone(), most.clone());
+    engine.register_limited("test.limited", 2, move |_| {
+        let (r, m) = (r.clone(), m.clone());
+        async move {
+            let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            Outcome::Done
+        }
+    });
+    insert_all(&pool, (0..30).map(|n| job("test.limited", n, Utc::now()))).await;
+    let (mut instance, handle) = Instance::start(engine, stop.clone());
+    eventually("30 jobs done", Duration::from_secs(30), || async {
+        (count(
+            &pool,
+            "SELECT count(*) FROM delayed_job WHERE state = 'completed'",
+        )
+        .await
+            == 30)
+            .then_some(())
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    instance.kill();
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        2,
+        "at most two at once, and two did run together"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,9 +448,17 @@ async fn a_dead_instances_jobs_are_rescued_and_run_once_and_its_late_settle_is_r
     let ids = insert_all(&pool, (0..10).map(|n| job("test.run", n, clock.now()))).await;
     // instance A claims everything, then dies (drops its tasks without settling)
     let kinds = vec!["test.run".to_owned()];
-    let lost = store::claim(&pool, "a", &kinds, 100, clock.now(), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let lost = store::claim(
+        &pool,
+        "a",
+        &kinds,
+        100,
+        clock.now(),
+        clock.now(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     assert_eq!(lost.len(), 10);
 
     let b = recording_engine(&pool, clock.clone(), "b");

@@ -1,15 +1,15 @@
 //! The worker side: handlers registered by job kind, a claim-run-settle step ([`Engine::run_once`])
-//! that tests drive directly, and the loop around it ([`Engine::run`]).
+//! that tests drive directly, and maintenance. The pipelined loop is in [`crate::runner`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::leader::Leadership;
@@ -40,7 +40,8 @@ pub struct Job {
     pub max_attempts: i32,
 }
 
-type HandlerFn = dyn Fn(Job) -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync;
+pub(crate) type HandlerFn =
+    dyn Fn(Job) -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync;
 
 /// What the engine reports about each job it settles, for metrics (the engine keeps no
 /// registry of its own).
@@ -48,24 +49,33 @@ type HandlerFn = dyn Fn(Job) -> Pin<Box<dyn Future<Output = Outcome> + Send>> + 
 pub struct Settled {
     pub kind: String,
     pub priority: i16,
-    /// Claimed at minus due at: how late the job started (zero if claimed early).
+    /// Started at minus due at: how late the job fired (zero if it fired early).
     pub fire_delay: Duration,
     /// `completed`, `retried`, `dead` or `lease_lost`.
     pub outcome: &'static str,
 }
 
-type Observer = dyn Fn(&Settled) + Send + Sync;
+pub(crate) type Observer = dyn Fn(&Settled) + Send + Sync;
+type MaintenanceObserver = dyn Fn(&Maintenance) + Send + Sync;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Names this instance in lease rows (host, pid); for operators, not for correctness.
     pub owner: String,
-    /// Jobs claimed per round trip.
+    /// Jobs claimed per round trip, at most.
     pub batch_size: i64,
-    /// How long a claim holds a job before another instance may rescue it.
+    /// How long a claim holds a job before another instance may rescue it. The loop extends
+    /// the leases it holds every third of this (heartbeat).
     pub lease: Duration,
-    /// How long the loop waits when nothing was due.
+    /// How long the loop waits for a wake-up (`NOTIFY`, a freed slot) before it polls anyway.
     pub poll_interval: Duration,
+    /// Jobs due within this from now are claimed ahead and fire from the in-memory timer, on
+    /// time. At least `poll_interval`.
+    pub lookahead: Duration,
+    /// Handlers running at once on this instance: starts at `concurrency_min`, doubles while
+    /// due jobs wait, halves when idle, never above `concurrency_max`.
+    pub concurrency_min: usize,
+    pub concurrency_max: usize,
     /// First retry delay; doubled per attempt, up to `backoff_cap`, with jitter.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
@@ -73,20 +83,58 @@ pub struct EngineConfig {
     pub maintenance_interval: Duration,
     /// Finished jobs older than this leave the hot table for the archive.
     pub archive_after: Duration,
+    /// A scheduled job overdue by this moves up one priority level (and again after as long).
+    pub aging_step: Duration,
+    /// At shutdown, how long running handlers may take to finish before their leases are given
+    /// back anyway.
+    pub drain_timeout: Duration,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             owner: format!("engine-{}", std::process::id()),
-            batch_size: 100,
+            batch_size: 200,
             lease: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(200),
+            poll_interval: Duration::from_millis(250),
+            lookahead: Duration::from_millis(1000),
+            concurrency_min: 8,
+            concurrency_max: 64,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(300),
             maintenance_interval: Duration::from_secs(5),
             archive_after: Duration::from_secs(3600),
+            aging_step: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl EngineConfig {
+    /// Checks the settings that only work together: a wrong value is an error at start-up,
+    /// never a job fired late.
+    pub fn validate(&self) -> Result<(), String> {
+        let half_wake = store::WAKE_HORIZON / 2;
+        if self.batch_size < 1 {
+            return Err("JOB_BATCH_SIZE must be at least 1".into());
+        }
+        if self.poll_interval.is_zero() || self.poll_interval > half_wake {
+            return Err(format!(
+                "JOB_POLL_MS must be between 1 and {} (half the {} ms wake-up horizon)",
+                half_wake.as_millis(),
+                store::WAKE_HORIZON.as_millis()
+            ));
+        }
+        if self.lookahead < self.poll_interval {
+            return Err("JOB_LOOKAHEAD_MS must be at least JOB_POLL_MS".into());
+        }
+        if self.lease < self.lookahead + Duration::from_secs(1) {
+            return Err("JOB_LEASE_MS must exceed JOB_LOOKAHEAD_MS by at least a second".into());
+        }
+        if self.concurrency_min == 0 || self.concurrency_min > self.concurrency_max {
+            return Err("need 1 <= JOB_CONCURRENCY_MIN <= JOB_CONCURRENCY_MAX".into());
+        }
+        Ok(())
     }
 }
 
@@ -94,8 +142,14 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Maintenance {
     pub leader: bool,
+    /// This round made this instance the leader (it was not before).
+    pub became_leader: bool,
     pub rescued: u64,
     pub archived: u64,
+    /// Jobs moved up a priority level by aging.
+    pub aged: u64,
+    /// Jobs due and not yet claimed, by priority (P0, P1, P2).
+    pub depth: [i64; 3],
 }
 
 /// Finished jobs moved to the archive per statement, and statements per maintenance round.
@@ -119,14 +173,23 @@ pub enum EngineError {
     Db(#[from] sqlx::Error),
 }
 
+/// A registered kind: its handler and, if set, a bound on how many of its jobs run at once on
+/// this instance.
+#[derive(Clone)]
+pub(crate) struct Kind {
+    pub(crate) handler: Arc<HandlerFn>,
+    pub(crate) limit: Option<Arc<tokio::sync::Semaphore>>,
+}
+
 /// One instance of the job engine. Any number may run against one database.
 pub struct Engine {
-    pool: PgPool,
-    clock: Arc<dyn Clock>,
-    config: EngineConfig,
-    handlers: HashMap<String, Arc<HandlerFn>>,
-    kinds: Vec<String>,
-    observer: Option<Arc<Observer>>,
+    pub(crate) pool: PgPool,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: EngineConfig,
+    pub(crate) handlers: HashMap<String, Kind>,
+    pub(crate) kinds: Vec<String>,
+    pub(crate) observer: Option<Arc<Observer>>,
+    maintenance_observer: Option<Arc<MaintenanceObserver>>,
 }
 
 impl Engine {
@@ -138,12 +201,19 @@ impl Engine {
             handlers: HashMap::new(),
             kinds: Vec::new(),
             observer: None,
+            maintenance_observer: None,
         }
     }
 
     /// Calls `f` for every job this instance settles (metrics: fire delay, outcomes).
     pub fn on_settled(&mut self, f: impl Fn(&Settled) + Send + Sync + 'static) {
         self.observer = Some(Arc::new(f));
+    }
+
+    /// Calls `f` after every maintenance round this instance leads (metrics: leader changes,
+    /// rescues, queue depth).
+    pub fn on_maintenance(&mut self, f: impl Fn(&Maintenance) + Send + Sync + 'static) {
+        self.maintenance_observer = Some(Arc::new(f));
     }
 
     /// Runs `handler` for every job of `kind`. An instance claims only kinds it has handlers
@@ -154,13 +224,36 @@ impl Engine {
         F: Fn(Job) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Outcome> + Send + 'static,
     {
-        let f: Arc<HandlerFn> = Arc::new(move |job| Box::pin(handler(job)));
-        if self.handlers.insert(kind.to_owned(), f).is_none() {
+        self.register_kind(kind, None, handler);
+    }
+
+    /// Like [`Engine::register`], with at most `concurrency` jobs of this kind running at once
+    /// on this instance (a slow provider, a rate limit).
+    pub fn register_limited<F, Fut>(&mut self, kind: &str, concurrency: usize, handler: F)
+    where
+        F: Fn(Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        self.register_kind(kind, Some(concurrency.max(1)), handler);
+    }
+
+    fn register_kind<F, Fut>(&mut self, kind: &str, limit: Option<usize>, handler: F)
+    where
+        F: Fn(Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        let entry = Kind {
+            handler: Arc::new(move |job| Box::pin(handler(job))),
+            limit: limit.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+        };
+        if self.handlers.insert(kind.to_owned(), entry).is_none() {
             self.kinds.push(kind.to_owned());
         }
     }
 
-    /// Claims one batch of due jobs, runs them concurrently, and settles each under its lease.
+    /// Claims one batch of jobs due now, runs them concurrently and settles them in one
+    /// statement, each under its lease. The deterministic step tests drive with a test clock;
+    /// [`Engine::run`] is the pipelined loop built from the same pieces.
     pub async fn run_once(&self) -> Result<RoundReport, EngineError> {
         let now = self.clock.now();
         let claimed = store::claim(
@@ -168,6 +261,7 @@ impl Engine {
             &self.config.owner,
             &self.kinds,
             self.config.batch_size,
+            now,
             now,
             self.config.lease,
         )
@@ -178,88 +272,35 @@ impl Engine {
         };
         let mut running = JoinSet::new();
         for job in claimed {
-            let Some(handler) = self.handlers.get(&job.kind).cloned() else {
+            let Some(kind) = self.handlers.get(&job.kind).cloned() else {
                 continue; // claimed only registered kinds
             };
             running.spawn(async move {
-                let outcome = handler(Job {
-                    id: job.id,
-                    kind: job.kind.clone(),
-                    payload: job.payload.clone(),
-                    attempt: job.attempts,
-                    max_attempts: job.max_attempts,
-                })
-                .await;
+                let outcome = (kind.handler)(job.as_handed()).await;
                 (job, outcome)
             });
         }
+        let mut finished = Vec::new();
         while let Some(done) = running.join_next().await {
-            let (job, outcome) = match done {
-                Ok(v) => v,
-                Err(e) => {
-                    // a panicking handler: its lease runs out and the job is rescued
-                    tracing::error!(error = %e, "job handler panicked");
-                    continue;
-                }
-            };
-            let how = self.settlement(&job, outcome);
-            let held = store::settle(&self.pool, job.id, job.lease_token, &how).await?;
-            let outcome = match (&how, held) {
-                (_, false) => {
-                    report.lease_lost += 1;
-                    tracing::warn!(job_id = job.id, kind = %job.kind, "lease lost before the job settled; its new owner decides");
-                    "lease_lost"
-                }
-                (Settle::Completed, true) => {
-                    report.completed += 1;
-                    "completed"
-                }
-                (Settle::Retry { .. }, true) => {
-                    report.retried += 1;
-                    "retried"
-                }
-                (Settle::Dead { error }, true) => {
-                    report.dead += 1;
-                    tracing::error!(job_id = job.id, kind = %job.kind, attempts = job.attempts, error = %error, "job is dead");
-                    "dead"
-                }
-            };
-            if let Some(observe) = &self.observer {
-                observe(&Settled {
+            match done {
+                Ok((job, outcome)) => finished.push(Finished {
+                    how: settlement(&self.config, self.clock.now(), &job, outcome),
                     fire_delay: (now - job.run_at).to_std().unwrap_or_default(),
-                    kind: job.kind,
-                    priority: job.priority,
-                    outcome,
-                });
+                    job,
+                }),
+                // a panicking handler: its lease runs out and the job is rescued
+                Err(e) => tracing::error!(error = %e, "job handler panicked"),
+            }
+        }
+        for label in settle_finished(&self.pool, &finished, self.observer.as_deref()).await? {
+            match label {
+                "completed" => report.completed += 1,
+                "retried" => report.retried += 1,
+                "dead" => report.dead += 1,
+                _ => report.lease_lost += 1,
             }
         }
         Ok(report)
-    }
-
-    fn settlement(&self, job: &ClaimedJob, outcome: Outcome) -> Settle {
-        let now = self.clock.now();
-        let out_of_attempts = job.attempts >= job.max_attempts;
-        match outcome {
-            Outcome::Done => Settle::Completed,
-            Outcome::Permanent(error) => Settle::Dead { error },
-            Outcome::Retry(error) | Outcome::RetryAfter(_, error) if out_of_attempts => {
-                Settle::Dead { error }
-            }
-            Outcome::Retry(error) => Settle::Retry {
-                at: now
-                    + to_chrono(backoff(
-                        job.attempts,
-                        self.config.backoff_base,
-                        self.config.backoff_cap,
-                        fastrand::f64(),
-                    )),
-                error,
-            },
-            Outcome::RetryAfter(after, error) => Settle::Retry {
-                at: now + to_chrono(after),
-                error,
-            },
-        }
     }
 
     /// Puts jobs whose lease expired back to `scheduled` (their owner died or hung).
@@ -271,21 +312,26 @@ impl Engine {
         Ok(n)
     }
 
-    /// Maintenance, on the leader only: rescues expired leases and moves finished jobs older
-    /// than `archive_after` to the archive (in bounded batches).
+    /// Maintenance, on the leader only: rescues expired leases, ages priorities, moves
+    /// finished jobs older than `archive_after` to the archive (in bounded batches) and counts
+    /// the queue.
     pub async fn maintain_once(
         &self,
         leadership: &mut Leadership,
     ) -> Result<Maintenance, EngineError> {
+        let was_leader = leadership.is_leader();
         if !leadership.ensure().await {
             return Ok(Maintenance::default());
         }
+        let now = self.clock.now();
         let mut m = Maintenance {
             leader: true,
+            became_leader: !was_leader,
             rescued: self.rescue_once().await?,
-            archived: 0,
+            aged: store::age_priorities(&self.pool, now, self.config.aging_step).await?,
+            ..Default::default()
         };
-        let before = self.clock.now() - to_chrono(self.config.archive_after);
+        let before = now - to_chrono(self.config.archive_after);
         for _ in 0..ARCHIVE_BATCHES {
             let moved = store::archive_finished(&self.pool, before, ARCHIVE_BATCH).await?;
             m.archived += moved;
@@ -293,45 +339,109 @@ impl Engine {
                 break;
             }
         }
-        Ok(m)
-    }
-
-    /// Runs rounds until `shutdown`: back to back while there is work, then every
-    /// `poll_interval`; every `maintenance_interval` it tries for leadership and, as leader,
-    /// runs maintenance. A round in progress finishes (its jobs settle) before the loop
-    /// returns, and leadership is given up.
-    pub async fn run(&self, shutdown: CancellationToken) {
-        let mut leadership = Leadership::new(self.pool.clone());
-        let mut last_maintenance: Option<chrono::DateTime<chrono::Utc>> = None;
-        while !shutdown.is_cancelled() {
-            let now = self.clock.now();
-            if last_maintenance
-                .is_none_or(|t| now - t >= to_chrono(self.config.maintenance_interval))
-            {
-                last_maintenance = Some(now);
-                if let Err(e) = self.maintain_once(&mut leadership).await {
-                    tracing::warn!(error = %e, "maintenance failed; will retry");
-                }
-            }
-            let idle = match self.run_once().await {
-                Ok(r) => r.claimed == 0,
-                Err(e) => {
-                    tracing::warn!(error = %e, "job round failed; will retry");
-                    true
-                }
-            };
-            if idle {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(self.config.poll_interval) => {}
-                }
-            }
+        m.depth = store::queue_depth(&self.pool, now).await?;
+        if let Some(observe) = &self.maintenance_observer {
+            observe(&m);
         }
-        leadership.resign().await;
+        Ok(m)
     }
 }
 
-fn to_chrono(d: Duration) -> chrono::Duration {
+/// A job whose handler returned, with how it is to be settled.
+pub(crate) struct Finished {
+    pub(crate) job: ClaimedJob,
+    pub(crate) how: Settle,
+    pub(crate) fire_delay: Duration,
+}
+
+/// Settles `finished` in one statement (rows sorted by id, so concurrent batches lock in one
+/// order) and reports each job to the observer. Returns each job's outcome label, in order.
+pub(crate) async fn settle_finished(
+    pool: &PgPool,
+    finished: &[Finished],
+    observer: Option<&Observer>,
+) -> Result<Vec<&'static str>, sqlx::Error> {
+    if finished.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut rows: Vec<(i64, uuid::Uuid, Settle)> = finished
+        .iter()
+        .map(|f| (f.job.id, f.job.lease_token, f.how.clone()))
+        .collect();
+    rows.sort_by_key(|r| r.0);
+    let settled: HashSet<i64> = store::settle_many(pool, &rows).await?.into_iter().collect();
+    let mut labels = Vec::with_capacity(finished.len());
+    for f in finished {
+        let label = match (&f.how, settled.contains(&f.job.id)) {
+            (_, false) => {
+                tracing::warn!(job_id = f.job.id, kind = %f.job.kind, "lease lost before the job settled; its new owner decides");
+                "lease_lost"
+            }
+            (Settle::Completed, true) => "completed",
+            (Settle::Retry { .. }, true) => "retried",
+            (Settle::Dead { error }, true) => {
+                tracing::error!(job_id = f.job.id, kind = %f.job.kind, attempts = f.job.attempts, error = %error, "job is dead");
+                "dead"
+            }
+        };
+        if let Some(observe) = observer {
+            observe(&Settled {
+                kind: f.job.kind.clone(),
+                priority: f.job.priority,
+                fire_delay: f.fire_delay,
+                outcome: label,
+            });
+        }
+        labels.push(label);
+    }
+    Ok(labels)
+}
+
+/// How a handler's outcome settles its job: a retry backs off (or waits as asked) until the
+/// attempt budget is spent, then the job is dead.
+pub(crate) fn settlement(
+    config: &EngineConfig,
+    now: DateTime<Utc>,
+    job: &ClaimedJob,
+    outcome: Outcome,
+) -> Settle {
+    let out_of_attempts = job.attempts >= job.max_attempts;
+    match outcome {
+        Outcome::Done => Settle::Completed,
+        Outcome::Permanent(error) => Settle::Dead { error },
+        Outcome::Retry(error) | Outcome::RetryAfter(_, error) if out_of_attempts => {
+            Settle::Dead { error }
+        }
+        Outcome::Retry(error) => Settle::Retry {
+            at: now
+                + to_chrono(backoff(
+                    job.attempts,
+                    config.backoff_base,
+                    config.backoff_cap,
+                    fastrand::f64(),
+                )),
+            error,
+        },
+        Outcome::RetryAfter(after, error) => Settle::Retry {
+            at: now + to_chrono(after),
+            error,
+        },
+    }
+}
+
+impl ClaimedJob {
+    pub(crate) fn as_handed(&self) -> Job {
+        Job {
+            id: self.id,
+            kind: self.kind.clone(),
+            payload: self.payload.clone(),
+            attempt: self.attempts,
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+pub(crate) fn to_chrono(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(365))
 }
 

@@ -7,21 +7,25 @@
 //!   (owner, token, expiry), settling checked against the lease token, rescue of
 //!   expired leases, redrive of dead jobs.
 //! - [`leader`]: one instance at a time runs maintenance, by a session advisory lock.
-//! - [`engine`]: handlers registered by job kind, a claim-run-settle round
-//!   ([`Engine::run_once`]) with retries (exponential backoff with jitter, per-job attempt
-//!   budget, permanent errors), and the loop around it.
+//! - [`engine`]: handlers registered by job kind (optionally with a per-kind concurrency
+//!   limit), a claim-run-settle round ([`Engine::run_once`]) with retries (exponential backoff
+//!   with jitter, per-job attempt budget, permanent errors), and the leader's maintenance
+//!   (rescue, priority aging, archiving, queue depth).
+//! - [`runner`]: the pipelined loop ([`Engine::run`]): claims ahead within a lookahead, fires
+//!   each job from the timer at its due time, wakes on `LISTEN/NOTIFY`, sizes its workers to
+//!   the backlog, settles in batches, heartbeats leases, and gives leases back on shutdown.
 //!
 //! Any number of instances may run: a job is claimed by one, under a lease; a rescued job's
 //! old owner cannot settle it. The engine knows nothing about orders: the binaries register
 //! their own kinds (`scheduler`: the order follow-ups; `compensation-worker`: the payment
 //! checks), and each claims only the kinds it runs.
 //!
-//! Not here yet (the scheduler issue continues): the timer wheel and `LISTEN/NOTIFY`,
-//! priorities with aging, per-kind concurrency, recurring schedules and the ops API.
+//! Not here yet (the scheduler issue continues): recurring schedules.
 
 pub mod clock;
 pub mod engine;
 pub mod leader;
+pub mod runner;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};

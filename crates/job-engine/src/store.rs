@@ -48,6 +48,27 @@ impl Inserted {
     }
 }
 
+/// A job inserted due sooner than this from now wakes the engines (`NOTIFY delayed_job`, sent
+/// when the transaction commits): their next poll could come too late for it. Jobs due later
+/// are claimed ahead by a regular poll (the engine's lookahead is at least its poll interval,
+/// which is at most half of this), so they cost no NOTIFY: the order flow's expiries (minutes
+/// ahead) and follow-ups (two seconds ahead) never send one.
+pub const WAKE_HORIZON: Duration = Duration::from_secs(1);
+
+/// The channel engines listen on for [`wake`].
+pub const WAKE_CHANNEL: &str = "delayed_job";
+
+/// Wakes every engine instance when the caller's transaction commits (Postgres delivers
+/// `NOTIFY` at commit, and folds repeats within one transaction into one).
+pub async fn wake(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(WAKE_CHANNEL)
+        .bind(kind)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Inserts a job in the caller's transaction (so it exists exactly when the state change that
 /// needs it does).
 pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, sqlx::Error> {
@@ -66,6 +87,9 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, s
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(id) = id {
+        if job.run_at <= Utc::now() + chrono::Duration::from_std(WAKE_HORIZON).unwrap_or_default() {
+            wake(&mut *conn, &job.kind).await?;
+        }
         return Ok(Inserted::New(id));
     }
     // only a dedupe key can conflict; the other transaction has committed (the insert waited)
@@ -105,25 +129,29 @@ pub struct ClaimedJob {
     pub lease_expires_at: DateTime<Utc>,
 }
 
-/// Claims up to `limit` jobs of `kinds` due at `now`, most urgent first, skipping rows other
-/// instances hold; each gets a fresh lease token valid for `lease`.
+/// Claims up to `limit` jobs of `kinds` due by `horizon` (`now`, or later to claim ahead and
+/// fire from the timer), most urgent first, skipping rows other instances hold and kinds an
+/// operator paused; each gets a fresh lease token valid until `lease` after it is due (or after
+/// `now`, if it is already due).
 pub async fn claim(
     pool: &PgPool,
     owner: &str,
     kinds: &[String],
     limit: i64,
     now: DateTime<Utc>,
+    horizon: DateTime<Utc>,
     lease: Duration,
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
-    let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::days(365));
     sqlx::query_as(
         "UPDATE delayed_job j
          SET state = 'running', lease_owner = $1, lease_token = gen_random_uuid(),
-             lease_expires_at = $5, attempts = j.attempts + 1, updated_at = now()
-         FROM (SELECT id FROM delayed_job
-               WHERE state = 'scheduled' AND run_at <= $3 AND kind = ANY($2)
+             lease_expires_at = GREATEST(j.run_at, $3) + $6 * interval '1 millisecond',
+             attempts = j.attempts + 1, updated_at = now()
+         FROM (SELECT id FROM delayed_job d
+               WHERE state = 'scheduled' AND run_at <= $4 AND kind = ANY($2)
+                 AND NOT EXISTS (SELECT 1 FROM job_kind_pause p WHERE p.kind = d.kind)
                ORDER BY priority, run_at
-               LIMIT $4
+               LIMIT $5
                FOR UPDATE SKIP LOCKED) due
          WHERE j.id = due.id
          RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
@@ -132,10 +160,15 @@ pub async fn claim(
     .bind(owner)
     .bind(kinds)
     .bind(now)
+    .bind(horizon)
     .bind(limit)
-    .bind(until)
+    .bind(millis(lease))
     .fetch_all(pool)
     .await
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// How a claimed job ends this attempt.
@@ -161,25 +194,102 @@ pub async fn settle(
     token: Uuid,
     how: &Settle,
 ) -> Result<bool, sqlx::Error> {
-    let (state, run_at, error): (&str, Option<DateTime<Utc>>, Option<&str>) = match how {
-        Settle::Completed => ("completed", None, None),
-        Settle::Retry { at, error } => ("scheduled", Some(*at), Some(error)),
-        Settle::Dead { error } => ("dead", None, Some(error)),
-    };
-    let done = sqlx::query(
-        "UPDATE delayed_job
-         SET state = $3, run_at = COALESCE($4, run_at), last_error = COALESCE($5, last_error),
+    Ok(settle_many(ex, &[(id, token, how.clone())]).await? == vec![id])
+}
+
+/// Settles many claimed jobs in one statement (batched completion); each row changes only if
+/// its token still holds the lease. Returns the ids that were settled: the others had lost
+/// their lease.
+pub async fn settle_many(
+    ex: impl PgExecutor<'_>,
+    jobs: &[(i64, Uuid, Settle)],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let mut ids = Vec::with_capacity(jobs.len());
+    let mut tokens = Vec::with_capacity(jobs.len());
+    let mut states = Vec::with_capacity(jobs.len());
+    let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(jobs.len());
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(jobs.len());
+    for (id, token, how) in jobs {
+        let (state, run_at, error) = match how {
+            Settle::Completed => ("completed", None, None),
+            Settle::Retry { at, error } => ("scheduled", Some(*at), Some(error.as_str())),
+            Settle::Dead { error } => ("dead", None, Some(error.as_str())),
+        };
+        ids.push(*id);
+        tokens.push(*token);
+        states.push(state);
+        run_ats.push(run_at);
+        errors.push(error);
+    }
+    sqlx::query_scalar(
+        "UPDATE delayed_job j
+         SET state = u.state, run_at = COALESCE(u.run_at, j.run_at),
+             last_error = COALESCE(u.error, j.last_error),
              lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
-         WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+         FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[])
+              AS u(id, token, state, run_at, error)
+         WHERE j.id = u.id AND j.lease_token = u.token AND j.state = 'running'
+         RETURNING j.id",
     )
-    .bind(id)
-    .bind(token)
-    .bind(state)
-    .bind(run_at)
-    .bind(error)
-    .execute(ex)
+    .bind(ids)
+    .bind(tokens)
+    .bind(states)
+    .bind(run_ats)
+    .bind(errors)
+    .fetch_all(ex)
+    .await
+}
+
+/// Extends the leases this instance still holds (heartbeat) to `lease` after `now` (or after
+/// the job is due, for one waiting in the timer). Returns the ids still held: a missing id was
+/// rescued meanwhile.
+pub async fn extend_leases(
+    pool: &PgPool,
+    held: &[(i64, Uuid)],
+    now: DateTime<Utc>,
+    lease: Duration,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let (ids, tokens): (Vec<i64>, Vec<Uuid>) = held.iter().copied().unzip();
+    sqlx::query_scalar(
+        "UPDATE delayed_job j
+         SET lease_expires_at = GREATEST(j.run_at, $3) + $4 * interval '1 millisecond'
+         FROM unnest($1::bigint[], $2::uuid[]) AS u(id, token)
+         WHERE j.id = u.id AND j.lease_token = u.token AND j.state = 'running'
+         RETURNING j.id",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(now)
+    .bind(millis(lease))
+    .fetch_all(pool)
+    .await
+}
+
+/// Gives leases back (shutdown): the jobs are `scheduled` again at their due time, for any
+/// instance. `started: false` means the handler never ran, so the attempt is not counted.
+pub async fn release(
+    pool: &PgPool,
+    held: &[(i64, Uuid)],
+    started: bool,
+) -> Result<u64, sqlx::Error> {
+    let (ids, tokens): (Vec<i64>, Vec<Uuid>) = held.iter().copied().unzip();
+    let done = sqlx::query(
+        "UPDATE delayed_job j
+         SET state = 'scheduled', lease_owner = NULL, lease_token = NULL,
+             lease_expires_at = NULL,
+             attempts = CASE WHEN $3 THEN j.attempts ELSE GREATEST(j.attempts - 1, 0) END,
+             last_error = CASE WHEN $3 THEN 'released at shutdown while running'
+                               ELSE j.last_error END,
+             updated_at = now()
+         FROM unnest($1::bigint[], $2::uuid[]) AS u(id, token)
+         WHERE j.id = u.id AND j.lease_token = u.token AND j.state = 'running'",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(started)
+    .execute(pool)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(done.rows_affected())
 }
 
 /// Puts jobs whose lease expired before `now` back to `scheduled` (their owner died or hung);
@@ -237,5 +347,67 @@ pub async fn redrive(pool: &PgPool, id: i64, now: DateTime<Utc>) -> Result<bool,
     .bind(now)
     .execute(pool)
     .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Aging, so a low priority is never starved: a scheduled job overdue by more than `step` moves
+/// up one priority level, at most once per `step` (the clock of the last change is
+/// `updated_at`). A P2 job overdue by two steps runs as P0. Returns how many moved.
+pub async fn age_priorities(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    step: Duration,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE delayed_job
+         SET priority = priority - 1, updated_at = $1
+         WHERE state = 'scheduled' AND priority > 0
+           AND run_at < $1 - $2 * interval '1 millisecond'
+           AND updated_at < $1 - $2 * interval '1 millisecond'",
+    )
+    .bind(now)
+    .bind(millis(step))
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Jobs due and waiting to be claimed, by priority (P0, P1, P2).
+pub async fn queue_depth(pool: &PgPool, now: DateTime<Utc>) -> Result<[i64; 3], sqlx::Error> {
+    let rows: Vec<(i16, i64)> = sqlx::query_as(
+        "SELECT priority, count(*) FROM delayed_job
+         WHERE state = 'scheduled' AND run_at <= $1 GROUP BY priority",
+    )
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    let mut depth = [0; 3];
+    for (p, n) in rows {
+        if let Some(d) = depth.get_mut(p as usize) {
+            *d = n;
+        }
+    }
+    Ok(depth)
+}
+
+/// Stops every instance from claiming jobs of `kind` (running ones finish). `false` if it was
+/// already paused.
+pub async fn pause_kind(pool: &PgPool, kind: &str, by: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO job_kind_pause (kind, paused_by) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(kind)
+    .bind(by)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Lets instances claim `kind` again. `false` if it was not paused.
+pub async fn resume_kind(pool: &PgPool, kind: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM job_kind_pause WHERE kind = $1")
+        .bind(kind)
+        .execute(pool)
+        .await?;
     Ok(done.rows_affected() == 1)
 }

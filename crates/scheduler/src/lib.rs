@@ -42,41 +42,49 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> anyhow::Result<Self> {
-        let d = EngineConfig::default();
         let notify_url = env_string("NOTIFY_WEBHOOK_URL", "");
         Ok(Config {
             database_url: env_string(
                 "DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/bar_fulfillment",
             ),
-            pg: PgLimits::from_env(8, env_or)?,
+            pg: PgLimits::from_env(16, env_or)?,
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
             prelock_url: env_string("PRELOCK_URL", "http://127.0.0.1:8081"),
             prelock_timeout: env_millis("PRELOCK_TIMEOUT_MS", 1000)?,
-            engine: EngineConfig {
-                owner: format!(
-                    "scheduler-{}-{}",
-                    env_string("HOSTNAME", "local"),
-                    std::process::id()
-                ),
-                batch_size: env_or("JOB_BATCH_SIZE", d.batch_size)?,
-                lease: env_millis("JOB_LEASE_MS", d.lease.as_millis() as u64)?,
-                poll_interval: env_millis("JOB_POLL_MS", d.poll_interval.as_millis() as u64)?,
-                backoff_base: env_millis("JOB_BACKOFF_BASE_MS", 1000)?,
-                backoff_cap: env_millis("JOB_BACKOFF_CAP_MS", 300_000)?,
-                maintenance_interval: env_millis(
-                    "JOB_MAINTENANCE_MS",
-                    d.maintenance_interval.as_millis() as u64,
-                )?,
-                archive_after: env_millis(
-                    "JOB_ARCHIVE_AFTER_MS",
-                    d.archive_after.as_millis() as u64,
-                )?,
-            },
+            engine: engine_config_from_env(format!(
+                "scheduler-{}-{}",
+                env_string("HOSTNAME", "local"),
+                std::process::id()
+            ))?,
             notify_url: (!notify_url.trim().is_empty()).then_some(notify_url),
             notify_timeout: env_millis("NOTIFY_TIMEOUT_MS", 2000)?,
         })
     }
+}
+
+/// The job engine's settings from `JOB_*` variables (defaults: [`EngineConfig::default`]),
+/// checked together: a bad combination stops start-up with a message naming the variables.
+pub fn engine_config_from_env(owner: String) -> anyhow::Result<EngineConfig> {
+    let d = EngineConfig::default();
+    let ms = |name: &str, default: Duration| env_millis(name, default.as_millis() as u64);
+    let config = EngineConfig {
+        owner,
+        batch_size: env_or("JOB_BATCH_SIZE", d.batch_size)?,
+        lease: ms("JOB_LEASE_MS", d.lease)?,
+        poll_interval: ms("JOB_POLL_MS", d.poll_interval)?,
+        lookahead: ms("JOB_LOOKAHEAD_MS", d.lookahead)?,
+        concurrency_min: env_or("JOB_CONCURRENCY_MIN", d.concurrency_min)?,
+        concurrency_max: env_or("JOB_CONCURRENCY_MAX", d.concurrency_max)?,
+        backoff_base: ms("JOB_BACKOFF_BASE_MS", d.backoff_base)?,
+        backoff_cap: ms("JOB_BACKOFF_CAP_MS", d.backoff_cap)?,
+        maintenance_interval: ms("JOB_MAINTENANCE_MS", d.maintenance_interval)?,
+        archive_after: ms("JOB_ARCHIVE_AFTER_MS", d.archive_after)?,
+        aging_step: ms("JOB_AGING_STEP_MS", d.aging_step)?,
+        drain_timeout: ms("JOB_DRAIN_TIMEOUT_MS", d.drain_timeout)?,
+    };
+    config.validate().map_err(anyhow::Error::msg)?;
+    Ok(config)
 }
 
 pub struct App {
@@ -148,6 +156,36 @@ impl App {
                 .with_label_values(&[&s.kind, &priority])
                 .observe(s.fire_delay.as_secs_f64());
             jobs.with_label_values(&[&s.kind, s.outcome]).inc();
+        });
+        let depth = metrics.gauge(
+            "job_queue_depth",
+            "Jobs due and not yet claimed, by priority (set by the leader)",
+            &["priority"],
+        );
+        let rescues = metrics.counter(
+            "job_lease_rescues_total",
+            "Jobs put back to scheduled because their lease expired (their owner died or hung)",
+            &[],
+        );
+        let leader_changes = metrics.counter(
+            "job_leader_changes_total",
+            "Times this instance became the job leader",
+            &[],
+        );
+        let aged = metrics.counter(
+            "job_priority_aged_total",
+            "Jobs moved up a priority level because they waited too long",
+            &[],
+        );
+        engine.on_maintenance(move |m| {
+            for (p, n) in m.depth.iter().enumerate() {
+                depth.with_label_values(&[&format!("P{p}")]).set(*n);
+            }
+            rescues.with_label_values::<&str>(&[]).inc_by(m.rescued);
+            aged.with_label_values::<&str>(&[]).inc_by(m.aged);
+            if m.became_leader {
+                leader_changes.with_label_values::<&str>(&[]).inc();
+            }
         });
         Ok(Arc::new(App {
             config,

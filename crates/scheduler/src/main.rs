@@ -39,10 +39,11 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     http::serve(listener, app.router(), shutdown).await?;
-    // the round in flight settles its jobs; a handler that hangs past this bound leaves its
-    // leases to expire, and another instance rescues those jobs
+    // the engine gives back jobs that have not started, lets running ones finish for
+    // JOB_DRAIN_TIMEOUT_MS and gives back the rest; this bound only guards against a hang
     stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(10), engine).await {
+    let bound = app.config.engine.drain_timeout + Duration::from_secs(5);
+    match tokio::time::timeout(bound, engine).await {
         Ok(_) => tracing::info!("job engine drained"),
         Err(_) => tracing::warn!("job engine still busy at exit; its leases will be rescued"),
     }

@@ -5,7 +5,7 @@
 //! global default), so several apps in one test process do not collide.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -85,6 +85,12 @@ impl Metrics {
         let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
         self.register(Box::new(c.clone()));
         c
+    }
+
+    pub fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.register(Box::new(g.clone()));
+        g
     }
 
     pub fn histogram(&self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
