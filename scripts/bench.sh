@@ -2,8 +2,14 @@
 # Latency of "buy now" under a burst, on the local stack (release build), as ratios to a
 # baseline measured in the same run. Brings the stack up first if it is not running.
 #   scripts/bench.sh [--buyers 2000] [--concurrency 64] [--stock 1000]
+# The job engine's benchmark (fire delay, burn-down, graphile-worker, the pgbench ceiling):
+#   scripts/bench.sh jobs [--rate 1000] [--secs 60] [--jobs 100000] [--workers 16]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = jobs ]; then
+  shift
+  exec scripts/bench-jobs.sh "$@"
+fi
 curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1 || scripts/dev-up.sh >/dev/null
 cargo build --release --bins --locked -q
 exec target/release/loadgen burst --sku "sku-bench-$(date +%s)" "$@"

@@ -255,11 +255,12 @@ impl Engine {
     /// statement, each under its lease. The deterministic step tests drive with a test clock;
     /// [`Engine::run`] is the pipelined loop built from the same pieces.
     pub async fn run_once(&self) -> Result<RoundReport, EngineError> {
+        let kinds = self.claimable(&store::paused_kinds(&self.pool).await?);
         let now = self.clock.now();
         let claimed = store::claim(
             &self.pool,
             &self.config.owner,
-            &self.kinds,
+            &kinds,
             self.config.batch_size,
             now,
             now,
@@ -301,6 +302,15 @@ impl Engine {
             }
         }
         Ok(report)
+    }
+
+    /// The kinds this instance runs, less those an operator paused.
+    pub(crate) fn claimable(&self, paused: &[String]) -> Vec<String> {
+        self.kinds
+            .iter()
+            .filter(|k| !paused.contains(k))
+            .cloned()
+            .collect()
     }
 
     /// Puts jobs whose lease expired back to `scheduled` (their owner died or hung).

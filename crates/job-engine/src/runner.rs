@@ -173,12 +173,26 @@ impl Engine {
         let stop_settler = CancellationToken::new();
         let settler = tokio::spawn(settle_loop(shared.clone(), rx, stop_settler.clone()));
         let listener = tokio::spawn(listen(shared.clone(), shutdown.clone()));
-        let max_held = config.concurrency_max * 2;
+        // held at once: two full batches (one settling while the next is claimed) beyond what
+        // the workers can run
+        let max_held = 2 * config.batch_size.max(1) as usize + config.concurrency_max * 2;
 
         let mut leadership = Leadership::new(self.pool.clone());
         let mut last_maintenance: Option<chrono::DateTime<chrono::Utc>> = None;
         let mut last_heartbeat = self.clock.now();
+        // paused kinds, re-read at most every poll interval
+        let mut kinds = self.kinds.clone();
+        let mut kinds_read: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
+            if kinds_read.is_none_or(|t| t.elapsed() >= config.poll_interval) {
+                match store::paused_kinds(&self.pool).await {
+                    Ok(paused) => {
+                        kinds = self.claimable(&paused);
+                        kinds_read = Some(tokio::time::Instant::now());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading paused kinds failed; will retry"),
+                }
+            }
             let now = self.clock.now();
             if last_maintenance.is_none_or(|t| now - t >= to_chrono(config.maintenance_interval)) {
                 last_maintenance = Some(now);
@@ -191,15 +205,19 @@ impl Engine {
                 heartbeat(&shared).await;
             }
             let room = max_held.saturating_sub(shared.held().len());
-            shared.starved.store(room == 0, Ordering::Relaxed);
+            let want = (config.batch_size as usize).min(room);
+            // short of room for a full batch: the settler wakes the loop when it frees some
+            // (set before claiming, so a settle that lands meanwhile is not missed)
+            shared
+                .starved
+                .store(want < config.batch_size as usize, Ordering::Relaxed);
             let mut backlog = false;
-            if room > 0 {
-                let want = (config.batch_size as usize).min(room);
+            if want > 0 && !kinds.is_empty() {
                 let now = self.clock.now();
                 match store::claim(
                     &self.pool,
                     &config.owner,
-                    &self.kinds,
+                    &kinds,
                     want as i64,
                     now,
                     now + to_chrono(config.lookahead),
@@ -209,6 +227,9 @@ impl Engine {
                 {
                     Ok(jobs) => {
                         backlog = jobs.len() == want;
+                        if backlog {
+                            shared.starved.store(true, Ordering::Relaxed);
+                        }
                         for job in jobs {
                             self.start(&shared, &tx, &stop_waiting, job);
                         }
