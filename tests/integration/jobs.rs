@@ -784,3 +784,140 @@ async fn the_leader_moves_finished_jobs_out_of_the_hot_table() {
     let m = engine.maintain_once(&mut other).await.unwrap();
     assert_eq!(m, job_engine::Maintenance::default());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_writes_schedule_occurrences_ahead_once_and_replays_misfires_by_policy() {
+    use job_engine::schedule::{self, Put, ScheduleDef};
+    let pool = database().await;
+    // 10:00:30 UTC, a fixed day
+    let start: chrono::DateTime<Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
+    let clock = Arc::new(ManualClock::new(start));
+    let def = |misfire: &str, max: i32| ScheduleDef {
+        kind: "test.run".into(),
+        payload: json!({ "report": "daily" }),
+        priority: 2,
+        max_attempts: 3,
+        recurrence: "* * * * *".into(),
+        time_zone: "Asia/Shanghai".into(),
+        dst_gap: "shift".into(),
+        dst_overlap: "first".into(),
+        misfire: misfire.into(),
+        catch_up_max: max,
+        paused: false,
+    };
+    for (name, misfire, max) in [
+        ("every-minute-once", "fire_once", 1),
+        ("every-minute-skip", "skip", 1),
+        ("every-minute-catch-up", "catch_up", 3),
+    ] {
+        let put = schedule::put(&pool, name, &def(misfire, max), "test", clock.now(), false)
+            .await
+            .unwrap();
+        assert_eq!(put, Ok(Put::Created));
+    }
+    // a bad definition is refused with the reason, and nothing is stored
+    let bad = schedule::put(
+        &pool,
+        "bad",
+        &ScheduleDef {
+            time_zone: "Atlantis/Nowhere".into(),
+            ..def("skip", 1)
+        },
+        "test",
+        clock.now(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(bad.is_err(), "{bad:?}");
+    // a start-up default does not overwrite an operator's edit
+    let kept = schedule::put(
+        &pool,
+        "every-minute-skip",
+        &def("fire_once", 1),
+        "scheduler",
+        clock.now(),
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(kept, Ok(Put::Kept));
+
+    let engine = recording_engine_with(
+        &pool,
+        clock.clone(),
+        EngineConfig {
+            maintenance_interval: Duration::from_secs(5),
+            lookahead: Duration::from_secs(1),
+            misfire_grace: Duration::from_secs(60),
+            ..test_config("a")
+        },
+    );
+    let mut leadership = job_engine::Leadership::new(pool.clone());
+    // the horizon is 11 s ahead: nothing due before 10:01:00
+    assert_eq!(
+        engine
+            .maintain_once(&mut leadership)
+            .await
+            .unwrap()
+            .scheduled,
+        0
+    );
+    clock.advance(Duration::from_secs(20)); // 10:00:50: 10:01:00 is within the horizon
+    assert_eq!(
+        engine
+            .maintain_once(&mut leadership)
+            .await
+            .unwrap()
+            .scheduled,
+        3
+    );
+    assert_eq!(
+        engine
+            .maintain_once(&mut leadership)
+            .await
+            .unwrap()
+            .scheduled,
+        0,
+        "written once"
+    );
+    let occurrences: Vec<(String, chrono::DateTime<Utc>)> =
+        sqlx::query_as("SELECT payload->>'schedule', run_at FROM delayed_job ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let at_1001: chrono::DateTime<Utc> = "2026-06-01T10:01:00Z".parse().unwrap();
+    assert!(
+        occurrences.iter().all(|(_, run_at)| *run_at == at_1001),
+        "{occurrences:?}"
+    );
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(engine.run_once().await.unwrap().completed, 3);
+
+    // the leader is gone for ten minutes: 10:02 .. 10:11 are missed
+    clock.advance(Duration::from_secs(600)); // 10:11:00
+    engine.maintain_once(&mut leadership).await.unwrap();
+    let per_schedule: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT payload->>'schedule',
+                count(*) FILTER (WHERE run_at = $1),
+                count(*) FILTER (WHERE run_at > $1)
+         FROM delayed_job WHERE state = 'scheduled' GROUP BY 1 ORDER BY 1",
+    )
+    .bind(clock.now())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    // replayed now / on time ahead (10:11 is within the grace; 10:12 is not yet written)
+    assert_eq!(
+        per_schedule,
+        vec![
+            ("every-minute-catch-up".to_owned(), 4, 0),
+            ("every-minute-once".to_owned(), 2, 0),
+            ("every-minute-skip".to_owned(), 1, 0),
+        ],
+        "catch-up: 10:08..10:10 replayed plus 10:11; once: 10:10 replayed plus 10:11; skip: 10:11"
+    );
+    let listed = schedule::list(&pool).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|s| s.last_fired_at.is_some()));
+}

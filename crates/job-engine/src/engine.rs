@@ -88,6 +88,9 @@ pub struct EngineConfig {
     /// At shutdown, how long running handlers may take to finish before their leases are given
     /// back anyway.
     pub drain_timeout: Duration,
+    /// A schedule's occurrence older than this when the leader gets to it was missed (the
+    /// leader was down) and follows the schedule's misfire policy.
+    pub misfire_grace: Duration,
 }
 
 impl Default for EngineConfig {
@@ -106,6 +109,7 @@ impl Default for EngineConfig {
             archive_after: Duration::from_secs(3600),
             aging_step: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            misfire_grace: Duration::from_secs(60),
         }
     }
 }
@@ -148,6 +152,8 @@ pub struct Maintenance {
     pub archived: u64,
     /// Jobs moved up a priority level by aging.
     pub aged: u64,
+    /// Jobs written for recurring schedules' occurrences.
+    pub scheduled: u64,
     /// Jobs due and not yet claimed, by priority (P0, P1, P2).
     pub depth: [i64; 3],
 }
@@ -322,7 +328,8 @@ impl Engine {
         Ok(n)
     }
 
-    /// Maintenance, on the leader only: rescues expired leases, ages priorities, moves
+    /// Maintenance, on the leader only: writes recurring schedules' next jobs, rescues expired
+    /// leases, ages priorities, moves
     /// finished jobs older than `archive_after` to the archive (in bounded batches) and counts
     /// the queue.
     pub async fn maintain_once(
@@ -334,9 +341,14 @@ impl Engine {
             return Ok(Maintenance::default());
         }
         let now = self.clock.now();
+        // schedules are written ahead, past the next maintenance round, so that their jobs
+        // are claimed ahead and fire from the timer on time
+        let until = now + to_chrono(2 * self.config.maintenance_interval + self.config.lookahead);
+        let grace = to_chrono(self.config.misfire_grace);
         let mut m = Maintenance {
             leader: true,
             became_leader: !was_leader,
+            scheduled: crate::schedule::materialize(&self.pool, now, until, grace).await?,
             rescued: self.rescue_once().await?,
             aged: store::age_priorities(&self.pool, now, self.config.aging_step).await?,
             ..Default::default()

@@ -26,6 +26,7 @@ pub mod clock;
 pub mod engine;
 pub mod leader;
 pub mod runner;
+pub mod schedule;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -82,6 +82,7 @@ pub fn engine_config_from_env(owner: String) -> anyhow::Result<EngineConfig> {
         archive_after: ms("JOB_ARCHIVE_AFTER_MS", d.archive_after)?,
         aging_step: ms("JOB_AGING_STEP_MS", d.aging_step)?,
         drain_timeout: ms("JOB_DRAIN_TIMEOUT_MS", d.drain_timeout)?,
+        misfire_grace: ms("JOB_MISFIRE_GRACE_MS", d.misfire_grace)?,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     Ok(config)
