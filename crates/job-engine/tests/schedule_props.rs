@@ -23,11 +23,12 @@ fn local_of(zone: &jiff::tz::TimeZone, t: DateTime<Utc>) -> (NaiveDateTime, i64)
 }
 
 /// Occurrences of "at `minute` past `hour` [on day `dom`]" in `(after, until]`, by the reference.
+/// `(minute, hour, day of month)`, the pattern's fields the reference matches.
+type Fields = (u32, u32, Option<u32>);
+
 fn reference(
     zone_name: &str,
-    minute: u32,
-    hour: u32,
-    dom: Option<u32>,
+    (minute, hour, dom): Fields,
     after: DateTime<Utc>,
     until: DateTime<Utc>,
     gap: GapPolicy,
@@ -147,7 +148,7 @@ proptest! {
         };
         let calendar = Calendar::new(&pattern, zone_name, gap, overlap).unwrap();
         let got = calendar.between(after, until, 10_000);
-        let want = reference(zone_name, minute, hour, dom, after, until, gap, overlap);
+        let want = reference(zone_name, (minute, hour, dom), after, until, gap, overlap);
         prop_assert_eq!(got, want, "{} in {} from {} to {}, {:?} {:?}", pattern, zone_name, after, until, gap, overlap);
     }
 }
