@@ -173,9 +173,7 @@ fn a_whole_year_at_the_changing_hours_in_both_zones_under_every_policy() {
                         .between(after, until, 10_000);
                     let want = reference(
                         zone_name,
-                        30,
-                        pattern_hour,
-                        None,
+                        (30, pattern_hour, None),
                         after,
                         until,
                         gap,
