@@ -12,5 +12,6 @@ mod lifecycle;
 mod openapi;
 mod prelock_scripts;
 mod rebuild;
+mod scheduler_ops;
 mod schema;
 mod validation;

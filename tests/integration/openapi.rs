@@ -54,6 +54,7 @@ async fn prelock_service_and_the_simulator_document_their_paths() {
                 ("/v1/skus/{sku_id}", "put"),
                 ("/v1/skus/{sku_id}", "get"),
                 ("/v1/admin/rebuild", "post"),
+                ("/v1/admin/reconcile", "post"),
                 ("/v1/skus/{sku_id}/reservations/{reservation_id}", "put"),
                 ("/v1/skus/{sku_id}/reservations/{reservation_id}", "get"),
                 ("/v1/skus/{sku_id}/reservations/{reservation_id}", "delete"),

@@ -166,3 +166,47 @@ async fn a_sku_missing_from_redis_is_rebuilt_on_first_use() {
     let (available, held, _) = s.assert_consistent("sku-gone").await;
     assert_eq!((available, held), (0, 5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_repairs_a_sku_that_drifted_and_leaves_the_others_alone() {
+    let s = Stack::start().await;
+    s.put_sku("sku-drift", "bar-1", 100, 10).await;
+    s.put_sku("sku-calm", "bar-1", 100, 10).await;
+    let (_, drifting) = s.create_order("u1", "k1", "sku-drift", "bar-1", 3).await;
+    s.create_order("u2", "k2", "sku-drift", "bar-1", 2).await;
+    s.create_order("u3", "k3", "sku-calm", "bar-1", 4).await;
+    let report = s.reconcile().await;
+    assert_eq!(report["skus"], 2);
+    assert_eq!(
+        report["drifted"],
+        serde_json::json!([]),
+        "nothing drifted yet"
+    );
+
+    // Redis loses one live reservation (a failover to a lagging replica): it now offers 3
+    // units Postgres has sold to u1
+    let sku = domain::SkuId::parse("sku-drift").unwrap();
+    let order = domain::OrderId::parse(drifting["order_id"].as_str().unwrap()).unwrap();
+    s.prelock_app.redis.release(&sku, order).await.unwrap();
+    assert_eq!(s.prelock_app.redis.available(&sku).await.unwrap(), Some(8));
+
+    let report = s.reconcile().await;
+    assert_eq!(report["drifted"], serde_json::json!(["sku-drift"]));
+    assert!(report["failed"].as_array().unwrap().is_empty());
+    let (available, held, _) = s.assert_consistent("sku-drift").await;
+    assert_eq!((available, held), (5, 5));
+    let (available, held, _) = s.assert_consistent("sku-calm").await;
+    assert_eq!((available, held), (6, 4));
+    assert_eq!(
+        s.reconcile().await["drifted"],
+        serde_json::json!([]),
+        "repaired"
+    );
+    let metrics = s.get_text(&format!("{}/metrics", s.prelock)).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("prelock_reconcile_drift_total") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}

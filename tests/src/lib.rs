@@ -286,15 +286,24 @@ impl Stack {
     }
 
     pub async fn rebuild(&self) -> Value {
+        self.admin("rebuild").await
+    }
+
+    /// `POST /v1/admin/reconcile` on prelock-service.
+    pub async fn reconcile(&self) -> Value {
+        self.admin("reconcile").await
+    }
+
+    async fn admin(&self, action: &str) -> Value {
         let r = self
             .http
-            .post(format!("{}/v1/admin/rebuild", self.prelock))
+            .post(format!("{}/v1/admin/{action}", self.prelock))
             .bearer_auth(OPS_TOKEN)
             .send()
             .await
-            .expect("rebuild");
-        assert_eq!(r.status(), StatusCode::OK);
-        r.json().await.expect("rebuild json")
+            .expect(action);
+        assert_eq!(r.status(), StatusCode::OK, "{action}");
+        r.json().await.expect("admin json")
     }
 
     /// Another order-api on this stack's database that reaches prelock-service at

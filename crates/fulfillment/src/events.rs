@@ -24,6 +24,8 @@ pub const JOB_STOCK_DEDUCT: &str = "stock.deduct";
 pub const JOB_VOUCHER_ISSUE: &str = "voucher.issue";
 pub const JOB_ORDER_NOTIFY: &str = "order.notify";
 pub const JOB_PAYMENT_REFUND: &str = "payment.refund";
+/// Compares Redis with Postgres per SKU and repairs drift (a recurring schedule).
+pub const JOB_STOCK_RECONCILE: &str = "stock.reconcile";
 
 /// Attempts before a job is dead (kept, with its last error, for a redrive).
 const MAX_ATTEMPTS: i32 = 10;

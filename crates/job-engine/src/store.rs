@@ -393,8 +393,9 @@ pub async fn queue_depth(pool: &PgPool, now: DateTime<Utc>) -> Result<[i64; 3], 
     Ok(depth)
 }
 
-/// Stops every instance from claiming jobs of `kind` (running ones finish). `false` if it was
-/// already paused.
+/// Stops every instance from claiming jobs of `kind` (running ones finish), within one poll
+/// interval (how often a running engine re-reads the paused kinds). `false` if it was already
+/// paused.
 pub async fn pause_kind(pool: &PgPool, kind: &str, by: &str) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "INSERT INTO job_kind_pause (kind, paused_by) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -421,4 +422,63 @@ pub async fn resume_kind(pool: &PgPool, kind: &str) -> Result<bool, sqlx::Error>
         .execute(pool)
         .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// A job as operators see it (the ops API).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: i64,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub priority: i16,
+    pub state: String,
+    pub run_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub dedupe_key: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const JOB_COLUMNS: &str = "id, kind, payload, priority, state, run_at, attempts, max_attempts,
+    dedupe_key, lease_owner, lease_expires_at, last_error, created_at, updated_at";
+
+/// Jobs in the hot table, newest first, filtered by state and kind when given, a page at a
+/// time (`before`: the last id of the previous page).
+pub async fn list_jobs(
+    pool: &PgPool,
+    state: Option<&str>,
+    kind: Option<&str>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<JobRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM delayed_job
+         WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR kind = $2)
+           AND ($3::bigint IS NULL OR id < $3)
+         ORDER BY id DESC LIMIT $4"
+    ))
+    .bind(state)
+    .bind(kind)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// One job, from the hot table or, once finished and moved, the archive.
+pub async fn get_job(pool: &PgPool, id: i64) -> Result<Option<JobRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM delayed_job WHERE id = $1
+         UNION ALL
+         SELECT id, kind, payload, priority, state, run_at, attempts, max_attempts, dedupe_key,
+                NULL, NULL, last_error, created_at, finished_at
+         FROM delayed_job_archive WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
 }

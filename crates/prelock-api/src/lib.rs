@@ -255,6 +255,18 @@ impl From<ReleaseOutcome> for ReleaseReply {
     }
 }
 
+/// `POST /v1/admin/reconcile`: what the comparison of Redis with Postgres found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReconcileReport {
+    /// SKUs compared.
+    pub skus: u64,
+    /// SKUs whose Redis state had drifted from Postgres and was written back.
+    pub drifted: Vec<String>,
+    /// SKUs that could not be compared (they are retried by the next run).
+    pub failed: Vec<String>,
+    pub duration_ms: u64,
+}
+
 /// Error codes this contract uses (the house `{"code","message"}` body).
 pub const CODE_NOT_LOADED: &str = "ERR_PRELOCK_NOT_LOADED";
 pub const CODE_UNKNOWN_SKU: &str = "ERR_UNKNOWN_SKU";
@@ -293,6 +305,17 @@ impl PrelockClient {
 
     fn url(&self, sku: &SkuId, id: OrderId, tail: &str) -> String {
         format!("{}/v1/skus/{sku}/reservations/{id}{tail}", self.base_url)
+    }
+
+    /// Compares every SKU's Redis state with Postgres and repairs drift (`timeout` bounds the
+    /// whole walk, which takes longer than one pre-lock call).
+    pub async fn reconcile(&self, timeout: Duration) -> Result<ReconcileReport, PrelockError> {
+        self.call(
+            self.http
+                .post(format!("{}/v1/admin/reconcile", self.base_url))
+                .timeout(timeout),
+        )
+        .await
     }
 
     async fn call<T: serde::de::DeserializeOwned>(

@@ -75,6 +75,8 @@ pub struct PrelockMetrics {
     /// `expired_order` per unpaid order dropped to fit `stock_real`, `paid_over_stock` per
     /// rebuild of a SKU whose paid units alone exceed it (an oversell no rebuild can undo).
     pub overcommit: IntCounterVec,
+    /// `prelock_reconcile_drift_total`: SKUs the reconciliation found drifted and repaired.
+    pub drift: IntCounterVec,
 }
 
 pub struct App {
@@ -133,6 +135,11 @@ impl App {
                 "prelock_overcommit_total",
                 "Over-committed ledgers found by rebuilds, by what was done",
                 &["outcome"],
+            ),
+            drift: metrics.counter(
+                "prelock_reconcile_drift_total",
+                "SKUs whose Redis state the reconciliation found drifted from Postgres and repaired",
+                &[],
             ),
         };
         Ok(Arc::new(App {

@@ -23,6 +23,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::App;
+pub use prelock_api::ReconcileReport;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuiltSku {
@@ -194,6 +195,110 @@ pub async fn rebuild_all(app: &App, trigger: &str) -> Result<RebuildReport, Rebu
         expired_orders = report.expired_orders.len(),
         duration_ms = report.duration_ms,
         "rebuild finished"
+    );
+    Ok(report)
+}
+
+/// Compares one SKU's Redis state with what Postgres says it should be (under the SKU's
+/// exclusive lock, so nothing is in flight) and, if they differ, writes Postgres's version
+/// back. Reservations Redis still holds past their lapse time count as lapsed (Redis returns
+/// them lazily). `true` if the SKU had drifted and was repaired.
+pub async fn reconcile_sku(app: &App, sku: &SkuId) -> Result<bool, RebuildError> {
+    let mut tx = app.store.begin().await?;
+    lock_sku_exclusive(&mut tx, sku.as_str()).await?;
+    let row = skus::get_sku(&mut *tx, sku.as_str())
+        .await?
+        .ok_or(RebuildError::UnknownSku)?;
+    let live = skus::live_reservations(&mut *tx, sku.as_str()).await?;
+    let holds: Vec<LiveHold<usize>> = live
+        .iter()
+        .enumerate()
+        .map(|(i, r)| LiveHold {
+            id: i,
+            quantity: r.quantity as u32,
+            paid: r.expires_at.is_none(),
+        })
+        .collect();
+    let plan = plan_rebuild(row.stock_real, &holds);
+    let mut want: Vec<(String, u32, bool)> = plan
+        .keep
+        .iter()
+        .map(|&i| {
+            let r = &live[i];
+            (
+                r.order_id.to_string(),
+                r.quantity as u32,
+                r.expires_at.is_none(),
+            )
+        })
+        .collect();
+    want.sort();
+    let now_ms = app.redis.now_ms().await?;
+    let available = app.redis.available(sku).await?;
+    let mut lapsed_units = 0i64;
+    let mut have: Vec<(String, u32, bool)> = Vec::new();
+    for (id, quantity, expires_at) in app.redis.held(sku).await? {
+        match expires_at {
+            Some(at) if at <= now_ms => lapsed_units += i64::from(quantity),
+            _ => have.push((id, quantity, expires_at.is_none())),
+        }
+    }
+    have.sort();
+    let drifted = available.map(|a| a + lapsed_units) != Some(plan.available)
+        || have != want
+        || !plan.expire.is_empty();
+    if drifted {
+        tracing::warn!(
+            %sku,
+            redis_available = ?available,
+            postgres_available = plan.available,
+            redis_reservations = have.len(),
+            postgres_reservations = want.len(),
+            "Redis had drifted from Postgres; writing Postgres's state back"
+        );
+        write_back(app, &mut tx, sku, &row).await?;
+    }
+    tx.commit().await?;
+    Ok(drifted)
+}
+
+/// [`reconcile_sku`] over the whole catalogue, a page at a time; a SKU that fails is reported
+/// and the walk goes on.
+pub async fn reconcile_all(app: &App) -> Result<ReconcileReport, RebuildError> {
+    let started = Instant::now();
+    let mut report = ReconcileReport::default();
+    let mut after = String::new();
+    loop {
+        let page = skus::sku_ids_after(&app.store.pool, &after, 500).await?;
+        let Some(last) = page.last() else { break };
+        after = last.clone();
+        for id in page {
+            let Ok(sku) = SkuId::parse(&id) else { continue };
+            match reconcile_sku(app, &sku).await {
+                Ok(drifted) => {
+                    report.skus += 1;
+                    if drifted {
+                        app.prelock_metrics
+                            .drift
+                            .with_label_values::<&str>(&[])
+                            .inc();
+                        report.drifted.push(id);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(%sku, error = %e, "reconciling SKU failed");
+                    report.failed.push(id);
+                }
+            }
+        }
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(
+        skus = report.skus,
+        drifted = report.drifted.len(),
+        failed = report.failed.len(),
+        duration_ms = report.duration_ms,
+        "reconciliation finished"
     );
     Ok(report)
 }

@@ -21,7 +21,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::rebuild::{self, RebuildError, RebuildReport};
+use crate::rebuild::{self, RebuildError, RebuildReport, ReconcileReport};
 use crate::{App, AppState};
 
 #[derive(utoipa::OpenApi)]
@@ -37,6 +37,7 @@ pub fn router(state: AppState) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(put_sku, get_sku))
         .routes(routes!(rebuild_all))
+        .routes(routes!(reconcile_all))
         .routes(routes!(reserve, holds, release))
         .routes(routes!(pin))
         .routes(routes!(withdraw))
@@ -201,6 +202,18 @@ async fn rebuild_all(
     let report = rebuild::rebuild_all(&s.0, "admin")
         .await
         .map_err(rebuild_error)?;
+    Ok(Json(report))
+}
+
+#[utoipa::path(post, path = "/v1/admin/reconcile", tag = "stock",
+    description = "Compares every SKU's Redis state with Postgres and writes Postgres's back where they differ (the nightly reconciliation); safe while orders flow.",
+    responses((status = 200, body = ReconcileReport), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn reconcile_all(
+    State(s): State<AppState>,
+    _ops: Ops,
+) -> Result<Json<ReconcileReport>, ApiError> {
+    let report = rebuild::reconcile_all(&s.0).await.map_err(rebuild_error)?;
     Ok(Json(report))
 }
 

@@ -3,6 +3,7 @@
 //! Layout:
 //! - this file: configuration, the app (engine + handlers + ops routes), start-up.
 //! - [`notify`]: the `order.notify` webhook.
+//! - [`ops`]: the ops API (jobs, redrive, pause and resume, schedules) and `/openapi.json`.
 //!
 //! Kinds it runs: `order.expire`, `stock.deduct`, `voucher.issue` (the `fulfillment` use
 //! cases) and `order.notify`. `payment.refund` belongs to the compensation worker (it needs the
@@ -11,6 +12,7 @@
 //! a use case's answer to a job outcome.
 
 pub mod notify;
+pub mod ops;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,11 @@ pub struct Config {
     /// Where `order.notify` posts; `None` switches notifications off (the jobs complete).
     pub notify_url: Option<String>,
     pub notify_timeout: Duration,
+    /// The nightly reconciliation's schedule, written at first start only (then edited through
+    /// the ops API).
+    pub reconcile_recurrence: String,
+    pub reconcile_time_zone: String,
+    pub reconcile_timeout: Duration,
 }
 
 impl Config {
@@ -59,6 +66,9 @@ impl Config {
             ))?,
             notify_url: (!notify_url.trim().is_empty()).then_some(notify_url),
             notify_timeout: env_millis("NOTIFY_TIMEOUT_MS", 2000)?,
+            reconcile_recurrence: env_string("RECONCILE_SCHEDULE", "daily at 03:00"),
+            reconcile_time_zone: env_string("RECONCILE_TIME_ZONE", "Asia/Shanghai"),
+            reconcile_timeout: env_millis("RECONCILE_TIMEOUT_MS", 600_000)?,
         })
     }
 }
@@ -90,6 +100,7 @@ pub fn engine_config_from_env(owner: String) -> anyhow::Result<EngineConfig> {
 
 pub struct App {
     pub config: Config,
+    pub auth: service_kit::auth::AuthConfig,
     pub store: PgStore,
     pub engine: Engine,
     pub metrics: Metrics,
@@ -100,9 +111,10 @@ impl App {
     /// handlers. `notify_secret` is required when `config.notify_url` is set.
     pub async fn build(
         config: Config,
-        ops_token: &str,
+        auth: service_kit::auth::AuthConfig,
         notify_secret: Option<String>,
     ) -> anyhow::Result<Arc<App>> {
+        let ops_token = auth.ops_token.as_str();
         let store = connect_patiently(&config).await?;
         if config.run_migrations {
             store.migrate().await?;
@@ -110,7 +122,7 @@ impl App {
         let prelock = PrelockClient::new(&config.prelock_url, ops_token, config.prelock_timeout)?;
         let fulfillment = Arc::new(Fulfillment::new(
             store.clone(),
-            prelock,
+            prelock.clone(),
             FulfillmentConfig::default(),
         ));
         let mut engine = Engine::new(
@@ -140,6 +152,23 @@ impl App {
                 }
             }
         });
+        let reconcile_timeout = config.reconcile_timeout;
+        engine.register_limited(events::JOB_STOCK_RECONCILE, 1, move |_job| {
+            let prelock = prelock.clone();
+            async move {
+                match prelock.reconcile(reconcile_timeout).await {
+                    Ok(r) if r.failed.is_empty() => {
+                        tracing::info!(skus = r.skus, drifted = ?r.drifted, "reconciliation done");
+                        Outcome::Done
+                    }
+                    Ok(r) => {
+                        Outcome::Retry(format!("{} SKUs failed: {:?}", r.failed.len(), r.failed))
+                    }
+                    Err(e) => Outcome::Retry(e.to_string()),
+                }
+            }
+        });
+        seed_reconciliation(&store, &config).await?;
         let metrics = Metrics::new("scheduler");
         let fire_delay = metrics.histogram(
             "job_fire_delay_seconds",
@@ -190,21 +219,57 @@ impl App {
         });
         Ok(Arc::new(App {
             config,
+            auth,
             store,
             engine,
             metrics,
         }))
     }
 
-    /// `/healthz`, `/readyz` (Postgres answers), `/metrics`.
+    /// The ops API and `/openapi.json`, `/healthz`, `/readyz` (Postgres answers), `/metrics`.
     pub fn router(self: &Arc<App>) -> Router {
         let app = self.clone();
         let ready = service_kit::http::ready_check(move || {
             let app = app.clone();
             async move { app.store.ping().await.map_err(|e| format!("postgres: {e}")) }
         });
-        service_kit::http::finish(Router::new(), self.metrics.clone(), ready)
+        let ops = ops::router(ops::OpsState {
+            pool: self.store.pool.clone(),
+            auth: self.auth.clone(),
+        });
+        service_kit::http::finish(ops, self.metrics.clone(), ready)
     }
+}
+
+/// Name of the nightly reconciliation's schedule.
+pub const RECONCILE_SCHEDULE: &str = "stock-reconcile-nightly";
+
+/// Writes the nightly reconciliation's schedule unless it exists (an operator's edits win).
+async fn seed_reconciliation(store: &PgStore, config: &Config) -> anyhow::Result<()> {
+    let def = job_engine::schedule::ScheduleDef {
+        kind: events::JOB_STOCK_RECONCILE.into(),
+        payload: serde_json::json!({}),
+        priority: 2,
+        max_attempts: 5,
+        recurrence: config.reconcile_recurrence.clone(),
+        time_zone: config.reconcile_time_zone.clone(),
+        dst_gap: "shift".into(),
+        dst_overlap: "first".into(),
+        misfire: "fire_once".into(),
+        catch_up_max: 1,
+        paused: false,
+    };
+    job_engine::schedule::put(
+        &store.pool,
+        RECONCILE_SCHEDULE,
+        &def,
+        "scheduler",
+        chrono::Utc::now(),
+        true,
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("RECONCILE_SCHEDULE / RECONCILE_TIME_ZONE: {e}"))?;
+    Ok(())
 }
 
 /// Registers the order follow-ups: each handler parses the order id and maps the use case's

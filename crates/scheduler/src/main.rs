@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use scheduler::{App, Config};
-use service_kit::auth::DEV_OPS_TOKEN;
+use service_kit::auth::AuthConfig;
 use service_kit::config::{listen_addr, SecretLoader};
 use service_kit::{http, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -17,13 +17,13 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let addr = listen_addr("SCHEDULER_ADDR", "127.0.0.1:8082")?;
     let mut secrets = SecretLoader::from_env();
-    let ops_token = secrets.require("OPS_TOKEN", DEV_OPS_TOKEN);
+    let auth = AuthConfig::load_ops_only(&mut secrets);
     let notify_secret = config
         .notify_url
         .as_ref()
         .map(|_| secrets.require("NOTIFY_WEBHOOK_SECRET", DEV_NOTIFY_SECRET));
     secrets.finish()?;
-    let app = App::build(config, &ops_token, notify_secret).await?;
+    let app = App::build(config, auth, notify_secret).await?;
 
     let stop = CancellationToken::new();
     let engine = {

@@ -1,0 +1,433 @@
+//! The scheduler's ops API (ops token; documented in `/openapi.json`): jobs by state and kind,
+//! one job, redrive of a dead job, pause and resume of a kind, and the recurring schedules.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use job_engine::schedule::{self, Put, Schedule, ScheduleDef};
+use job_engine::store::{self, JobRow};
+use serde::{Deserialize, Serialize};
+use service_kit::auth::{AuthConfig, Ops};
+use service_kit::error::ErrorBody;
+use service_kit::http::{ApiJson, BearerAuth};
+use service_kit::{ApiError, ErrorCode};
+use sqlx::PgPool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+#[derive(Clone)]
+pub struct OpsState {
+    pub pool: PgPool,
+    pub auth: AuthConfig,
+}
+
+impl axum::extract::FromRef<OpsState> for AuthConfig {
+    fn from_ref(s: &OpsState) -> AuthConfig {
+        s.auth.clone()
+    }
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "bar-fulfillment scheduler", description = "Runs the delayed jobs and recurring schedules of the order flow; operators inspect, redrive, pause and schedule here."),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+/// Every ops route with its OpenAPI operation, plus `GET /openapi.json`.
+pub fn router(state: OpsState) -> Router {
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(redrive_job))
+        .routes(routes!(list_paused))
+        .routes(routes!(pause_kind, resume_kind))
+        .routes(routes!(list_schedules))
+        .routes(routes!(get_schedule, put_schedule))
+        .with_state(state)
+        .split_for_parts();
+    api.route("/openapi.json", get(move || async move { Json(doc) }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobView {
+    pub id: i64,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    /// 0 = P0 ... 2 = P2 (after aging, if it waited long)
+    pub priority: i16,
+    /// scheduled, running, completed, dead or cancelled
+    pub state: String,
+    pub run_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub dedupe_key: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<JobRow> for JobView {
+    fn from(r: JobRow) -> Self {
+        JobView {
+            id: r.id,
+            kind: r.kind,
+            payload: r.payload,
+            priority: r.priority,
+            state: r.state,
+            run_at: r.run_at,
+            attempts: r.attempts,
+            max_attempts: r.max_attempts,
+            dedupe_key: r.dedupe_key,
+            lease_owner: r.lease_owner,
+            lease_expires_at: r.lease_expires_at,
+            last_error: r.last_error,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct JobQuery {
+    /// scheduled, running, completed, dead or cancelled
+    pub state: Option<String>,
+    pub kind: Option<String>,
+    /// Next page: the smallest id of the previous one.
+    pub before: Option<i64>,
+    /// 1 to 500; 100 when absent.
+    pub limit: Option<i64>,
+}
+
+const STATES: [&str; 5] = ["scheduled", "running", "completed", "dead", "cancelled"];
+
+fn db(e: sqlx::Error) -> ApiError {
+    ApiError::dependency(e, true)
+}
+
+#[utoipa::path(get, path = "/v1/ops/jobs", tag = "jobs",
+    description = "Jobs in the hot table, newest first; filter by state and kind, page with `before`.",
+    params(JobQuery),
+    responses((status = 200, body = [JobView]), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_jobs(
+    State(s): State<OpsState>,
+    _ops: Ops,
+    Query(q): Query<JobQuery>,
+) -> Result<Json<Vec<JobView>>, ApiError> {
+    if let Some(state) = q.state.as_deref() {
+        if !STATES.contains(&state) {
+            return Err(ApiError::field(
+                "state",
+                format!("must be one of {}", STATES.join(", ")),
+            ));
+        }
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::field("limit", "must be 1 to 500"));
+    }
+    let rows = store::list_jobs(
+        &s.pool,
+        q.state.as_deref(),
+        q.kind.as_deref(),
+        q.before,
+        limit,
+    )
+    .await
+    .map_err(db)?;
+    Ok(Json(rows.into_iter().map(JobView::from).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/ops/jobs/{id}", tag = "jobs",
+    description = "One job, from the hot table or the archive.",
+    params(("id" = i64, Path)),
+    responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn get_job(
+    State(s): State<OpsState>,
+    _ops: Ops,
+    Path(id): Path<i64>,
+) -> Result<Json<JobView>, ApiError> {
+    store::get_job(&s.pool, id)
+        .await
+        .map_err(db)?
+        .map(|r| Json(r.into()))
+        .ok_or_else(|| ApiError::not_found("job"))
+}
+
+#[utoipa::path(post, path = "/v1/ops/jobs/{id}/redrive", tag = "jobs",
+    description = "Runs a dead job again now, with a fresh attempt budget. 409 if it is not dead.",
+    params(("id" = i64, Path)),
+    responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn redrive_job(
+    State(s): State<OpsState>,
+    _ops: Ops,
+    Path(id): Path<i64>,
+) -> Result<Json<JobView>, ApiError> {
+    if !store::redrive(&s.pool, id, Utc::now()).await.map_err(db)? {
+        return match store::get_job(&s.pool, id).await.map_err(db)? {
+            None => Err(ApiError::not_found("job")),
+            Some(j) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("job {id} is {}, not dead", j.state),
+            )),
+        };
+    }
+    tracing::warn!(job_id = id, "dead job redriven by an operator");
+    let job = store::get_job(&s.pool, id).await.map_err(db)?;
+    job.map(|r| Json(r.into()))
+        .ok_or_else(|| ApiError::not_found("job"))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PausedKinds {
+    pub paused: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/v1/ops/kinds/paused", tag = "jobs",
+    description = "Job kinds no instance claims until resumed.",
+    responses((status = 200, body = PausedKinds), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_paused(State(s): State<OpsState>, _ops: Ops) -> Result<Json<PausedKinds>, ApiError> {
+    let paused = store::paused_kinds(&s.pool).await.map_err(db)?;
+    Ok(Json(PausedKinds { paused }))
+}
+
+fn check_kind(kind: &str) -> Result<(), ApiError> {
+    let ok = kind.len() <= 64
+        && kind.starts_with(|c: char| c.is_ascii_lowercase())
+        && kind
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::field("kind", "must look like `order.expire`"))
+    }
+}
+
+#[utoipa::path(put, path = "/v1/ops/kinds/{kind}/pause", tag = "jobs",
+    description = "Stops every instance from claiming jobs of this kind (running ones finish). Idempotent.",
+    params(("kind" = String, Path)),
+    responses((status = 200, body = PausedKinds), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn pause_kind(
+    State(s): State<OpsState>,
+    _ops: Ops,
+    Path(kind): Path<String>,
+) -> Result<Json<PausedKinds>, ApiError> {
+    check_kind(&kind)?;
+    if store::pause_kind(&s.pool, &kind, "ops").await.map_err(db)? {
+        tracing::warn!(%kind, "job kind paused by an operator");
+    }
+    list_paused(State(s), Ops).await
+}
+
+#[utoipa::path(delete, path = "/v1/ops/kinds/{kind}/pause", tag = "jobs",
+    description = "Lets instances claim this kind again. Idempotent.",
+    params(("kind" = String, Path)),
+    responses((status = 200, body = PausedKinds), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn resume_kind(
+    State(s): State<OpsState>,
+    _ops: Ops,
+    Path(kind): Path<String>,
+) -> Result<Json<PausedKinds>, ApiError> {
+    check_kind(&kind)?;
+    if store::resume_kind(&s.pool, &kind).await.map_err(db)? {
+        tracing::warn!(%kind, "job kind resumed by an operator");
+    }
+    list_paused(State(s), Ops).await
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ScheduleView {
+    pub name: String,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub priority: i16,
+    pub max_attempts: i32,
+    /// A cron expression or a business cycle (`monthly on day 1 at 02:00`).
+    pub recurrence: String,
+    /// IANA time zone the recurrence is read in.
+    pub time_zone: String,
+    /// skip or shift
+    pub dst_gap: String,
+    /// first, last or both
+    pub dst_overlap: String,
+    /// fire_once, skip or catch_up
+    pub misfire: String,
+    pub catch_up_max: i32,
+    pub paused: bool,
+    /// Occurrences up to here have been written as jobs.
+    pub cursor: DateTime<Utc>,
+    pub last_fired_at: Option<DateTime<Utc>>,
+    /// The next occurrences after the cursor, in UTC.
+    pub next: Vec<DateTime<Utc>>,
+    pub updated_by: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Schedule> for ScheduleView {
+    fn from(s: Schedule) -> Self {
+        let next = s
+            .def()
+            .check()
+            .map(|(cal, _)| cal.between(s.cursor, s.cursor + chrono::Duration::days(400), 3))
+            .unwrap_or_default();
+        ScheduleView {
+            name: s.name,
+            kind: s.kind,
+            payload: s.payload,
+            priority: s.priority,
+            max_attempts: s.max_attempts,
+            recurrence: s.recurrence,
+            time_zone: s.time_zone,
+            dst_gap: s.dst_gap,
+            dst_overlap: s.dst_overlap,
+            misfire: s.misfire,
+            catch_up_max: s.catch_up_max,
+            paused: s.paused,
+            cursor: s.cursor,
+            last_fired_at: s.last_fired_at,
+            next,
+            updated_by: s.updated_by,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// A schedule as an operator writes it; omitted policies take their defaults.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleBody {
+    pub kind: String,
+    #[serde(default = "empty_object")]
+    pub payload: serde_json::Value,
+    #[serde(default = "default_priority")]
+    pub priority: i16,
+    #[serde(default = "default_attempts")]
+    pub max_attempts: i32,
+    pub recurrence: String,
+    pub time_zone: String,
+    #[serde(default = "default_gap")]
+    pub dst_gap: String,
+    #[serde(default = "default_overlap")]
+    pub dst_overlap: String,
+    #[serde(default = "default_misfire")]
+    pub misfire: String,
+    #[serde(default = "default_catch_up")]
+    pub catch_up_max: i32,
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
+}
+fn default_priority() -> i16 {
+    2
+}
+fn default_attempts() -> i32 {
+    5
+}
+fn default_gap() -> String {
+    "shift".into()
+}
+fn default_overlap() -> String {
+    "first".into()
+}
+fn default_misfire() -> String {
+    "fire_once".into()
+}
+fn default_catch_up() -> i32 {
+    1
+}
+
+#[utoipa::path(get, path = "/v1/ops/schedules", tag = "schedules",
+    responses((status = 200, body = [ScheduleView]), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_schedules(
+    State(s): State<OpsState>,
+    _ops: Ops,
+) -> Result<Json<Vec<ScheduleView>>, ApiError> {
+    let all = schedule::list(&s.pool).await.map_err(db)?;
+    Ok(Json(all.into_iter().map(ScheduleView::from).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/ops/schedules/{name}", tag = "schedules",
+    params(("name" = String, Path)),
+    responses((status = 200, body = ScheduleView), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn get_schedule(
+    State(s): State<OpsState>,
+    _ops: Ops,
+    Path(name): Path<String>,
+) -> Result<Json<ScheduleView>, ApiError> {
+    schedule::get(&s.pool, &name)
+        .await
+        .map_err(db)?
+        .map(|s| Json(s.into()))
+        .ok_or_else(|| ApiError::not_found("schedule"))
+}
+
+#[utoipa::path(put, path = "/v1/ops/schedules/{name}", tag = "schedules",
+    description = "Creates (201) or replaces (200) a schedule. A new one fires from now on; an edited one keeps what it already wrote. 400 names what is wrong with a recurrence, zone or policy.",
+    params(("name" = String, Path)),
+    request_body = ScheduleBody,
+    responses((status = 200, body = ScheduleView), (status = 201, body = ScheduleView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn put_schedule(
+    State(s): State<OpsState>,
+    _ops: Ops,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<ScheduleBody>,
+) -> Result<(StatusCode, Json<ScheduleView>), ApiError> {
+    let name_ok = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if !name_ok {
+        return Err(ApiError::field(
+            "name",
+            "must look like `stock-reconcile-nightly`",
+        ));
+    }
+    check_kind(&body.kind)?;
+    let def = ScheduleDef {
+        kind: body.kind,
+        payload: body.payload,
+        priority: body.priority,
+        max_attempts: body.max_attempts,
+        recurrence: body.recurrence,
+        time_zone: body.time_zone,
+        dst_gap: body.dst_gap,
+        dst_overlap: body.dst_overlap,
+        misfire: body.misfire,
+        catch_up_max: body.catch_up_max,
+        paused: body.paused,
+    };
+    let put = schedule::put(&s.pool, &name, &def, "ops", Utc::now(), false)
+        .await
+        .map_err(db)?
+        .map_err(|e| ApiError::new(ErrorCode::Validation, e.to_string()))?;
+    tracing::warn!(schedule = %name, ?put, "schedule written by an operator");
+    let row = schedule::get(&s.pool, &name)
+        .await
+        .map_err(db)?
+        .ok_or_else(|| ApiError::not_found("schedule"))?;
+    let status = if put == Put::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(row.into())))
+}
