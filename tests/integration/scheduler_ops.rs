@@ -140,7 +140,13 @@ async fn operators_list_redrive_pause_and_schedule_through_the_ops_api() {
     // schedules: the nightly reconciliation is seeded; a new one is created, a bad one refused
     let (status, all) = get("/v1/ops/schedules").await;
     assert_eq!(status, StatusCode::OK);
-    let nightly = &all.as_array().unwrap()[0];
+    let all = all.as_array().unwrap();
+    let names: Vec<&str> = all.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["orders-prune-lost-answers", "stock-reconcile-nightly"]
+    );
+    let nightly = &all[1];
     assert_eq!(nightly["name"], "stock-reconcile-nightly");
     assert_eq!(nightly["kind"], "stock.reconcile");
     assert_eq!(nightly["time_zone"], "Asia/Shanghai");
@@ -242,4 +248,21 @@ async fn operators_list_redrive_pause_and_schedule_through_the_ops_api() {
             "{p} missing from {paths:?}"
         );
     }
+
+    // what the daily prune forgets: lost answers older than a day, not fresh ones
+    sqlx::query(
+        "INSERT INTO prelock_lost_answers (order_id, sku_id, created_at)
+         VALUES (gen_random_uuid(), 'sku-a', now() - interval '2 days'),
+                (gen_random_uuid(), 'sku-a', now())",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let pruned = postgres_store::orders::prune_lost_answers(
+        &db,
+        chrono::Utc::now() - chrono::Duration::days(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pruned, 1);
 }

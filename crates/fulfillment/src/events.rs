@@ -26,6 +26,8 @@ pub const JOB_ORDER_NOTIFY: &str = "order.notify";
 pub const JOB_PAYMENT_REFUND: &str = "payment.refund";
 /// Compares Redis with Postgres per SKU and repairs drift (a recurring schedule).
 pub const JOB_STOCK_RECONCILE: &str = "stock.reconcile";
+/// Forgets stale lost pre-lock answers (a recurring schedule).
+pub const JOB_PRUNE_LOST_ANSWERS: &str = "orders.prune_lost_answers";
 
 /// Attempts before a job is dead (kept, with its last error, for a redrive).
 const MAX_ATTEMPTS: i32 = 10;

@@ -148,6 +148,19 @@ pub async fn record_lost_answer(
     .map(|_| ())
 }
 
+/// Forgets lost answers recorded before `before` (left by a process that died before its
+/// give-back ran): by then the pre-lock they guarded has long lapsed. Returns how many.
+pub async fn prune_lost_answers(
+    ex: impl PgExecutor<'_>,
+    before: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    sqlx::query("DELETE FROM prelock_lost_answers WHERE created_at < $1")
+        .bind(before)
+        .execute(ex)
+        .await
+        .map(|r| r.rows_affected())
+}
+
 /// Forgets a lost answer once the give-back for it has run.
 pub async fn forget_lost_answer(ex: impl PgExecutor<'_>, id: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM prelock_lost_answers WHERE order_id = $1")

@@ -168,7 +168,23 @@ impl App {
                 }
             }
         });
-        seed_reconciliation(&store, &config).await?;
+        {
+            let pool = store.pool.clone();
+            engine.register_limited(events::JOB_PRUNE_LOST_ANSWERS, 1, move |_job| {
+                let pool = pool.clone();
+                async move {
+                    let before = chrono::Utc::now() - chrono::Duration::days(1);
+                    match postgres_store::orders::prune_lost_answers(&pool, before).await {
+                        Ok(n) => {
+                            tracing::info!(pruned = n, "stale lost pre-lock answers forgotten");
+                            Outcome::Done
+                        }
+                        Err(e) => Outcome::Retry(e.to_string()),
+                    }
+                }
+            });
+        }
+        seed_schedules(&store, &config).await?;
         let metrics = Metrics::new("scheduler");
         let fire_delay = metrics.histogram(
             "job_fire_delay_seconds",
@@ -243,32 +259,52 @@ impl App {
 
 /// Name of the nightly reconciliation's schedule.
 pub const RECONCILE_SCHEDULE: &str = "stock-reconcile-nightly";
+/// Name of the daily clean-up of lost pre-lock answers older than a day.
+pub const PRUNE_SCHEDULE: &str = "orders-prune-lost-answers";
 
-/// Writes the nightly reconciliation's schedule unless it exists (an operator's edits win).
-async fn seed_reconciliation(store: &PgStore, config: &Config) -> anyhow::Result<()> {
-    let def = job_engine::schedule::ScheduleDef {
-        kind: events::JOB_STOCK_RECONCILE.into(),
+/// Writes the schedules the scheduler ships unless they exist (an operator's edits win).
+async fn seed_schedules(store: &PgStore, config: &Config) -> anyhow::Result<()> {
+    let def = |kind: &str, recurrence: &str, time_zone: &str| job_engine::schedule::ScheduleDef {
+        kind: kind.into(),
         payload: serde_json::json!({}),
         priority: 2,
         max_attempts: 5,
-        recurrence: config.reconcile_recurrence.clone(),
-        time_zone: config.reconcile_time_zone.clone(),
+        recurrence: recurrence.into(),
+        time_zone: time_zone.into(),
         dst_gap: "shift".into(),
         dst_overlap: "first".into(),
         misfire: "fire_once".into(),
         catch_up_max: 1,
         paused: false,
     };
-    job_engine::schedule::put(
-        &store.pool,
-        RECONCILE_SCHEDULE,
-        &def,
-        "scheduler",
-        chrono::Utc::now(),
-        true,
-    )
-    .await?
-    .map_err(|e| anyhow::anyhow!("RECONCILE_SCHEDULE / RECONCILE_TIME_ZONE: {e}"))?;
+    let defaults = [
+        (
+            RECONCILE_SCHEDULE,
+            def(
+                events::JOB_STOCK_RECONCILE,
+                &config.reconcile_recurrence,
+                &config.reconcile_time_zone,
+            ),
+            "RECONCILE_SCHEDULE / RECONCILE_TIME_ZONE",
+        ),
+        (
+            PRUNE_SCHEDULE,
+            def(events::JOB_PRUNE_LOST_ANSWERS, "daily at 04:30", "UTC"),
+            "the prune schedule",
+        ),
+    ];
+    for (name, def, what) in defaults {
+        job_engine::schedule::put(
+            &store.pool,
+            name,
+            &def,
+            "scheduler",
+            chrono::Utc::now(),
+            true,
+        )
+        .await?
+        .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    }
     Ok(())
 }
 
