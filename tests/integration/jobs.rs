@@ -921,3 +921,61 @@ async fn the_leader_writes_schedule_occurrences_ahead_once_and_replays_misfires_
     assert_eq!(listed.len(), 3);
     assert!(listed.iter().all(|s| s.last_fired_at.is_some()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_running_past_its_lease_keeps_it_by_heartbeat_and_runs_once() {
+    let pool = database().await;
+    let stop = CancellationToken::new();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // a 2 s lease, a leader rescuing expired leases every 100 ms, a handler that takes 4 s
+    let mut engine = Engine::new(
+        own_pool(&pool),
+        Arc::new(SystemClock),
+        EngineConfig {
+            lease: Duration::from_secs(2),
+            lookahead: Duration::from_millis(200),
+            maintenance_interval: Duration::from_millis(100),
+            ..test_config("a")
+        },
+    );
+    let r = runs.clone();
+    engine.register("test.slow", move |_| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            Outcome::Done
+        }
+    });
+    let ids = insert_all(&pool, [job("test.slow", 1, Utc::now())]).await;
+    let (mut instance, handle) = Instance::start(engine, stop.clone());
+    eventually(
+        "the slow job to complete",
+        Duration::from_secs(30),
+        || async {
+            (count(
+                &pool,
+                "SELECT count(*) FROM delayed_job WHERE state = 'completed'",
+            )
+            .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    instance.kill();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the lease lapsed and the job ran again"
+    );
+    let (attempts, error): (i32, Option<String>) =
+        sqlx::query_as("SELECT attempts, last_error FROM delayed_job WHERE id = $1")
+            .bind(ids[0])
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((attempts, error), (1, None));
+}
