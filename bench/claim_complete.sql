@@ -1,6 +1,6 @@
 -- The ceiling for scripts/bench.sh: the job engine's own claim and settle statements
--- (crates/job-engine/src/store.rs: claim, settle_many), bare, with no engine around them:
--- claim a batch of 500 due jobs under a lease, then complete them. pgbench runs it from
+-- (crates/job-engine/src/store.rs: claim, complete_many), bare, with no engine around them:
+-- claim a batch of 500 due jobs under a lease, then complete them (into the archive). pgbench runs it from
 -- several clients at once; :client_id keeps each client's batch its own.
 UPDATE delayed_job j
 SET state = 'running', lease_owner = 'pgbench-' || :client_id, lease_token = gen_random_uuid(),
@@ -13,7 +13,13 @@ FROM (SELECT id FROM delayed_job
       LIMIT 500
       FOR UPDATE SKIP LOCKED) due
 WHERE j.id = due.id;
-UPDATE delayed_job
-SET state = 'completed', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-    updated_at = now()
-WHERE state = 'running' AND lease_owner = 'pgbench-' || :client_id;
+WITH done AS (
+    DELETE FROM delayed_job
+    WHERE state = 'running' AND lease_owner = 'pgbench-' || :client_id
+    RETURNING id, kind, payload, priority, run_at, attempts, max_attempts, dedupe_key,
+              last_error, traceparent, created_at)
+INSERT INTO delayed_job_archive (id, kind, payload, priority, state, run_at, attempts,
+    max_attempts, dedupe_key, last_error, traceparent, created_at, finished_at)
+SELECT id, kind, payload, priority, 'completed', run_at, attempts, max_attempts, dedupe_key,
+       last_error, traceparent, created_at, now()
+FROM done;

@@ -34,9 +34,9 @@ if [ ! -d bench/graphile/node_modules/graphile-worker ]; then
 fi
 
 admin=postgres://postgres@127.0.0.1:5432/postgres
-ours=postgres://postgres@127.0.0.1:5432/bft_bench_jobs
-theirs=postgres://postgres@127.0.0.1:5432/bft_bench_graphile
-for db in bft_bench_jobs bft_bench_graphile; do
+ours=postgres://postgres@127.0.0.1:5432/bench_jobs_ours
+theirs=postgres://postgres@127.0.0.1:5432/bench_jobs_graphile
+for db in bench_jobs_ours bench_jobs_graphile; do
   psql -q "$admin" -c "drop database if exists $db with (force)" -c "create database $db"
 done
 
@@ -57,7 +57,7 @@ run ours.burndown target/release/job-bench burndown "$ours" "$jobs" "$workers"
 run graphile.burndown node bench/graphile/bench.js burndown "$theirs" "$jobs" "$workers"
 
 echo "== ceiling: pgbench, bench/claim_complete.sql" >&2
-psql -q "$ours" -c "truncate delayed_job" \
+psql -q "$ours" -c "truncate delayed_job, delayed_job_archive" \
   -c "insert into delayed_job (kind, payload, priority, run_at, max_attempts)
       select 'bench.noop', '{}', 1, now(), 3 from generate_series(1, $jobs)" \
   -c "vacuum analyze delayed_job"
@@ -65,7 +65,7 @@ clients=4
 start=$(date +%s.%N)
 pgbench -n -c "$clients" -j 2 -t $(( jobs / 500 / clients + 2 )) -f bench/claim_complete.sql "$ours" >/dev/null
 end=$(date +%s.%N)
-done_jobs=$(psql -At "$ours" -c "select count(*) from delayed_job where state = 'completed'")
+done_jobs=$(psql -At "$ours" -c "select count(*) from delayed_job_archive where state = 'completed'")
 awk -v n="$done_jobs" -v s="$start" -v e="$end" 'BEGIN { printf "ceiling.burndown jobs=%d seconds=%.2f jobs_per_s=%.0f\n", n, e - s, n / (e - s) }' | tee -a "$results"
 
 run ours.notify target/release/job-bench notify "$ours" 4000 8

@@ -194,7 +194,7 @@ async fn three_instances_run_5000_jobs_exactly_once_though_one_is_killed_mid_run
     eventually("5000 jobs to complete", Duration::from_secs(90), || async {
         (count(
             &pool,
-            "SELECT count(*) FROM delayed_job WHERE state = 'completed'",
+            "SELECT count(*) FROM delayed_job_all WHERE state = 'completed'",
         )
         .await
             == 5000)
@@ -229,7 +229,7 @@ async fn three_instances_run_5000_jobs_exactly_once_though_one_is_killed_mid_run
     assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM job_runs r JOIN delayed_job j ON j.id = r.job_id
+            "SELECT count(*) FROM job_runs r JOIN delayed_job_all j ON j.id = r.job_id
              WHERE r.fired_at < j.run_at"
         )
         .await,
@@ -238,7 +238,7 @@ async fn three_instances_run_5000_jobs_exactly_once_though_one_is_killed_mid_run
     );
     let rescued = count(
         &pool,
-        "SELECT count(*) FROM delayed_job WHERE attempts = 2 AND last_error = 'lease expired'",
+        "SELECT count(*) FROM delayed_job_all WHERE attempts = 2 AND last_error = 'lease expired'",
     )
     .await;
     assert!(
@@ -424,7 +424,7 @@ async fn a_kind_with_a_concurrency_limit_never_runs_more_at_once() {
     eventually("30 jobs done", Duration::from_secs(30), || async {
         (count(
             &pool,
-            "SELECT count(*) FROM delayed_job WHERE state = 'completed'",
+            "SELECT count(*) FROM delayed_job_all WHERE state = 'completed'",
         )
         .await
             == 30)
@@ -493,7 +493,7 @@ async fn a_dead_instances_jobs_are_rescued_and_run_once_and_its_late_settle_is_r
     );
     assert_eq!(count(&pool, "SELECT count(*) FROM job_runs").await, 10);
     let states: Vec<(i64, String, i32)> =
-        sqlx::query_as("SELECT id, state, attempts FROM delayed_job ORDER BY id")
+        sqlx::query_as("SELECT id, state, attempts FROM delayed_job_all ORDER BY id")
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -562,7 +562,7 @@ async fn an_owner_that_loses_its_lease_mid_run_cannot_settle() {
     assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM delayed_job WHERE state = 'completed'"
+            "SELECT count(*) FROM delayed_job_all WHERE state = 'completed'"
         )
         .await,
         1
@@ -614,7 +614,7 @@ async fn retries_back_off_then_die_with_the_last_error_and_a_redrive_runs_again(
         let pool = pool.clone();
         async move {
             sqlx::query_as::<_, (String, i32, chrono::DateTime<Utc>, Option<String>)>(
-                "SELECT state, attempts, run_at, last_error FROM delayed_job WHERE id = $1",
+                "SELECT state, attempts, run_at, last_error FROM delayed_job_all WHERE id = $1",
             )
             .bind(id)
             .fetch_one(&pool)
@@ -728,21 +728,32 @@ async fn one_leader_at_a_time_and_a_lost_leader_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leader_moves_finished_jobs_out_of_the_hot_table() {
+async fn finished_jobs_leave_the_hot_table_and_keys_stay_unique_across_the_archive() {
     let pool = database().await;
     let clock = Arc::new(ManualClock::new(Utc::now()));
-    insert_all(&pool, (0..250).map(|n| job("test.run", n, clock.now()))).await;
+    let keyed = |n: i64| NewJob {
+        dedupe_key: Some(format!("test.run:{n}")),
+        ..job("test.run", n, clock.now())
+    };
+    insert_all(&pool, (0..250).map(keyed)).await;
     let mut dead = job("test.run", 999, clock.now());
     dead.max_attempts = 1;
     dead.kind = "test.dies".into();
+    let cancelled = NewJob {
+        dedupe_key: Some("test.cancel:1".into()),
+        ..job("test.run", 1001, clock.now() + chrono::Duration::days(1))
+    };
     insert_all(
         &pool,
         [
             dead,
             job("test.run", 1000, clock.now() + chrono::Duration::days(1)),
+            cancelled,
         ],
     )
     .await;
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(store::cancel(&mut conn, "test.cancel:1").await.unwrap());
     let mut engine = recording_engine(&pool, clock.clone(), "a");
     engine.register("test.dies", |_| async { Outcome::Permanent("no".into()) });
     let mut done = 0;
@@ -751,14 +762,40 @@ async fn the_leader_moves_finished_jobs_out_of_the_hot_table() {
         assert!(r.claimed > 0);
         done += r.completed + r.dead;
     }
+    // completed jobs left the hot table as they completed
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM delayed_job_archive WHERE state = 'completed'"
+        )
+        .await,
+        250
+    );
+    // a completed job's key still names it: inserting it again writes nothing
+    let again = store::insert(&mut conn, &keyed(7)).await.unwrap();
+    let archived_7: i64 =
+        sqlx::query_scalar("SELECT id FROM delayed_job_archive WHERE dedupe_key = 'test.run:7'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(again, Inserted::DuplicateOf(archived_7));
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM delayed_job WHERE dedupe_key = 'test.run:7'"
+        )
+        .await,
+        0
+    );
+
     let mut leadership = job_engine::Leadership::new(pool.clone());
-    // not old enough yet (archive_after: one hour)
+    // the cancelled job stays for the retention (archive_after: one hour)
     let m = engine.maintain_once(&mut leadership).await.unwrap();
     assert_eq!((m.leader, m.archived), (true, 0));
     clock.advance(Duration::from_secs(3601));
     let m = engine.maintain_once(&mut leadership).await.unwrap();
-    assert_eq!(m.archived, 250);
-    // hot: the dead job (awaiting a redrive) and the one not due yet; cold: the 250 finished
+    assert_eq!(m.archived, 1);
+    // hot: the dead job (awaiting a redrive) and the one not due yet
     let hot: Vec<(String, String)> =
         sqlx::query_as("SELECT kind, state FROM delayed_job ORDER BY kind")
             .fetch_all(&pool)
@@ -772,12 +809,9 @@ async fn the_leader_moves_finished_jobs_out_of_the_hot_table() {
         ]
     );
     assert_eq!(
-        count(
-            &pool,
-            "SELECT count(*) FROM delayed_job_archive WHERE state = 'completed'"
-        )
-        .await,
-        250
+        count(&pool, "SELECT count(*) FROM delayed_job_all").await,
+        253,
+        "nothing lost on the way"
     );
     // a second instance does not lead, so does no maintenance
     let mut other = job_engine::Leadership::new(pool.clone());
@@ -955,7 +989,7 @@ async fn a_handler_running_past_its_lease_keeps_it_by_heartbeat_and_runs_once() 
         || async {
             (count(
                 &pool,
-                "SELECT count(*) FROM delayed_job WHERE state = 'completed'",
+                "SELECT count(*) FROM delayed_job_all WHERE state = 'completed'",
             )
             .await
                 == 1)
@@ -972,7 +1006,7 @@ async fn a_handler_running_past_its_lease_keeps_it_by_heartbeat_and_runs_once() 
         "the lease lapsed and the job ran again"
     );
     let (attempts, error): (i32, Option<String>) =
-        sqlx::query_as("SELECT attempts, last_error FROM delayed_job WHERE id = $1")
+        sqlx::query_as("SELECT attempts, last_error FROM delayed_job_all WHERE id = $1")
             .bind(ids[0])
             .fetch_one(&pool)
             .await

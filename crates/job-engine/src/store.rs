@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// Job priority: P0 (money, stock) before P1 (user-facing follow-ups) before P2 (reports,
@@ -70,12 +70,13 @@ pub async fn wake(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error
 }
 
 /// Inserts a job in the caller's transaction (so it exists exactly when the state change that
-/// needs it does).
+/// needs it does). A dedupe key already used by a live or an archived job writes nothing and
+/// names that job.
 pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, sqlx::Error> {
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO delayed_job (kind, payload, priority, run_at, max_attempts, dedupe_key)
          VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (dedupe_key) DO NOTHING
+         ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
          RETURNING id",
     )
     .bind(&job.kind)
@@ -86,18 +87,54 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, s
     .bind(&job.dedupe_key)
     .fetch_optional(&mut *conn)
     .await?;
-    if let Some(id) = id {
-        if job.run_at <= Utc::now() + chrono::Duration::from_std(WAKE_HORIZON).unwrap_or_default() {
-            wake(&mut *conn, &job.kind).await?;
+    let Some(key) = job.dedupe_key.as_deref() else {
+        let id = id.ok_or(sqlx::Error::RowNotFound)?; // no key, no conflict
+        return woken(conn, job, id).await;
+    };
+    match id {
+        Some(id) => {
+            // The key may belong to a job that completed and moved to the archive. Checked
+            // after the insert, in a statement of its own: the insert waited for any mover of
+            // a conflicting row to commit, so this statement's snapshot sees where it went.
+            let archived: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM delayed_job_archive WHERE dedupe_key = $1 LIMIT 1",
+            )
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?;
+            match archived {
+                Some(earlier) => {
+                    sqlx::query("DELETE FROM delayed_job WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(Inserted::DuplicateOf(earlier))
+                }
+                None => woken(conn, job, id).await,
+            }
         }
-        return Ok(Inserted::New(id));
+        // only the key can conflict; the other job is live or, completed meanwhile, archived
+        None => {
+            let existing: i64 = sqlx::query_scalar(
+                "SELECT id FROM delayed_job WHERE dedupe_key = $1
+                 UNION ALL
+                 SELECT id FROM delayed_job_archive WHERE dedupe_key = $1
+                 LIMIT 1",
+            )
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?;
+            Ok(Inserted::DuplicateOf(existing))
+        }
     }
-    // only a dedupe key can conflict; the other transaction has committed (the insert waited)
-    let existing: i64 = sqlx::query_scalar("SELECT id FROM delayed_job WHERE dedupe_key = $1")
-        .bind(&job.dedupe_key)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(Inserted::DuplicateOf(existing))
+}
+
+/// A new job's id, after waking the engines if it is due within [`WAKE_HORIZON`].
+async fn woken(conn: &mut PgConnection, job: &NewJob, id: i64) -> Result<Inserted, sqlx::Error> {
+    if job.run_at <= Utc::now() + chrono::Duration::from_std(WAKE_HORIZON).unwrap_or_default() {
+        wake(conn, &job.kind).await?;
+    }
+    Ok(Inserted::New(id))
 }
 
 /// Cancels a job that has not started (e.g. the expiry job of an order that was paid), in the
@@ -186,17 +223,13 @@ pub enum Settle {
 
 /// Settles a claimed job if `token` still holds its lease. `false` means the lease was lost
 /// (rescued after it expired, maybe re-claimed): nothing was changed.
-pub async fn settle(
-    ex: impl PgExecutor<'_>,
-    id: i64,
-    token: Uuid,
-    how: &Settle,
-) -> Result<bool, sqlx::Error> {
+pub async fn settle(ex: &PgPool, id: i64, token: Uuid, how: &Settle) -> Result<bool, sqlx::Error> {
     Ok(settle_many(ex, &[(id, token, how.clone())]).await? == vec![id])
 }
 
-/// Settles many claimed jobs in one statement (batched completion); each row changes only if
-/// its token still holds the lease. Returns the ids that were settled: the others had lost
+/// Settles many claimed jobs (batched completion): the completed in one statement that moves
+/// them to the archive, the retried and dead in one more; each row changes only if its token
+/// still holds the lease. Returns the ids that were settled: the others had lost
 /// their lease.
 ///
 /// No join with `unnest`: once the statement is prepared, Postgres's generic plan guesses ten
@@ -204,17 +237,28 @@ pub async fn settle(
 /// primary key; a lease token is a fresh random UUID per claim, so "the row's token is one of
 /// ours" means "ours for this row"; each row's values are picked by its id's position.
 pub async fn settle_many(
-    ex: impl PgExecutor<'_>,
+    ex: &PgPool,
     jobs: &[(i64, Uuid, Settle)],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let mut ids = Vec::with_capacity(jobs.len());
-    let mut tokens = Vec::with_capacity(jobs.len());
-    let mut states = Vec::with_capacity(jobs.len());
-    let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(jobs.len());
-    let mut errors: Vec<Option<&str>> = Vec::with_capacity(jobs.len());
-    for (id, token, how) in jobs {
+    let (done, other): (Vec<_>, Vec<_>) = jobs
+        .iter()
+        .partition(|(_, _, how)| *how == Settle::Completed);
+    let mut settled = Vec::with_capacity(jobs.len());
+    if !done.is_empty() {
+        let (ids, tokens): (Vec<i64>, Vec<Uuid>) = done.iter().map(|(i, t, _)| (*i, *t)).unzip();
+        settled.extend(complete_many(ex, &ids, &tokens).await?);
+    }
+    if other.is_empty() {
+        return Ok(settled);
+    }
+    let mut ids = Vec::with_capacity(other.len());
+    let mut tokens = Vec::with_capacity(other.len());
+    let mut states = Vec::with_capacity(other.len());
+    let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(other.len());
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(other.len());
+    for (id, token, how) in other {
         let (state, run_at, error) = match how {
-            Settle::Completed => ("completed", None, None),
+            Settle::Completed => unreachable!("partitioned out"),
             Settle::Retry { at, error } => ("scheduled", Some(*at), Some(error.as_str())),
             Settle::Dead { error } => ("dead", None, Some(error.as_str())),
         };
@@ -224,7 +268,7 @@ pub async fn settle_many(
         run_ats.push(run_at);
         errors.push(error);
     }
-    sqlx::query_scalar(
+    let retried: Vec<i64> = sqlx::query_scalar(
         "UPDATE delayed_job j
          SET state = ($3::text[])[array_position($1, j.id)],
              run_at = COALESCE(($4::timestamptz[])[array_position($1, j.id)], j.run_at),
@@ -239,6 +283,30 @@ pub async fn settle_many(
     .bind(states)
     .bind(run_ats)
     .bind(errors)
+    .fetch_all(ex)
+    .await?;
+    settled.extend(retried);
+    Ok(settled)
+}
+
+/// Completes jobs whose lease `tokens` still hold: each leaves the hot table for the archive
+/// in one statement. Returns the ids completed.
+async fn complete_many(ex: &PgPool, ids: &[i64], tokens: &[Uuid]) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH done AS (
+             DELETE FROM delayed_job
+             WHERE id = ANY($1::bigint[]) AND lease_token = ANY($2::uuid[]) AND state = 'running'
+             RETURNING id, kind, payload, priority, run_at, attempts, max_attempts, dedupe_key,
+                       last_error, traceparent, created_at)
+         INSERT INTO delayed_job_archive (id, kind, payload, priority, state, run_at, attempts,
+             max_attempts, dedupe_key, last_error, traceparent, created_at, finished_at)
+         SELECT id, kind, payload, priority, 'completed', run_at, attempts, max_attempts,
+                dedupe_key, last_error, traceparent, created_at, now()
+         FROM done
+         RETURNING id",
+    )
+    .bind(ids)
+    .bind(tokens)
     .fetch_all(ex)
     .await
 }
@@ -311,9 +379,9 @@ pub async fn rescue_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sq
     Ok(done.rows_affected())
 }
 
-/// Moves up to `limit` jobs that finished (completed or cancelled) before `before` to
-/// `delayed_job_archive`, in one statement; returns how many moved. The hot table keeps what is
-/// scheduled, running, dead or just finished.
+/// Moves up to `limit` jobs cancelled before `before` to `delayed_job_archive` (completed ones
+/// move as they complete), in one statement; returns how many moved. The hot table keeps what
+/// is scheduled, running, dead or recently cancelled.
 pub async fn archive_finished(
     pool: &PgPool,
     before: DateTime<Utc>,
@@ -446,8 +514,9 @@ pub struct JobRow {
 const JOB_COLUMNS: &str = "id, kind, payload, priority, state, run_at, attempts, max_attempts,
     dedupe_key, lease_owner, lease_expires_at, last_error, created_at, updated_at";
 
-/// Jobs in the hot table, newest first, filtered by state and kind when given, a page at a
-/// time (`before`: the last id of the previous page).
+/// Jobs, live or archived (completed ones are archived as they complete), newest first,
+/// filtered by state and kind when given, a page at a time (`before`: the last id of the
+/// previous page).
 pub async fn list_jobs(
     pool: &PgPool,
     state: Option<&str>,
@@ -456,7 +525,7 @@ pub async fn list_jobs(
     limit: i64,
 ) -> Result<Vec<JobRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM delayed_job
+        "SELECT {JOB_COLUMNS} FROM delayed_job_all
          WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR kind = $2)
            AND ($3::bigint IS NULL OR id < $3)
          ORDER BY id DESC LIMIT $4"
@@ -469,14 +538,10 @@ pub async fn list_jobs(
     .await
 }
 
-/// One job, from the hot table or, once finished and moved, the archive.
+/// One job, live or archived.
 pub async fn get_job(pool: &PgPool, id: i64) -> Result<Option<JobRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM delayed_job WHERE id = $1
-         UNION ALL
-         SELECT id, kind, payload, priority, state, run_at, attempts, max_attempts, dedupe_key,
-                NULL, NULL, last_error, created_at, finished_at
-         FROM delayed_job_archive WHERE id = $1"
+        "SELECT {JOB_COLUMNS} FROM delayed_job_all WHERE id = $1"
     ))
     .bind(id)
     .fetch_optional(pool)

@@ -209,7 +209,7 @@ pub async fn insert_new_order(
          j AS (
              INSERT INTO delayed_job (kind, payload, priority, run_at, dedupe_key, max_attempts)
              SELECT $16, $17, $18, $19, $20, $21 FROM o
-             ON CONFLICT (dedupe_key) DO NOTHING)
+             ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING)
          SELECT * FROM o"
     ))
     .bind(o.id)
