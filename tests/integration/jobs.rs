@@ -142,6 +142,19 @@ impl Drop for Instance {
     }
 }
 
+/// Runs `engine` as an instance until `sql` counts `n`, then stops it (draining) and kills it.
+async fn run_until(pool: &PgPool, engine: Engine, what: &str, sql: &str, n: i64) {
+    let stop = CancellationToken::new();
+    let (mut instance, handle) = Instance::start(engine, stop.clone());
+    eventually(what, Duration::from_secs(30), || async {
+        (count(pool, sql).await == n).then_some(())
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    instance.kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_run_5000_jobs_exactly_once_though_one_is_killed_mid_run() {
     let pool = database().await;
@@ -404,7 +417,6 @@ async fn a_starved_low_priority_job_ages_to_the_front_and_a_paused_kind_waits() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kind_with_a_concurrency_limit_never_runs_more_at_once() {
     let pool = database().await;
-    let stop = CancellationToken::new();
     let mut engine = Engine::new(own_pool(&pool), Arc::new(SystemClock), test_config("a"));
     let now_running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -420,20 +432,14 @@ async fn a_kind_with_a_concurrency_limit_never_runs_more_at_once() {
         }
     });
     insert_all(&pool, (0..30).map(|n| job("test.limited", n, Utc::now()))).await;
-    let (mut instance, handle) = Instance::start(engine, stop.clone());
-    eventually("30 jobs done", Duration::from_secs(30), || async {
-        (count(
-            &pool,
-            "SELECT count(*) FROM delayed_job_all WHERE state = 'completed'",
-        )
-        .await
-            == 30)
-            .then_some(())
-    })
+    run_until(
+        &pool,
+        engine,
+        "30 jobs done",
+        "SELECT count(*) FROM delayed_job_all WHERE state = 'completed'",
+        30,
+    )
     .await;
-    stop.cancel();
-    handle.await.unwrap();
-    instance.kill();
     assert_eq!(
         most.load(Ordering::SeqCst),
         2,
@@ -959,7 +965,6 @@ async fn the_leader_writes_schedule_occurrences_ahead_once_and_replays_misfires_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_running_past_its_lease_keeps_it_by_heartbeat_and_runs_once() {
     let pool = database().await;
-    let stop = CancellationToken::new();
     let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // a 2 s lease, a leader rescuing expired leases every 100 ms, a handler that takes 4 s
     let mut engine = Engine::new(
@@ -982,24 +987,14 @@ async fn a_handler_running_past_its_lease_keeps_it_by_heartbeat_and_runs_once() 
         }
     });
     let ids = insert_all(&pool, [job("test.slow", 1, Utc::now())]).await;
-    let (mut instance, handle) = Instance::start(engine, stop.clone());
-    eventually(
+    run_until(
+        &pool,
+        engine,
         "the slow job to complete",
-        Duration::from_secs(30),
-        || async {
-            (count(
-                &pool,
-                "SELECT count(*) FROM delayed_job_all WHERE state = 'completed'",
-            )
-            .await
-                == 1)
-                .then_some(())
-        },
+        "SELECT count(*) FROM delayed_job_all WHERE state = 'completed'",
+        1,
     )
     .await;
-    stop.cancel();
-    handle.await.unwrap();
-    instance.kill();
     assert_eq!(
         runs.load(Ordering::SeqCst),
         1,

@@ -59,15 +59,19 @@ pub async fn rebuild_sku(app: &App, sku: &SkuId) -> Result<RebuiltSku, RebuildEr
     Ok(rebuilt)
 }
 
-/// Writes the SKU's ledger to Redis, never more than `stock_real` of it (expiring the newest
-/// unpaid orders that do not fit, in `conn`'s transaction). The caller holds the SKU's
-/// exclusive lock in `conn` and commits.
-pub async fn write_back(
-    app: &App,
+/// The SKU's live reservations and what Redis should hold for them ([`plan_rebuild`]: never
+/// more than `stock_real`; the plan's indexes point into the reservations).
+async fn ledger_plan(
     conn: &mut postgres_store::sqlx::PgConnection,
     sku: &SkuId,
     row: &skus::SkuRow,
-) -> Result<RebuiltSku, RebuildError> {
+) -> Result<
+    (
+        Vec<skus::LiveReservation>,
+        domain::stock::RebuildPlan<usize>,
+    ),
+    RebuildError,
+> {
     let live = skus::live_reservations(&mut *conn, sku.as_str()).await?;
     let holds: Vec<LiveHold<usize>> = live
         .iter()
@@ -79,6 +83,19 @@ pub async fn write_back(
         })
         .collect();
     let plan = plan_rebuild(row.stock_real, &holds);
+    Ok((live, plan))
+}
+
+/// Writes the SKU's ledger to Redis, never more than `stock_real` of it (expiring the newest
+/// unpaid orders that do not fit, in `conn`'s transaction). The caller holds the SKU's
+/// exclusive lock in `conn` and commits.
+pub async fn write_back(
+    app: &App,
+    conn: &mut postgres_store::sqlx::PgConnection,
+    sku: &SkuId,
+    row: &skus::SkuRow,
+) -> Result<RebuiltSku, RebuildError> {
+    let (live, plan) = ledger_plan(conn, sku, row).await?;
     let mut expired = Vec::new();
     for &i in &plan.expire {
         let order_id = live[i].order_id;
@@ -209,17 +226,7 @@ pub async fn reconcile_sku(app: &App, sku: &SkuId) -> Result<bool, RebuildError>
     let row = skus::get_sku(&mut *tx, sku.as_str())
         .await?
         .ok_or(RebuildError::UnknownSku)?;
-    let live = skus::live_reservations(&mut *tx, sku.as_str()).await?;
-    let holds: Vec<LiveHold<usize>> = live
-        .iter()
-        .enumerate()
-        .map(|(i, r)| LiveHold {
-            id: i,
-            quantity: r.quantity as u32,
-            paid: r.expires_at.is_none(),
-        })
-        .collect();
-    let plan = plan_rebuild(row.stock_real, &holds);
+    let (live, plan) = ledger_plan(&mut tx, sku, &row).await?;
     let mut want: Vec<(String, u32, bool)> = plan
         .keep
         .iter()
