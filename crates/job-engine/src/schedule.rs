@@ -364,10 +364,13 @@ pub fn plan(
 }
 
 /// A schedule as stored (`job_schedule`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
+#[derive(
+    Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema,
+)]
 pub struct Schedule {
     pub name: String,
     pub kind: String,
+    #[schema(value_type = Object)]
     pub payload: serde_json::Value,
     pub priority: i16,
     pub max_attempts: i32,
@@ -384,20 +387,77 @@ pub struct Schedule {
     pub updated_at: DateTime<Utc>,
 }
 
-/// What an operator (or a binary, at start-up) sets; the rest is kept by the engine.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// What an operator (or a binary, at start-up) sets; the rest is kept by the engine. Omitted
+/// fields take their defaults (priority 2, 5 attempts, shift, first, fire once).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ScheduleDef {
     pub kind: String,
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
     pub payload: serde_json::Value,
+    #[serde(default = "default_priority")]
     pub priority: i16,
+    #[serde(default = "default_attempts")]
     pub max_attempts: i32,
+    /// A cron expression or a business cycle (`monthly on day 1 at 02:00`).
     pub recurrence: String,
+    /// IANA time zone the recurrence is read in.
     pub time_zone: String,
+    /// skip or shift
+    #[serde(default = "default_gap")]
     pub dst_gap: String,
+    /// first, last or both
+    #[serde(default = "default_overlap")]
     pub dst_overlap: String,
+    /// fire_once, skip or catch_up
+    #[serde(default = "default_misfire")]
     pub misfire: String,
+    #[serde(default = "default_catch_up")]
     pub catch_up_max: i32,
+    #[serde(default)]
     pub paused: bool,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
+}
+fn default_priority() -> i16 {
+    2
+}
+fn default_attempts() -> i32 {
+    5
+}
+fn default_gap() -> String {
+    GapPolicy::Shift.as_str().into()
+}
+fn default_overlap() -> String {
+    OverlapPolicy::First.as_str().into()
+}
+fn default_misfire() -> String {
+    Misfire::FireOnce.as_parts().0.into()
+}
+fn default_catch_up() -> i32 {
+    1
+}
+
+impl ScheduleDef {
+    /// A definition with every policy at its default.
+    pub fn new(kind: &str, recurrence: &str, time_zone: &str) -> Self {
+        ScheduleDef {
+            kind: kind.into(),
+            payload: empty_object(),
+            priority: default_priority(),
+            max_attempts: default_attempts(),
+            recurrence: recurrence.into(),
+            time_zone: time_zone.into(),
+            dst_gap: default_gap(),
+            dst_overlap: default_overlap(),
+            misfire: default_misfire(),
+            catch_up_max: default_catch_up(),
+            paused: false,
+        }
+    }
 }
 
 impl ScheduleDef {

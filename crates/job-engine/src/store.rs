@@ -493,12 +493,15 @@ pub async fn resume_kind(pool: &PgPool, kind: &str) -> Result<bool, sqlx::Error>
 }
 
 /// A job as operators see it (the ops API).
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
 pub struct JobRow {
     pub id: i64,
     pub kind: String,
+    #[schema(value_type = Object)]
     pub payload: serde_json::Value,
+    /// 0 = P0 ... 2 = P2 (after aging, if it waited long)
     pub priority: i16,
+    /// scheduled, running, completed, dead or cancelled
     pub state: String,
     pub run_at: DateTime<Utc>,
     pub attempts: i32,

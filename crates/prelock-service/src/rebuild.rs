@@ -160,20 +160,37 @@ pub struct RebuildReport {
     pub duration_ms: u64,
 }
 
+/// The catalogue in id order, 500 SKUs at a time (ids that do not parse are skipped).
+#[derive(Default)]
+struct SkuWalk {
+    after: String,
+}
+
+impl SkuWalk {
+    async fn next_page(&mut self, app: &App) -> Result<Option<Vec<(String, SkuId)>>, RebuildError> {
+        let page = skus::sku_ids_after(&app.store.pool, &self.after, 500).await?;
+        let Some(last) = page.last() else {
+            return Ok(None);
+        };
+        self.after = last.clone();
+        Ok(Some(
+            page.into_iter()
+                .filter_map(|id| SkuId::parse(&id).ok().map(|sku| (id, sku)))
+                .collect(),
+        ))
+    }
+}
+
 /// Rebuilds every SKU, a page at a time, logging progress. A SKU that fails is reported and
 /// skipped (its reserves answer 503 and retry their own rebuild); the rest go on.
 pub async fn rebuild_all(app: &App, trigger: &str) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
     let total = skus::count_skus(&app.store.pool).await?;
     let mut report = RebuildReport::default();
-    let mut after = String::new();
+    let mut walk = SkuWalk::default();
     tracing::info!(total, trigger, "rebuild started");
-    loop {
-        let page = skus::sku_ids_after(&app.store.pool, &after, 500).await?;
-        let Some(last) = page.last() else { break };
-        after = last.clone();
-        for id in page {
-            let Ok(sku) = SkuId::parse(&id) else { continue };
+    while let Some(page) = walk.next_page(app).await? {
+        for (id, sku) in page {
             match rebuild_sku(app, &sku).await {
                 Ok(r) => {
                     report.skus += 1;
@@ -274,13 +291,9 @@ pub async fn reconcile_sku(app: &App, sku: &SkuId) -> Result<bool, RebuildError>
 pub async fn reconcile_all(app: &App) -> Result<ReconcileReport, RebuildError> {
     let started = Instant::now();
     let mut report = ReconcileReport::default();
-    let mut after = String::new();
-    loop {
-        let page = skus::sku_ids_after(&app.store.pool, &after, 500).await?;
-        let Some(last) = page.last() else { break };
-        after = last.clone();
-        for id in page {
-            let Ok(sku) = SkuId::parse(&id) else { continue };
+    let mut walk = SkuWalk::default();
+    while let Some(page) = walk.next_page(app).await? {
+        for (id, sku) in page {
             match reconcile_sku(app, &sku).await {
                 Ok(drifted) => {
                     report.skus += 1;

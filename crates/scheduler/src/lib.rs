@@ -264,23 +264,11 @@ pub const PRUNE_SCHEDULE: &str = "orders-prune-lost-answers";
 
 /// Writes the schedules the scheduler ships unless they exist (an operator's edits win).
 async fn seed_schedules(store: &PgStore, config: &Config) -> anyhow::Result<()> {
-    let def = |kind: &str, recurrence: &str, time_zone: &str| job_engine::schedule::ScheduleDef {
-        kind: kind.into(),
-        payload: serde_json::json!({}),
-        priority: 2,
-        max_attempts: 5,
-        recurrence: recurrence.into(),
-        time_zone: time_zone.into(),
-        dst_gap: "shift".into(),
-        dst_overlap: "first".into(),
-        misfire: "fire_once".into(),
-        catch_up_max: 1,
-        paused: false,
-    };
+    use job_engine::schedule::ScheduleDef as Def;
     let defaults = [
         (
             RECONCILE_SCHEDULE,
-            def(
+            Def::new(
                 events::JOB_STOCK_RECONCILE,
                 &config.reconcile_recurrence,
                 &config.reconcile_time_zone,
@@ -289,7 +277,7 @@ async fn seed_schedules(store: &PgStore, config: &Config) -> anyhow::Result<()> 
         ),
         (
             PRUNE_SCHEDULE,
-            def(events::JOB_PRUNE_LOST_ANSWERS, "daily at 04:30", "UTC"),
+            Def::new(events::JOB_PRUNE_LOST_ANSWERS, "daily at 04:30", "UTC"),
             "the prune schedule",
         ),
     ];

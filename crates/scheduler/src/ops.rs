@@ -52,47 +52,6 @@ pub fn router(state: OpsState) -> Router {
     api.route("/openapi.json", get(move || async move { Json(doc) }))
 }
 
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct JobView {
-    pub id: i64,
-    pub kind: String,
-    pub payload: serde_json::Value,
-    /// 0 = P0 ... 2 = P2 (after aging, if it waited long)
-    pub priority: i16,
-    /// scheduled, running, completed, dead or cancelled
-    pub state: String,
-    pub run_at: DateTime<Utc>,
-    pub attempts: i32,
-    pub max_attempts: i32,
-    pub dedupe_key: Option<String>,
-    pub lease_owner: Option<String>,
-    pub lease_expires_at: Option<DateTime<Utc>>,
-    pub last_error: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<JobRow> for JobView {
-    fn from(r: JobRow) -> Self {
-        JobView {
-            id: r.id,
-            kind: r.kind,
-            payload: r.payload,
-            priority: r.priority,
-            state: r.state,
-            run_at: r.run_at,
-            attempts: r.attempts,
-            max_attempts: r.max_attempts,
-            dedupe_key: r.dedupe_key,
-            lease_owner: r.lease_owner,
-            lease_expires_at: r.lease_expires_at,
-            last_error: r.last_error,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-        }
-    }
-}
-
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct JobQuery {
     /// scheduled, running, completed, dead or cancelled
@@ -113,13 +72,13 @@ fn db(e: sqlx::Error) -> ApiError {
 #[utoipa::path(get, path = "/v1/ops/jobs", tag = "jobs",
     description = "Jobs in the hot table, newest first; filter by state and kind, page with `before`.",
     params(JobQuery),
-    responses((status = 200, body = [JobView]), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = [JobRow]), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn list_jobs(
     State(s): State<OpsState>,
     _ops: Ops,
     Query(q): Query<JobQuery>,
-) -> Result<Json<Vec<JobView>>, ApiError> {
+) -> Result<Json<Vec<JobRow>>, ApiError> {
     if let Some(state) = q.state.as_deref() {
         if !STATES.contains(&state) {
             return Err(ApiError::field(
@@ -141,36 +100,36 @@ async fn list_jobs(
     )
     .await
     .map_err(db)?;
-    Ok(Json(rows.into_iter().map(JobView::from).collect()))
+    Ok(Json(rows))
 }
 
 #[utoipa::path(get, path = "/v1/ops/jobs/{id}", tag = "jobs",
     description = "One job, from the hot table or the archive.",
     params(("id" = i64, Path)),
-    responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = JobRow), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn get_job(
     State(s): State<OpsState>,
     _ops: Ops,
     Path(id): Path<i64>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Json<JobRow>, ApiError> {
     store::get_job(&s.pool, id)
         .await
         .map_err(db)?
-        .map(|r| Json(r.into()))
+        .map(Json)
         .ok_or_else(|| ApiError::not_found("job"))
 }
 
 #[utoipa::path(post, path = "/v1/ops/jobs/{id}/redrive", tag = "jobs",
     description = "Runs a dead job again now, with a fresh attempt budget. 409 if it is not dead.",
     params(("id" = i64, Path)),
-    responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = JobRow), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn redrive_job(
     State(s): State<OpsState>,
     _ops: Ops,
     Path(id): Path<i64>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Json<JobRow>, ApiError> {
     if !store::redrive(&s.pool, id, Utc::now()).await.map_err(db)? {
         return match store::get_job(&s.pool, id).await.map_err(db)? {
             None => Err(ApiError::not_found("job")),
@@ -182,8 +141,7 @@ async fn redrive_job(
     }
     tracing::warn!(job_id = id, "dead job redriven by an operator");
     let job = store::get_job(&s.pool, id).await.map_err(db)?;
-    job.map(|r| Json(r.into()))
-        .ok_or_else(|| ApiError::not_found("job"))
+    job.map(Json).ok_or_else(|| ApiError::not_found("job"))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -249,30 +207,10 @@ async fn resume_kind(
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ScheduleView {
-    pub name: String,
-    pub kind: String,
-    pub payload: serde_json::Value,
-    pub priority: i16,
-    pub max_attempts: i32,
-    /// A cron expression or a business cycle (`monthly on day 1 at 02:00`).
-    pub recurrence: String,
-    /// IANA time zone the recurrence is read in.
-    pub time_zone: String,
-    /// skip or shift
-    pub dst_gap: String,
-    /// first, last or both
-    pub dst_overlap: String,
-    /// fire_once, skip or catch_up
-    pub misfire: String,
-    pub catch_up_max: i32,
-    pub paused: bool,
-    /// Occurrences up to here have been written as jobs.
-    pub cursor: DateTime<Utc>,
-    pub last_fired_at: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    pub schedule: Schedule,
     /// The next occurrences after the cursor, in UTC.
     pub next: Vec<DateTime<Utc>>,
-    pub updated_by: String,
-    pub updated_at: DateTime<Utc>,
 }
 
 impl From<Schedule> for ScheduleView {
@@ -282,73 +220,8 @@ impl From<Schedule> for ScheduleView {
             .check()
             .map(|(cal, _)| cal.between(s.cursor, s.cursor + chrono::Duration::days(400), 3))
             .unwrap_or_default();
-        ScheduleView {
-            name: s.name,
-            kind: s.kind,
-            payload: s.payload,
-            priority: s.priority,
-            max_attempts: s.max_attempts,
-            recurrence: s.recurrence,
-            time_zone: s.time_zone,
-            dst_gap: s.dst_gap,
-            dst_overlap: s.dst_overlap,
-            misfire: s.misfire,
-            catch_up_max: s.catch_up_max,
-            paused: s.paused,
-            cursor: s.cursor,
-            last_fired_at: s.last_fired_at,
-            next,
-            updated_by: s.updated_by,
-            updated_at: s.updated_at,
-        }
+        ScheduleView { schedule: s, next }
     }
-}
-
-/// A schedule as an operator writes it; omitted policies take their defaults.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleBody {
-    pub kind: String,
-    #[serde(default = "empty_object")]
-    pub payload: serde_json::Value,
-    #[serde(default = "default_priority")]
-    pub priority: i16,
-    #[serde(default = "default_attempts")]
-    pub max_attempts: i32,
-    pub recurrence: String,
-    pub time_zone: String,
-    #[serde(default = "default_gap")]
-    pub dst_gap: String,
-    #[serde(default = "default_overlap")]
-    pub dst_overlap: String,
-    #[serde(default = "default_misfire")]
-    pub misfire: String,
-    #[serde(default = "default_catch_up")]
-    pub catch_up_max: i32,
-    #[serde(default)]
-    pub paused: bool,
-}
-
-fn empty_object() -> serde_json::Value {
-    serde_json::json!({})
-}
-fn default_priority() -> i16 {
-    2
-}
-fn default_attempts() -> i32 {
-    5
-}
-fn default_gap() -> String {
-    "shift".into()
-}
-fn default_overlap() -> String {
-    "first".into()
-}
-fn default_misfire() -> String {
-    "fire_once".into()
-}
-fn default_catch_up() -> i32 {
-    1
 }
 
 #[utoipa::path(get, path = "/v1/ops/schedules", tag = "schedules",
@@ -381,14 +254,14 @@ async fn get_schedule(
 #[utoipa::path(put, path = "/v1/ops/schedules/{name}", tag = "schedules",
     description = "Creates (201) or replaces (200) a schedule. A new one fires from now on; an edited one keeps what it already wrote. 400 names what is wrong with a recurrence, zone or policy.",
     params(("name" = String, Path)),
-    request_body = ScheduleBody,
+    request_body = ScheduleDef,
     responses((status = 200, body = ScheduleView), (status = 201, body = ScheduleView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn put_schedule(
     State(s): State<OpsState>,
     _ops: Ops,
     Path(name): Path<String>,
-    ApiJson(body): ApiJson<ScheduleBody>,
+    ApiJson(def): ApiJson<ScheduleDef>,
 ) -> Result<(StatusCode, Json<ScheduleView>), ApiError> {
     let name_ok = name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -401,20 +274,7 @@ async fn put_schedule(
             "must look like `stock-reconcile-nightly`",
         ));
     }
-    check_kind(&body.kind)?;
-    let def = ScheduleDef {
-        kind: body.kind,
-        payload: body.payload,
-        priority: body.priority,
-        max_attempts: body.max_attempts,
-        recurrence: body.recurrence,
-        time_zone: body.time_zone,
-        dst_gap: body.dst_gap,
-        dst_overlap: body.dst_overlap,
-        misfire: body.misfire,
-        catch_up_max: body.catch_up_max,
-        paused: body.paused,
-    };
+    check_kind(&def.kind)?;
     let put = schedule::put(&s.pool, &name, &def, "ops", Utc::now(), false)
         .await
         .map_err(db)?
