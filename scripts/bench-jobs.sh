@@ -53,7 +53,11 @@ get() { awk -v l="$1" -v k="$2" '$1 == l { for (i = 3; i <= NF; i++) { split($i,
 
 run ours.fire target/release/job-bench fire "$ours" "$rate" "$secs" 2000 "$workers"
 run graphile.fire node bench/graphile/bench.js fire "$theirs" "$rate" "$secs" 2000 "$workers"
+# each burn-down starts from a checkpoint, so none pays for the WAL of the one before
+checkpoint() { psql -q "$admin" -c "checkpoint"; }
+checkpoint
 run ours.burndown target/release/job-bench burndown "$ours" "$jobs" "$workers"
+checkpoint
 run graphile.burndown node bench/graphile/bench.js burndown "$theirs" "$jobs" "$workers"
 
 echo "== ceiling: pgbench, bench/claim_complete.sql" >&2
@@ -62,6 +66,7 @@ psql -q "$ours" -c "truncate delayed_job, delayed_job_archive" \
       select 'bench.noop', '{}', 1, now(), 3 from generate_series(1, $jobs)" \
   -c "vacuum analyze delayed_job"
 clients=4
+checkpoint
 start=$(date +%s.%N)
 pgbench -n -c "$clients" -j 2 -t $(( jobs / 500 / clients + 2 )) -f bench/claim_complete.sql "$ours" >/dev/null
 end=$(date +%s.%N)
