@@ -14,4 +14,5 @@ mod prelock_scripts;
 mod rebuild;
 mod scheduler_ops;
 mod schema;
+mod simulator_refunds;
 mod validation;

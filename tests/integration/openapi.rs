@@ -81,6 +81,8 @@ async fn prelock_service_and_the_simulator_document_their_paths() {
             &[
                 ("/v1/{provider}/payments", "post"),
                 ("/v1/{provider}/payments/{payment_id}", "get"),
+                ("/v1/{provider}/refunds", "post"),
+                ("/v1/{provider}/refunds/{refund_id}", "get"),
                 ("/v1/sim/payments/{payment_id}/pay", "post"),
                 ("/v1/sim/payments/{payment_id}", "get"),
                 ("/v1/sim/faults", "get"),

@@ -185,7 +185,28 @@ pub struct PaymentQuery {
     pub paid_at: Option<DateTime<Utc>>,
 }
 
-/// Client for the providers' merchant APIs (create payment, query payment).
+/// A refund request. `refund_id` is the merchant's id for this refund: the provider pays a
+/// refund id once, so a retried request (after a timeout, a crash) never pays twice.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RefundRequest {
+    pub refund_id: String,
+    pub payment_id: String,
+    pub amount_cents: i64,
+}
+
+/// A refund as the provider knows it (the refund and refund-query APIs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Refund {
+    pub refund_id: String,
+    pub payment_id: String,
+    pub amount_cents: i64,
+    /// `SUCCESS`: the money went back.
+    pub status: String,
+    pub refunded_at: DateTime<Utc>,
+}
+
+/// Client for the providers' merchant APIs (create and query payments, refund and query
+/// refunds).
 #[derive(Clone)]
 pub struct GatewayClient {
     http: reqwest::Client,
@@ -254,6 +275,26 @@ impl GatewayClient {
         payment_id: &str,
     ) -> Result<PaymentQuery, GatewayError> {
         let url = format!("{}/v1/{provider}/payments/{payment_id}", self.base_url);
+        Self::send(self.http.get(url)).await
+    }
+
+    /// Asks for a refund; the same `refund_id` again answers the refund already made.
+    pub async fn refund(
+        &self,
+        provider: Provider,
+        req: &RefundRequest,
+    ) -> Result<Refund, GatewayError> {
+        let url = format!("{}/v1/{provider}/refunds", self.base_url);
+        Self::send(self.http.post(url).json(req)).await
+    }
+
+    /// The refund-query API: `Rejected` (404) if the provider never made this refund.
+    pub async fn query_refund(
+        &self,
+        provider: Provider,
+        refund_id: &str,
+    ) -> Result<Refund, GatewayError> {
+        let url = format!("{}/v1/{provider}/refunds/{refund_id}", self.base_url);
         Self::send(self.http.get(url)).await
     }
 }

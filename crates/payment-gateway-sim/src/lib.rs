@@ -5,7 +5,10 @@
 //! - `POST /v1/{provider}/payments`            create (called by order-api) -> `{"pay_url"}`
 //! - `GET  /v1/{provider}/payments/{id}`       query API (status, event id, amount)
 //! - `POST /v1/sim/payments/{id}/pay`          "the buyer pays": marks it paid, sends callbacks
-//! - `GET  /v1/sim/payments/{id}`              what the simulator did (deliveries, drops)
+//! - `POST /v1/{provider}/refunds`             refund (idempotent by refund id)
+//! - `GET  /v1/{provider}/refunds/{refund_id}` refund-query API
+//! - `GET  /v1/sim/payments/{id}`              what the simulator did (deliveries, drops,
+//!                                              refunds)
 //! - `GET|PUT /v1/sim/faults`                  fault rates (see [`Faults`])
 //!
 //! Callbacks are signed per `gateway_protocol` and retried on 5xx or network errors with
@@ -24,7 +27,8 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use domain::Provider;
 use gateway_protocol::{
-    CreatePayment, CreatedPayment, PaymentNotification, PaymentQuery, ProviderSecrets,
+    CreatePayment, CreatedPayment, PaymentNotification, PaymentQuery, ProviderSecrets, Refund,
+    RefundRequest,
 };
 use serde::{Deserialize, Serialize};
 use service_kit::error::ErrorBody;
@@ -52,6 +56,11 @@ pub struct Faults {
     pub query_timeout_ms: u64,
     /// A query answers 500.
     pub query_error_rate: f64,
+    /// A refund request answers 500 without refunding.
+    pub refund_error_rate: f64,
+    /// A refund is made, but the answer comes only after `query_timeout_ms` (past the
+    /// caller's timeout): the caller must retry with the same refund id, not a new one.
+    pub refund_timeout_rate: f64,
     /// Attempts per callback copy before giving up (retries on 5xx and network errors).
     pub callback_attempts: u32,
 }
@@ -67,6 +76,8 @@ impl Default for Faults {
             query_timeout_rate: 0.0,
             query_timeout_ms: 10_000,
             query_error_rate: 0.0,
+            refund_error_rate: 0.0,
+            refund_timeout_rate: 0.0,
             callback_attempts: 5,
         }
     }
@@ -80,6 +91,8 @@ impl Faults {
             ("duplicate_rate", self.duplicate_rate),
             ("query_timeout_rate", self.query_timeout_rate),
             ("query_error_rate", self.query_error_rate),
+            ("refund_error_rate", self.refund_error_rate),
+            ("refund_timeout_rate", self.refund_timeout_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(ApiError::field(name, "must be between 0 and 1"));
@@ -118,6 +131,8 @@ pub struct SimPayment {
     pub callbacks_planned: u32,
     pub callbacks_acknowledged: u32,
     pub callback_attempts: u32,
+    /// Refunds paid for this payment (each refund id once).
+    pub refunds: Vec<Refund>,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -160,6 +175,8 @@ impl Sim {
         let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
             .routes(routes!(create_payment))
             .routes(routes!(query_payment))
+            .routes(routes!(refund))
+            .routes(routes!(query_refund))
             .routes(routes!(pay))
             .routes(routes!(inspect))
             .routes(routes!(get_faults, put_faults))
@@ -227,6 +244,7 @@ async fn create_payment(
             callbacks_planned: 0,
             callbacks_acknowledged: 0,
             callback_attempts: 0,
+            refunds: Vec::new(),
         });
     Ok((StatusCode::CREATED, Json(CreatedPayment { pay_url })))
 }
@@ -261,6 +279,109 @@ async fn query_payment(
         event_id: found.event_id,
         paid_at: found.paid_at,
     }))
+}
+
+/// The refund API: pays `amount_cents` back on a paid payment, once per refund id (the same
+/// id again answers the refund already made, whatever its amount). Refunds of one payment
+/// never exceed what was paid.
+#[utoipa::path(post, path = "/v1/{provider}/refunds", tag = "provider",
+    description = "Refund, idempotent by refund_id. Faults: `refund_error_rate` (500, nothing refunded), `refund_timeout_rate` (refunded, but the answer comes late).",
+    params(("provider" = String, Path, description = "wechat, alipay or douyin")), request_body = RefundRequest,
+    responses((status = 200, body = Refund), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "not paid, or more than was paid", body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn refund(
+    State(s): State<SimState>,
+    Path(p): Path<String>,
+    ApiJson(req): ApiJson<RefundRequest>,
+) -> Result<Json<Refund>, ApiError> {
+    let p = provider(&p)?;
+    if req.refund_id.is_empty() || req.refund_id.len() > 64 {
+        return Err(ApiError::field("refund_id", "must be 1 to 64 characters"));
+    }
+    if req.amount_cents <= 0 {
+        return Err(ApiError::field("amount_cents", "must be positive"));
+    }
+    let f = s.0.faults();
+    if fastrand::f64() < f.refund_error_rate {
+        return Err(ApiError::new(
+            ErrorCode::Internal,
+            "simulated provider error",
+        ));
+    }
+    let made = {
+        let mut map = s.0.payments.lock().unwrap_or_else(|e| e.into_inner());
+        // a refund id is paid once, whichever payment it names
+        let earlier = map
+            .values()
+            .flat_map(|sp| sp.refunds.iter())
+            .find(|r| r.refund_id == req.refund_id)
+            .cloned();
+        match earlier {
+            Some(r) => r,
+            None => {
+                let sp = map
+                    .get_mut(&req.payment_id)
+                    .filter(|sp| sp.provider == p.as_str())
+                    .ok_or_else(|| ApiError::not_found("payment"))?;
+                if sp.status != "PAID" {
+                    return Err(ApiError::new(ErrorCode::Conflict, "payment is not paid"));
+                }
+                let refunded: i64 = sp.refunds.iter().map(|r| r.amount_cents).sum();
+                if refunded + req.amount_cents > sp.amount_cents {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!(
+                            "refunds would exceed the {} paid ({refunded} already refunded)",
+                            sp.amount_cents
+                        ),
+                    ));
+                }
+                let r = Refund {
+                    refund_id: req.refund_id.clone(),
+                    payment_id: req.payment_id.clone(),
+                    amount_cents: req.amount_cents,
+                    status: "SUCCESS".into(),
+                    refunded_at: Utc::now(),
+                };
+                sp.refunds.push(r.clone());
+                tracing::info!(refund_id = %r.refund_id, payment_id = %r.payment_id, amount_cents = r.amount_cents, "refund paid");
+                r
+            }
+        }
+    };
+    if fastrand::f64() < f.refund_timeout_rate {
+        tokio::time::sleep(Duration::from_millis(f.query_timeout_ms)).await;
+    }
+    Ok(Json(made))
+}
+
+#[utoipa::path(get, path = "/v1/{provider}/refunds/{refund_id}", tag = "provider",
+    description = "The refund-query API: 404 if this refund id was never paid. Faults: as the payment query.",
+    params(("provider" = String, Path, description = "wechat, alipay or douyin"), ("refund_id" = String, Path)),
+    responses((status = 200, body = Refund), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn query_refund(
+    State(s): State<SimState>,
+    Path((p, id)): Path<(String, String)>,
+) -> Result<Json<Refund>, ApiError> {
+    let p = provider(&p)?;
+    let f = s.0.faults();
+    if fastrand::f64() < f.query_error_rate {
+        return Err(ApiError::new(
+            ErrorCode::Internal,
+            "simulated provider error",
+        ));
+    }
+    if fastrand::f64() < f.query_timeout_rate {
+        tokio::time::sleep(Duration::from_millis(f.query_timeout_ms)).await;
+    }
+    let map = s.0.payments.lock().unwrap_or_else(|e| e.into_inner());
+    map.values()
+        .filter(|sp| sp.provider == p.as_str())
+        .flat_map(|sp| sp.refunds.iter())
+        .find(|r| r.refund_id == id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("refund"))
 }
 
 /// The buyer pays: the payment becomes PAID and its callback goes out under the current
