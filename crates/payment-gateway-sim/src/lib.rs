@@ -7,8 +7,7 @@
 //! - `POST /v1/sim/payments/{id}/pay`          "the buyer pays": marks it paid, sends callbacks
 //! - `POST /v1/{provider}/refunds`             refund (idempotent by refund id)
 //! - `GET  /v1/{provider}/refunds/{refund_id}` refund-query API
-//! - `GET  /v1/sim/payments/{id}`              what the simulator did (deliveries, drops,
-//!                                              refunds)
+//! - `GET  /v1/sim/payments/{id}`              what the simulator did (callbacks, refunds)
 //! - `GET|PUT /v1/sim/faults`                  fault rates (see [`Faults`])
 //!
 //! Callbacks are signed per `gateway_protocol` and retried on 5xx or network errors with
