@@ -8,6 +8,8 @@
 //!   deduction) that the Redis scripts and the Postgres ledger both implement, the rebuild
 //!   plan, and the in-process sold-out marker.
 //! - [`payment`]: providers, payment states, and what a confirmed payment does to an order.
+//! - [`sla`]: the SLA-boundary trigger that switches compensation to fast polling (slow
+//!   callbacks and a transaction missing events, both).
 //! - [`ports`]: the traits adapters implement, each with its written contract.
 //!
 //! This crate owns the rules. It must never do I/O: no tokio, sqlx, redis or axum here, and no
@@ -18,6 +20,7 @@ pub mod money;
 pub mod order;
 pub mod payment;
 pub mod ports;
+pub mod sla;
 pub mod stock;
 
 pub use ids::{IdError, OrderId, PaymentId, SkuId, StoreId, UserId};
