@@ -36,12 +36,14 @@ start prelock-service;      wait_ready prelock-service http://127.0.0.1:8081
 start payment-gateway-sim;  wait_ready payment-gateway-sim http://127.0.0.1:8090
 start order-api;            wait_ready order-api http://127.0.0.1:8080
 start scheduler;            wait_ready scheduler http://127.0.0.1:8082
+start compensation-worker;  wait_ready compensation-worker http://127.0.0.1:8083
 
 cat <<MSG
 bar-fulfillment is up:
   order-api            http://127.0.0.1:8080   (OpenAPI: http://127.0.0.1:8080/openapi.json)
   prelock-service      http://127.0.0.1:8081
   scheduler            http://127.0.0.1:8082   (runs the follow-up jobs: expiry, stock, voucher, notify)
+  compensation-worker  http://127.0.0.1:8083   (finds paid payments whose callback was lost)
   payment-gateway-sim  http://127.0.0.1:8090
   metrics              each service's /metrics; health /healthz, /readyz
   database             $DATABASE_URL

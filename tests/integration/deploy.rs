@@ -34,6 +34,7 @@ fn compose_brings_up_the_infrastructure_and_the_services() {
         "prelock-service",
         "payment-gateway-sim",
         "scheduler",
+        "compensation-worker",
     ] {
         assert!(
             services.contains_key(name),
@@ -76,7 +77,7 @@ fn kubernetes_manifests_parse_and_probe_health() {
             }
         }
     }
-    assert_eq!(deployments, 4);
+    assert_eq!(deployments, 5);
     assert!(repo().join("deploy/Dockerfile").exists());
     let rules = &load("deploy/prometheus/alerts.yml")[0];
     let text = serde_yaml::to_string(rules).unwrap();

@@ -2,6 +2,7 @@
 
 mod burst;
 mod callbacks;
+mod compensation;
 mod deploy;
 mod end_to_end;
 mod faults;

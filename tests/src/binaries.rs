@@ -253,12 +253,28 @@ impl Services {
     /// Starts a scheduler against this stack (with `extra` environment); returns it and its
     /// URL once it is ready.
     pub async fn scheduler(&self, extra: &[(&'static str, String)]) -> (Proc, String) {
+        self.worker("scheduler", "SCHEDULER_ADDR", extra).await
+    }
+
+    /// Starts a compensation worker against this stack, like [`Services::scheduler`].
+    pub async fn compensation_worker(&self, extra: &[(&'static str, String)]) -> (Proc, String) {
+        self.worker("compensation-worker", "COMPENSATION_ADDR", extra)
+            .await
+    }
+
+    async fn worker(
+        &self,
+        binary: &str,
+        addr_var: &'static str,
+        extra: &[(&'static str, String)],
+    ) -> (Proc, String) {
         let port = free_port();
         let mut env = self.common.clone();
-        env.push(("SCHEDULER_ADDR", format!("127.0.0.1:{port}")));
+        env.push((addr_var, format!("127.0.0.1:{port}")));
         env.push(("PRELOCK_URL", self.prelock.clone()));
+        env.push(("GATEWAY_URL", self.gateway.clone()));
         env.extend_from_slice(extra);
-        let mut proc = Proc::spawn("scheduler", &env);
+        let mut proc = Proc::spawn(binary, &env);
         let url = format!("http://127.0.0.1:{port}");
         wait_ready(&self.http, &url, &mut proc).await;
         (proc, url)

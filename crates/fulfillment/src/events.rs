@@ -24,6 +24,8 @@ pub const JOB_STOCK_DEDUCT: &str = "stock.deduct";
 pub const JOB_VOUCHER_ISSUE: &str = "voucher.issue";
 pub const JOB_ORDER_NOTIFY: &str = "order.notify";
 pub const JOB_PAYMENT_REFUND: &str = "payment.refund";
+/// Asks the provider whether a started payment was paid (the compensation worker runs it).
+pub const JOB_PAYMENT_CHECK: &str = "payment.check";
 /// Compares Redis with Postgres per SKU and repairs drift (a recurring schedule).
 pub const JOB_STOCK_RECONCILE: &str = "stock.reconcile";
 /// Forgets stale lost pre-lock answers (a recurring schedule).
@@ -138,6 +140,20 @@ pub fn follow_up_jobs(order: &OrderRow, due: DateTime<Utc>) -> [NewJob; 3] {
             json!({ "order_id": order.id, "user_id": order.user_id, "store_id": order.store_id }),
         ),
     ]
+}
+
+/// Checks for a started payment at the provider until it is resolved (compensation for a
+/// lost callback). Rescheduled by the worker, not re-inserted: one job per payment, so its
+/// budget counts the checks (at 30 s, 240 checks cover two hours).
+pub fn payment_check_job(payment_id: Uuid, due: DateTime<Utc>) -> NewJob {
+    NewJob {
+        kind: JOB_PAYMENT_CHECK.to_owned(),
+        payload: json!({ "payment_id": payment_id }),
+        priority: Priority::P0,
+        run_at: due,
+        max_attempts: 240,
+        dedupe_key: Some(format!("{JOB_PAYMENT_CHECK}:{payment_id}")),
+    }
 }
 
 pub fn refund_job(

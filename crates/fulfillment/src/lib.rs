@@ -47,11 +47,15 @@ pub struct FulfillmentConfig {
     /// At most this many give-backs wait in the background at once; past that, reservations
     /// lapse on their own (a pre-lock outage must not turn into unbounded tasks).
     pub max_background_give_backs: usize,
+    /// A started payment's first compensation check is due this long after it starts (then
+    /// the compensation worker checks every poll interval until it is resolved).
+    pub first_payment_check: Duration,
 }
 
 impl Default for FulfillmentConfig {
     fn default() -> Self {
         FulfillmentConfig {
+            first_payment_check: Duration::from_secs(5),
             max_quantity: 20,
             follow_up_delay: Duration::from_secs(2),
             not_loaded_retries: 4,

@@ -115,6 +115,46 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// `JOB_*` environment variables over `defaults` (names in README.md), checked together.
+    /// The owner names the binary, host and process.
+    pub fn from_env(binary: &str, defaults: EngineConfig) -> Result<EngineConfig, String> {
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+            match std::env::var(name) {
+                Ok(v) if !v.trim().is_empty() => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{name}={v:?} is not valid")),
+                _ => Ok(default),
+            }
+        }
+        let ms = |name: &str, d: Duration| -> Result<Duration, String> {
+            var(name, d.as_millis() as u64).map(Duration::from_millis)
+        };
+        let d = defaults;
+        let config = EngineConfig {
+            owner: format!(
+                "{binary}-{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+                std::process::id()
+            ),
+            batch_size: var("JOB_BATCH_SIZE", d.batch_size)?,
+            lease: ms("JOB_LEASE_MS", d.lease)?,
+            poll_interval: ms("JOB_POLL_MS", d.poll_interval)?,
+            lookahead: ms("JOB_LOOKAHEAD_MS", d.lookahead)?,
+            concurrency_min: var("JOB_CONCURRENCY_MIN", d.concurrency_min)?,
+            concurrency_max: var("JOB_CONCURRENCY_MAX", d.concurrency_max)?,
+            backoff_base: ms("JOB_BACKOFF_BASE_MS", d.backoff_base)?,
+            backoff_cap: ms("JOB_BACKOFF_CAP_MS", d.backoff_cap)?,
+            maintenance_interval: ms("JOB_MAINTENANCE_MS", d.maintenance_interval)?,
+            archive_after: ms("JOB_ARCHIVE_AFTER_MS", d.archive_after)?,
+            aging_step: ms("JOB_AGING_STEP_MS", d.aging_step)?,
+            drain_timeout: ms("JOB_DRAIN_TIMEOUT_MS", d.drain_timeout)?,
+            misfire_grace: ms("JOB_MISFIRE_GRACE_MS", d.misfire_grace)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Checks the settings that only work together: a wrong value is an error at start-up,
     /// never a job fired late.
     pub fn validate(&self) -> Result<(), String> {

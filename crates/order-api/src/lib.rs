@@ -75,6 +75,10 @@ impl Config {
                     "ORPHAN_RELEASE_MAX",
                     defaults.max_background_give_backs,
                 )?,
+                first_payment_check: env_millis(
+                    "PAYMENT_FIRST_CHECK_MS",
+                    defaults.first_payment_check.as_millis() as u64,
+                )?,
             },
         })
     }

@@ -99,6 +99,20 @@ pub async fn payments_of_order(
     raw.into_iter().map(decode).collect()
 }
 
+/// One payment, unlocked (the compensation worker's first look).
+pub async fn get_payment(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+) -> Result<Option<PaymentRow>, sqlx::Error> {
+    let raw: Option<RawPayment> = sqlx::query_as(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(ex)
+    .await?;
+    raw.map(decode).transpose()
+}
+
 /// Locks the payment row for the rest of the transaction: every application of one payment
 /// (webhook, compensation, replay, duplicates) is serialised here.
 pub async fn lock_payment(

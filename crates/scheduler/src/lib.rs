@@ -59,11 +59,8 @@ impl Config {
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
             prelock_url: env_string("PRELOCK_URL", "http://127.0.0.1:8081"),
             prelock_timeout: env_millis("PRELOCK_TIMEOUT_MS", 1000)?,
-            engine: engine_config_from_env(format!(
-                "scheduler-{}-{}",
-                env_string("HOSTNAME", "local"),
-                std::process::id()
-            ))?,
+            engine: EngineConfig::from_env("scheduler", EngineConfig::default())
+                .map_err(anyhow::Error::msg)?,
             notify_url: (!notify_url.trim().is_empty()).then_some(notify_url),
             notify_timeout: env_millis("NOTIFY_TIMEOUT_MS", 2000)?,
             reconcile_recurrence: env_string("RECONCILE_SCHEDULE", "daily at 03:00"),
@@ -71,31 +68,6 @@ impl Config {
             reconcile_timeout: env_millis("RECONCILE_TIMEOUT_MS", 600_000)?,
         })
     }
-}
-
-/// The job engine's settings from `JOB_*` variables (defaults: [`EngineConfig::default`]),
-/// checked together: a bad combination stops start-up with a message naming the variables.
-pub fn engine_config_from_env(owner: String) -> anyhow::Result<EngineConfig> {
-    let d = EngineConfig::default();
-    let ms = |name: &str, default: Duration| env_millis(name, default.as_millis() as u64);
-    let config = EngineConfig {
-        owner,
-        batch_size: env_or("JOB_BATCH_SIZE", d.batch_size)?,
-        lease: ms("JOB_LEASE_MS", d.lease)?,
-        poll_interval: ms("JOB_POLL_MS", d.poll_interval)?,
-        lookahead: ms("JOB_LOOKAHEAD_MS", d.lookahead)?,
-        concurrency_min: env_or("JOB_CONCURRENCY_MIN", d.concurrency_min)?,
-        concurrency_max: env_or("JOB_CONCURRENCY_MAX", d.concurrency_max)?,
-        backoff_base: ms("JOB_BACKOFF_BASE_MS", d.backoff_base)?,
-        backoff_cap: ms("JOB_BACKOFF_CAP_MS", d.backoff_cap)?,
-        maintenance_interval: ms("JOB_MAINTENANCE_MS", d.maintenance_interval)?,
-        archive_after: ms("JOB_ARCHIVE_AFTER_MS", d.archive_after)?,
-        aging_step: ms("JOB_AGING_STEP_MS", d.aging_step)?,
-        drain_timeout: ms("JOB_DRAIN_TIMEOUT_MS", d.drain_timeout)?,
-        misfire_grace: ms("JOB_MISFIRE_GRACE_MS", d.misfire_grace)?,
-    };
-    config.validate().map_err(anyhow::Error::msg)?;
-    Ok(config)
 }
 
 pub struct App {

@@ -7,6 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use chrono::Utc;
 use domain::{OrderState, Provider};
+use fulfillment::events;
 use fulfillment::payments::{ApplyOutcome, PaymentConfirmation, Source};
 use fulfillment::FulfillmentError;
 use gateway_protocol::{CreatePayment, GatewayError, PaymentNotification, SignatureError};
@@ -111,9 +112,11 @@ pub async fn start_payment(
         })?;
     // A concurrent call may have opened a payment meanwhile: then that one is the answer
     // (ours stays unused at the provider: its pay_url is never shown, so it is never paid).
-    let mut conn = pool.acquire().await.map_err(db_error)?;
+    // the payment and its first compensation check commit together: a payment whose
+    // callback is lost is always found again
+    let mut tx = pool.begin().await.map_err(db_error)?;
     let payment = pay_store::insert_payment_or_open(
-        &mut conn,
+        &mut tx,
         payment_id,
         order.id,
         provider,
@@ -122,6 +125,15 @@ pub async fn start_payment(
     )
     .await
     .map_err(db_error)?;
+    if payment.id == payment_id {
+        let due = Utc::now()
+            + chrono::Duration::from_std(app.config.fulfillment.first_payment_check)
+                .unwrap_or_default();
+        job_engine::store::insert(&mut tx, &events::payment_check_job(payment_id, due))
+            .await
+            .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
     if payment.id == payment_id {
         tracing::info!(order_id = %order.id, %payment_id, %provider, "payment started");
     }

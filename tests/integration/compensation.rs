@@ -1,0 +1,195 @@
+//! The compensation worker, on the real binaries: a payment whose callback is lost is found
+//! by its check job and applied through `apply_payment` (source `compensation`); a payment not
+//! paid yet is checked again until it is; a payment of a cancelled order stops being checked.
+
+use std::time::Duration;
+
+use integration_tests::binaries::Services;
+use integration_tests::{eventually, token, OPS_TOKEN};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
+    let s = Services::start(
+        &[],
+        &[
+            ("PRELOCK_TIMEOUT_MS", "2000".to_owned()),
+            ("PAYMENT_FIRST_CHECK_MS", "300".to_owned()),
+        ],
+    )
+    .await;
+    let (_worker, worker) = s
+        .compensation_worker(&[("PAYMENT_CHECK_INTERVAL_MS", "700".to_owned())])
+        .await;
+    let http = &s.http;
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    let r = http
+        .put(format!("{}/v1/skus/sku-comp", s.prelock))
+        .bearer_auth(OPS_TOKEN)
+        .json(&json!({"store_id": "bar-c", "price_cents": 5_000, "stock": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // every callback is lost
+    let r = http
+        .put(format!("{}/v1/sim/faults", s.gateway))
+        .json(&json!({ "drop_rate": 1.0 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let order_api = s.order_api.as_str();
+    let order_with_payment = |key: &'static str| async move {
+        let order: Value = http
+            .post(format!("{}/v1/orders", order_api))
+            .bearer_auth(token("comp-user"))
+            .header("Idempotency-Key", key)
+            .json(&json!({"sku_id": "sku-comp", "store_id": "bar-c", "quantity": 1}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = order["order_id"].as_str().unwrap().to_owned();
+        let started: Value = http
+            .post(format!("{}/v1/orders/{id}/payments", order_api))
+            .bearer_auth(token("comp-user"))
+            .json(&json!({"provider": "wechat"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            id,
+            started["payment_id"].as_str().unwrap().to_owned(),
+            started["pay_url"].as_str().unwrap().to_owned(),
+        )
+    };
+    let state = |id: String| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM orders WHERE id = $1::uuid")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+
+    // paid at once, callback lost: the first check finds it
+    let (paid_id, paid_payment, pay_url) = order_with_payment("c-1").await;
+    let sim: Value = http
+        .post(&pay_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sim["callback_dropped"], true);
+    // paid later: checked (not yet paid) until it is
+    let (late_id, _, late_url) = order_with_payment("c-2").await;
+    // cancelled before paying: checks stop
+    let (gone_id, gone_payment, _) = order_with_payment("c-3").await;
+    let r = http
+        .post(format!("{}/v1/orders/{gone_id}/cancel", s.order_api))
+        .bearer_auth(token("comp-user"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    eventually(
+        "the lost callback compensated",
+        Duration::from_secs(20),
+        || async { (state(paid_id.clone()).await == "PAID").then_some(()) },
+    )
+    .await;
+    eventually(
+        "the late payment checked at least twice",
+        Duration::from_secs(20),
+        || async {
+            let attempts: Option<i32> = sqlx::query_scalar(
+                "SELECT attempts FROM delayed_job_all
+             WHERE kind = 'payment.check' AND payload->>'payment_id' IN
+                   (SELECT id::text FROM payments WHERE order_id = $1::uuid)",
+            )
+            .bind(&late_id)
+            .fetch_optional(&db)
+            .await
+            .unwrap();
+            attempts.is_some_and(|a| a >= 2).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(state(late_id.clone()).await, "PENDING");
+    http.post(&late_url).send().await.unwrap();
+    eventually(
+        "the late payment compensated",
+        Duration::from_secs(20),
+        || async { (state(late_id.clone()).await == "PAID").then_some(()) },
+    )
+    .await;
+    eventually(
+        "the cancelled order's check to end",
+        Duration::from_secs(20),
+        || async {
+            let done: Option<String> =
+                sqlx::query_scalar("SELECT state FROM delayed_job_all WHERE dedupe_key = $1")
+                    .bind(format!("payment.check:{gone_payment}"))
+                    .fetch_optional(&db)
+                    .await
+                    .unwrap();
+            (done.as_deref() == Some("completed")).then_some(())
+        },
+    )
+    .await;
+
+    // applied once each, recorded as compensation, with one follow-up set per order
+    let from_compensation: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM payment_events WHERE source = 'compensation' AND outcome = 'PAID'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(from_compensation, 2);
+    let versions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'PAID' AND version = 2")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(versions, 2);
+    let deduct_jobs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM delayed_job_all WHERE kind = 'stock.deduct'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(deduct_jobs, 2);
+    let paid_check: String =
+        sqlx::query_scalar("SELECT state FROM delayed_job_all WHERE dedupe_key = $1")
+            .bind(format!("payment.check:{paid_payment}"))
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(paid_check, "completed");
+    let metrics = http
+        .get(format!("{worker}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"compensation_attempts_total{outcome="paid",service="compensation-worker"} 2"#,
+        r#"compensation_attempts_total{outcome="order_closed",service="compensation-worker"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+}
