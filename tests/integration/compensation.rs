@@ -193,3 +193,123 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_and_two_workers_with_a_lock_that_expires_at_once_apply_each_payment_once() {
+    let s = Services::start(
+        &[],
+        &[
+            ("PRELOCK_TIMEOUT_MS", "2000".to_owned()),
+            ("PAYMENT_FIRST_CHECK_MS", "200".to_owned()),
+        ],
+    )
+    .await;
+    // A 1 ms lock saves no work. Late and duplicated callbacks race the checks of two
+    // workers for the same payments; only the payment row lock and the version check stand
+    // between them and a double transition.
+    let worker_env = [
+        ("PAYMENT_CHECK_INTERVAL_MS", "300".to_owned()),
+        ("COMPENSATION_LOCK_TTL_MS", "1".to_owned()),
+        ("JOB_POLL_MS", "50".to_owned()),
+    ];
+    let (_a, _) = s.compensation_worker(&worker_env).await;
+    let (_b, _) = s.compensation_worker(&worker_env).await;
+    let http = &s.http;
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    http.put(format!("{}/v1/skus/sku-race", s.prelock))
+        .bearer_auth(OPS_TOKEN)
+        .json(&json!({"store_id": "bar-r", "price_cents": 1_000, "stock": 100}))
+        .send()
+        .await
+        .unwrap();
+    // half the callbacks lost, the rest late (up to 1.5 s) and some duplicated; a third of
+    // the queries time out
+    http.put(format!("{}/v1/sim/faults", s.gateway))
+        .json(&json!({
+            "drop_rate": 0.5, "delay_rate": 1.0, "delay_ms": 1500,
+            "duplicate_rate": 0.3, "duplicate_count": 2,
+            "query_timeout_rate": 0.3, "query_timeout_ms": 3000
+        }))
+        .send()
+        .await
+        .unwrap();
+    const ORDERS: usize = 40;
+    for n in 0..ORDERS {
+        let order: Value = http
+            .post(format!("{}/v1/orders", s.order_api))
+            .bearer_auth(token(&format!("racer-{n}")))
+            .header("Idempotency-Key", "k")
+            .json(&json!({"sku_id": "sku-race", "store_id": "bar-r", "quantity": 1}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = order["order_id"].as_str().unwrap();
+        let started: Value = http
+            .post(format!("{}/v1/orders/{id}/payments", s.order_api))
+            .bearer_auth(token(&format!("racer-{n}")))
+            .json(&json!({"provider": "douyin"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        http.post(started["pay_url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+    }
+    eventually(
+        "every lost callback compensated",
+        Duration::from_secs(60),
+        || async {
+            let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'PAID'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+            (paid == ORDERS as i64).then_some(())
+        },
+    )
+    .await;
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM orders WHERE version <> 2").await,
+        0,
+        "a double transition"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM outbox WHERE event_type = 'OrderPaid'").await,
+        ORDERS as i64
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM delayed_job_all WHERE kind = 'stock.deduct'").await,
+        ORDERS as i64,
+        "follow-ups written once per order"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM payment_events WHERE outcome = 'PAID'").await,
+        ORDERS as i64
+    );
+    let by_source: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT source, count(*) FROM payment_events WHERE outcome = 'PAID' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    eprintln!("payments applied by source: {by_source:?}");
+    assert!(
+        by_source.iter().any(|(s, _)| s == "compensation"),
+        "no payment was compensated: {by_source:?}"
+    );
+}
