@@ -313,3 +313,139 @@ async fn webhooks_and_two_workers_with_a_lock_that_expires_at_once_apply_each_pa
         "no payment was compensated: {by_source:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is_lost() {
+    let s = Services::start(&[], &[("PRELOCK_TIMEOUT_MS", "2000".to_owned())]).await;
+    let (_worker, worker) = s
+        .compensation_worker(&[
+            ("GATEWAY_TIMEOUT_MS", "400".to_owned()),
+            ("JOB_BACKOFF_BASE_MS", "200".to_owned()),
+        ])
+        .await;
+    let http = &s.http;
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    http.put(format!("{}/v1/skus/sku-rf", s.prelock))
+        .bearer_auth(OPS_TOKEN)
+        .json(&json!({"store_id": "bar-rf", "price_cents": 2_000, "stock": 5}))
+        .send()
+        .await
+        .unwrap();
+    let order: Value = http
+        .post(format!("{}/v1/orders", s.order_api))
+        .bearer_auth(token("rf-user"))
+        .header("Idempotency-Key", "rf-1")
+        .json(&json!({"sku_id": "sku-rf", "store_id": "bar-rf", "quantity": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = order["order_id"].as_str().unwrap().to_owned();
+    let started: Value = http
+        .post(format!("{}/v1/orders/{id}/payments", s.order_api))
+        .bearer_auth(token("rf-user"))
+        .json(&json!({"provider": "alipay"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let payment = started["payment_id"].as_str().unwrap().to_owned();
+    let r = http
+        .post(format!("{}/v1/orders/{id}/cancel", s.order_api))
+        .bearer_auth(token("rf-user"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // the provider makes the refund but its answer comes after the worker gave up
+    http.put(format!("{}/v1/sim/faults", s.gateway))
+        .json(&json!({ "refund_timeout_rate": 1.0, "query_timeout_ms": 2000 }))
+        .send()
+        .await
+        .unwrap();
+    // the buyer pays anyway: the money cannot be kept
+    http.post(started["pay_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let order_state = || {
+        let (db, id) = (db.clone(), id.clone());
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM orders WHERE id = $1::uuid")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    eventually(
+        "a refund attempt to time out",
+        Duration::from_secs(20),
+        || async {
+            let attempts: Option<i32> = sqlx::query_scalar(
+            "SELECT attempts FROM delayed_job_all WHERE dedupe_key = $1 AND last_error IS NOT NULL",
+        )
+        .bind(format!("payment.refund:{payment}"))
+        .fetch_optional(&db)
+        .await
+        .unwrap();
+            attempts.is_some_and(|a| a >= 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(order_state().await, "REFUND_PENDING");
+    http.put(format!("{}/v1/sim/faults", s.gateway))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    eventually("the order refunded", Duration::from_secs(20), || async {
+        (order_state().await == "REFUNDED").then_some(())
+    })
+    .await;
+    let sim: Value = http
+        .get(format!("{}/v1/sim/payments/{payment}", s.gateway))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        sim["refunds"].as_array().unwrap().len(),
+        1,
+        "paid back once: {sim}"
+    );
+    let (status, refund_id): (String, Option<String>) =
+        sqlx::query_as("SELECT status, refund_id FROM payments WHERE id = $1::uuid")
+            .bind(&payment)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), refund_id),
+        ("REFUNDED", Some(format!("rf-{payment}")))
+    );
+    let refunded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_type = 'OrderRefunded'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(refunded, 1);
+    let metrics = http
+        .get(format!("{worker}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"refunds_total{outcome="refunded",service="compensation-worker"} 1"#),
+        "{metrics}"
+    );
+}

@@ -13,9 +13,15 @@
 //!
 //! Each outcome is counted in `compensation_attempts_total{outcome}`.
 //!
-//! Not here yet (the compensation issue continues): refunds (`payment.refund`), the
-//! failure archive and alert, the fast-polling mode (`domain::sla`), the sweep for payments
-//! without a check job, and manual replay with its console.
+//! It also runs `payment.refund` (written when money arrived that an order cannot keep): the
+//! provider's refund API is called with a refund id derived from the payment (`rf-<payment
+//! id>`), so a retry after a timeout or a crash asks for the same refund and the provider
+//! pays it once; then the payment is `REFUNDED` and a waiting order `REFUNDED` with
+//! `OrderRefunded`. Counted in `refunds_total{outcome}`.
+//!
+//! Not here yet (the compensation issue continues): the failure archive and alert, the
+//! fast-polling mode (`domain::sla`), the sweep for payments without a check job, and manual
+//! replay with its console.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +31,7 @@ use domain::OrderState;
 use fulfillment::events;
 use fulfillment::payments::{ApplyOutcome, PaymentConfirmation, Source};
 use fulfillment::{Fulfillment, FulfillmentConfig, FulfillmentError};
-use gateway_protocol::{GatewayClient, GatewayError};
+use gateway_protocol::{GatewayClient, GatewayError, RefundRequest};
 use job_engine::{Engine, EngineConfig, Job, Outcome, SystemClock};
 use postgres_store::{PgLimits, PgStore};
 use prelock_api::PrelockClient;
@@ -97,6 +103,7 @@ struct Checker {
     lock_ttl: Duration,
     check_interval: Duration,
     attempts: IntCounterVec,
+    refunds: IntCounterVec,
 }
 
 impl App {
@@ -122,15 +129,27 @@ impl App {
                 "Payment checks by outcome: paid, duplicate, refund_required, not_paid, order_closed, closed_at_provider, locked, gateway_timeout, gateway_error, failed",
                 &["outcome"],
             ),
+            refunds: metrics.counter(
+                "refunds_total",
+                "Refund jobs by outcome: refunded, already_refunded, gateway_error, rejected, failed",
+                &["outcome"],
+            ),
         });
         let mut engine = Engine::new(
             store.pool.clone(),
             Arc::new(SystemClock),
             config.engine.clone(),
         );
-        engine.register(events::JOB_PAYMENT_CHECK, move |job: Job| {
+        {
             let checker = checker.clone();
-            async move { checker.check(&job).await }
+            engine.register(events::JOB_PAYMENT_CHECK, move |job: Job| {
+                let checker = checker.clone();
+                async move { checker.check(&job).await }
+            });
+        }
+        engine.register(events::JOB_PAYMENT_REFUND, move |job: Job| {
+            let checker = checker.clone();
+            async move { checker.refund(&job).await }
         });
         Ok(Arc::new(App {
             config,
@@ -265,6 +284,63 @@ impl Checker {
             Err(e @ (F::Db(_) | F::PrelockUnavailable(_) | F::PrelockNotLoaded | F::Conflict)) => {
                 ("failed", Outcome::Retry(e.to_string()))
             }
+            Err(e) => ("failed", Outcome::Permanent(e.to_string())),
+        }
+    }
+
+    async fn refund(&self, job: &Job) -> Outcome {
+        let (label, outcome) = self.refund_inner(job).await;
+        self.refunds.with_label_values(&[label]).inc();
+        outcome
+    }
+
+    async fn refund_inner(&self, job: &Job) -> (&'static str, Outcome) {
+        let Some(payment_id) = job.payload["payment_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+        else {
+            return (
+                "failed",
+                Outcome::Permanent("payload has no payment_id".into()),
+            );
+        };
+        let payment =
+            match postgres_store::payments::get_payment(&self.store.pool, payment_id).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return ("failed", Outcome::Permanent("unknown payment".into())),
+                Err(e) => return ("failed", Outcome::Retry(e.to_string())),
+            };
+        match payment.status {
+            domain::PaymentStatus::Refunded => return ("already_refunded", Outcome::Done),
+            domain::PaymentStatus::RefundRequired => {}
+            other => {
+                return (
+                    "failed",
+                    Outcome::Permanent(format!("payment is {}", other.as_str())),
+                )
+            }
+        }
+        let request = RefundRequest {
+            // one refund per payment, the same id on every attempt: never paid twice
+            refund_id: format!("rf-{payment_id}"),
+            payment_id: payment_id.to_string(),
+            amount_cents: job.payload["amount_cents"]
+                .as_i64()
+                .unwrap_or(payment.amount_cents),
+        };
+        let refund = match self.gateway.refund(payment.provider, &request).await {
+            Ok(r) => r,
+            Err(GatewayError::Unavailable(e)) => return ("gateway_error", Outcome::Retry(e)),
+            Err(GatewayError::Rejected(e)) => return ("rejected", Outcome::Permanent(e)),
+        };
+        use FulfillmentError as F;
+        match self
+            .fulfillment
+            .record_refund(payment_id, &refund.refund_id, refund.refunded_at)
+            .await
+        {
+            Ok(_) => ("refunded", Outcome::Done),
+            Err(e @ (F::Db(_) | F::Conflict)) => ("failed", Outcome::Retry(e.to_string())),
             Err(e) => ("failed", Outcome::Permanent(e.to_string())),
         }
     }

@@ -57,6 +57,8 @@ pub enum PaymentStatus {
     Succeeded,
     /// Money arrived but the order cannot take it (no stock, cancelled, paid twice).
     RefundRequired,
+    /// The provider paid that money back.
+    Refunded,
 }
 
 impl PaymentStatus {
@@ -65,13 +67,19 @@ impl PaymentStatus {
             PaymentStatus::Created => "CREATED",
             PaymentStatus::Succeeded => "SUCCEEDED",
             PaymentStatus::RefundRequired => "REFUND_REQUIRED",
+            PaymentStatus::Refunded => "REFUNDED",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Created, Self::Succeeded, Self::RefundRequired]
-            .into_iter()
-            .find(|p| p.as_str() == s)
+        [
+            Self::Created,
+            Self::Succeeded,
+            Self::RefundRequired,
+            Self::Refunded,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
     }
 }
 

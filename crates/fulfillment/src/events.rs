@@ -18,6 +18,7 @@ pub const STOCK_DEDUCTED: &str = "StockDeducted";
 pub const VOUCHER_ISSUED: &str = "VoucherIssued";
 pub const ORDER_CONFIRMED: &str = "OrderConfirmed";
 pub const ORDER_REDEEMED: &str = "OrderRedeemed";
+pub const ORDER_REFUNDED: &str = "OrderRefunded";
 
 pub const JOB_ORDER_EXPIRE: &str = "order.expire";
 pub const JOB_STOCK_DEDUCT: &str = "stock.deduct";

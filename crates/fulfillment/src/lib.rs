@@ -22,6 +22,7 @@ pub mod events;
 pub mod follow_up;
 pub mod orders;
 pub mod payments;
+pub mod refunds;
 
 use std::time::Duration;
 

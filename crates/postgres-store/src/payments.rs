@@ -99,6 +99,27 @@ pub async fn payments_of_order(
     raw.into_iter().map(decode).collect()
 }
 
+/// REFUND_REQUIRED -> REFUNDED, with the provider's refund id (in the caller's transaction,
+/// which holds the payment's lock).
+pub async fn mark_refunded(
+    conn: &mut PgConnection,
+    id: Uuid,
+    refund_id: &str,
+    refunded_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE payments SET status = 'REFUNDED', refund_id = $2, refunded_at = $3,
+             updated_at = now()
+         WHERE id = $1 AND status = 'REFUND_REQUIRED'",
+    )
+    .bind(id)
+    .bind(refund_id)
+    .bind(refunded_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 /// One payment, unlocked (the compensation worker's first look).
 pub async fn get_payment(
     ex: impl PgExecutor<'_>,
