@@ -197,6 +197,12 @@ async fn forged_stale_wrong_or_unknown_callbacks_change_nothing() {
         .await,
         0
     );
+    // the started payment's compensation check was written with it
+    assert_eq!(
+        s.count("SELECT count(*) FROM delayed_job WHERE kind = 'payment.check'")
+            .await,
+        1
+    );
 
     // and the genuine one still works afterwards
     assert_eq!(
