@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use integration_tests::binaries::Services;
-use integration_tests::{eventually, token, OPS_TOKEN};
+use integration_tests::{eventually, token};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -24,53 +24,11 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
         .await;
     let http = &s.http;
     let db = sqlx::PgPool::connect(&s.db).await.unwrap();
-    let r = http
-        .put(format!("{}/v1/skus/sku-comp", s.prelock))
-        .bearer_auth(OPS_TOKEN)
-        .json(&json!({"store_id": "bar-c", "price_cents": 5_000, "stock": 10}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    s.put_sku("sku-comp", "bar-c", 5_000, 10).await;
     // every callback is lost
-    let r = http
-        .put(format!("{}/v1/sim/faults", s.gateway))
-        .json(&json!({ "drop_rate": 1.0 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-
-    let order_api = s.order_api.as_str();
-    let order_with_payment = |key: &'static str| async move {
-        let order: Value = http
-            .post(format!("{}/v1/orders", order_api))
-            .bearer_auth(token("comp-user"))
-            .header("Idempotency-Key", key)
-            .json(&json!({"sku_id": "sku-comp", "store_id": "bar-c", "quantity": 1}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = order["order_id"].as_str().unwrap().to_owned();
-        let started: Value = http
-            .post(format!("{}/v1/orders/{id}/payments", order_api))
-            .bearer_auth(token("comp-user"))
-            .json(&json!({"provider": "wechat"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (
-            id,
-            started["payment_id"].as_str().unwrap().to_owned(),
-            started["pay_url"].as_str().unwrap().to_owned(),
-        )
-    };
+    s.set_faults(json!({ "drop_rate": 1.0 })).await;
+    let order_with_payment =
+        |key: &'static str| s.order_with_payment("comp-user", key, ("sku-comp", "bar-c"), "wechat");
     let state = |id: String| {
         let db = db.clone();
         async move {
@@ -216,63 +174,30 @@ async fn webhooks_and_two_workers_with_a_lock_that_expires_at_once_apply_each_pa
     let (_b, _) = s.compensation_worker(&worker_env).await;
     let http = &s.http;
     let db = sqlx::PgPool::connect(&s.db).await.unwrap();
-    http.put(format!("{}/v1/skus/sku-race", s.prelock))
-        .bearer_auth(OPS_TOKEN)
-        .json(&json!({"store_id": "bar-r", "price_cents": 1_000, "stock": 100}))
-        .send()
-        .await
-        .unwrap();
+    s.put_sku("sku-race", "bar-r", 1_000, 100).await;
     // half the callbacks lost, the rest late (up to 1.5 s) and some duplicated; a third of
     // the queries time out
-    http.put(format!("{}/v1/sim/faults", s.gateway))
-        .json(&json!({
-            "drop_rate": 0.5, "delay_rate": 1.0, "delay_ms": 1500,
-            "duplicate_rate": 0.3, "duplicate_count": 2,
-            "query_timeout_rate": 0.3, "query_timeout_ms": 3000
-        }))
-        .send()
-        .await
-        .unwrap();
+    s.set_faults(json!({
+        "drop_rate": 0.5, "delay_rate": 1.0, "delay_ms": 1500,
+        "duplicate_rate": 0.3, "duplicate_count": 2,
+        "query_timeout_rate": 0.3, "query_timeout_ms": 3000
+    }))
+    .await;
     const ORDERS: usize = 40;
     for n in 0..ORDERS {
-        let order: Value = http
-            .post(format!("{}/v1/orders", s.order_api))
-            .bearer_auth(token(&format!("racer-{n}")))
-            .header("Idempotency-Key", "k")
-            .json(&json!({"sku_id": "sku-race", "store_id": "bar-r", "quantity": 1}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = order["order_id"].as_str().unwrap();
-        let started: Value = http
-            .post(format!("{}/v1/orders/{id}/payments", s.order_api))
-            .bearer_auth(token(&format!("racer-{n}")))
-            .json(&json!({"provider": "douyin"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        http.post(started["pay_url"].as_str().unwrap())
-            .send()
-            .await
-            .unwrap();
+        let user = format!("racer-{n}");
+        let (_, _, pay_url) = s
+            .order_with_payment(&user, "k", ("sku-race", "bar-r"), "douyin")
+            .await;
+        http.post(pay_url).send().await.unwrap();
     }
-    eventually(
-        "every lost callback compensated",
-        Duration::from_secs(60),
-        || async {
-            let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'PAID'")
-                .fetch_one(&db)
-                .await
-                .unwrap();
-            (paid == ORDERS as i64).then_some(())
-        },
-    )
+    eventually("every payment applied", Duration::from_secs(60), || async {
+        let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'PAID'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        (paid == ORDERS as i64).then_some(())
+    })
     .await;
     let count = |sql: &'static str| {
         let db = db.clone();
@@ -325,35 +250,10 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
         .await;
     let http = &s.http;
     let db = sqlx::PgPool::connect(&s.db).await.unwrap();
-    http.put(format!("{}/v1/skus/sku-rf", s.prelock))
-        .bearer_auth(OPS_TOKEN)
-        .json(&json!({"store_id": "bar-rf", "price_cents": 2_000, "stock": 5}))
-        .send()
-        .await
-        .unwrap();
-    let order: Value = http
-        .post(format!("{}/v1/orders", s.order_api))
-        .bearer_auth(token("rf-user"))
-        .header("Idempotency-Key", "rf-1")
-        .json(&json!({"sku_id": "sku-rf", "store_id": "bar-rf", "quantity": 2}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = order["order_id"].as_str().unwrap().to_owned();
-    let started: Value = http
-        .post(format!("{}/v1/orders/{id}/payments", s.order_api))
-        .bearer_auth(token("rf-user"))
-        .json(&json!({"provider": "alipay"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let payment = started["payment_id"].as_str().unwrap().to_owned();
+    s.put_sku("sku-rf", "bar-rf", 2_000, 5).await;
+    let (id, payment, pay_url) = s
+        .order_with_payment("rf-user", "rf-1", ("sku-rf", "bar-rf"), "alipay")
+        .await;
     let r = http
         .post(format!("{}/v1/orders/{id}/cancel", s.order_api))
         .bearer_auth(token("rf-user"))
@@ -362,16 +262,10 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     // the provider makes the refund but its answer comes after the worker gave up
-    http.put(format!("{}/v1/sim/faults", s.gateway))
-        .json(&json!({ "refund_timeout_rate": 1.0, "query_timeout_ms": 2000 }))
-        .send()
-        .await
-        .unwrap();
+    s.set_faults(json!({ "refund_timeout_rate": 1.0, "query_timeout_ms": 2000 }))
+        .await;
     // the buyer pays anyway: the money cannot be kept
-    http.post(started["pay_url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap();
+    http.post(&pay_url).send().await.unwrap();
     let order_state = || {
         let (db, id) = (db.clone(), id.clone());
         async move {
@@ -398,11 +292,7 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
     )
     .await;
     assert_eq!(order_state().await, "REFUND_PENDING");
-    http.put(format!("{}/v1/sim/faults", s.gateway))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    s.set_faults(json!({})).await;
     eventually("the order refunded", Duration::from_secs(20), || async {
         (order_state().await == "REFUNDED").then_some(())
     })

@@ -256,6 +256,75 @@ impl Services {
         self.worker("scheduler", "SCHEDULER_ADDR", extra).await
     }
 
+    /// Stocks `sku` at prelock-service.
+    pub async fn put_sku(&self, sku: &str, store: &str, price_cents: i64, stock: i64) {
+        let r = self
+            .http
+            .put(format!("{}/v1/skus/{sku}", self.prelock))
+            .bearer_auth(crate::OPS_TOKEN)
+            .json(
+                &serde_json::json!({"store_id": store, "price_cents": price_cents, "stock": stock}),
+            )
+            .send()
+            .await
+            .expect("put sku");
+        assert_eq!(r.status(), reqwest::StatusCode::OK);
+    }
+
+    /// Sets the simulator's faults.
+    pub async fn set_faults(&self, faults: serde_json::Value) {
+        let r = self
+            .http
+            .put(format!("{}/v1/sim/faults", self.gateway))
+            .json(&faults)
+            .send()
+            .await
+            .expect("faults");
+        assert_eq!(r.status(), reqwest::StatusCode::OK);
+    }
+
+    /// `user` orders one unit of `sku` (idempotency key `key`) and starts paying at
+    /// `provider`: (order id, payment id, pay URL).
+    pub async fn order_with_payment(
+        &self,
+        user: &str,
+        key: &str,
+        (sku, store): (&str, &str),
+        provider: &str,
+    ) -> (String, String, String) {
+        let r = self
+            .http
+            .post(format!("{}/v1/orders", self.order_api))
+            .bearer_auth(crate::token(user))
+            .header("Idempotency-Key", key)
+            .json(&serde_json::json!({"sku_id": sku, "store_id": store, "quantity": 1}))
+            .send()
+            .await
+            .expect("order");
+        assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+        let order: serde_json::Value = r.json().await.expect("order json");
+        let id = order["order_id"].as_str().expect("order id").to_owned();
+        let started: serde_json::Value = self
+            .http
+            .post(format!("{}/v1/orders/{id}/payments", self.order_api))
+            .bearer_auth(crate::token(user))
+            .json(&serde_json::json!({ "provider": provider }))
+            .send()
+            .await
+            .expect("start payment")
+            .json()
+            .await
+            .expect("payment json");
+        (
+            id,
+            started["payment_id"]
+                .as_str()
+                .expect("payment id")
+                .to_owned(),
+            started["pay_url"].as_str().expect("pay url").to_owned(),
+        )
+    }
+
     /// Starts a compensation worker against this stack, like [`Services::scheduler`].
     pub async fn compensation_worker(&self, extra: &[(&'static str, String)]) -> (Proc, String) {
         self.worker("compensation-worker", "COMPENSATION_ADDR", extra)

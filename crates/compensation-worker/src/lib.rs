@@ -178,21 +178,11 @@ impl Checker {
     }
 
     async fn check_inner(&self, job: &Job) -> (&'static str, Outcome) {
-        let Some(payment_id) = job.payload["payment_id"]
-            .as_str()
-            .and_then(|s| Uuid::parse_str(s).ok())
-        else {
-            return (
-                "failed",
-                Outcome::Permanent("payload has no payment_id".into()),
-            );
+        let (payment_id, payment) = match self.payment_of(job).await {
+            Ok(v) => v,
+            Err(failed) => return failed,
         };
         let pool = &self.store.pool;
-        let payment = match postgres_store::payments::get_payment(pool, payment_id).await {
-            Ok(Some(p)) => p,
-            Ok(None) => return ("failed", Outcome::Permanent("unknown payment".into())),
-            Err(e) => return ("failed", Outcome::Retry(e.to_string())),
-        };
         if payment.status != domain::PaymentStatus::Created {
             // the webhook (or an earlier check) resolved it
             return ("duplicate", Outcome::Done);
@@ -288,6 +278,27 @@ impl Checker {
         }
     }
 
+    /// The payment a job's payload names, or the outcome for a job that names none.
+    async fn payment_of(
+        &self,
+        job: &Job,
+    ) -> Result<(Uuid, postgres_store::payments::PaymentRow), (&'static str, Outcome)> {
+        let Some(payment_id) = job.payload["payment_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+        else {
+            return Err((
+                "failed",
+                Outcome::Permanent("payload has no payment_id".into()),
+            ));
+        };
+        match postgres_store::payments::get_payment(&self.store.pool, payment_id).await {
+            Ok(Some(p)) => Ok((payment_id, p)),
+            Ok(None) => Err(("failed", Outcome::Permanent("unknown payment".into()))),
+            Err(e) => Err(("failed", Outcome::Retry(e.to_string()))),
+        }
+    }
+
     async fn refund(&self, job: &Job) -> Outcome {
         let (label, outcome) = self.refund_inner(job).await;
         self.refunds.with_label_values(&[label]).inc();
@@ -295,21 +306,10 @@ impl Checker {
     }
 
     async fn refund_inner(&self, job: &Job) -> (&'static str, Outcome) {
-        let Some(payment_id) = job.payload["payment_id"]
-            .as_str()
-            .and_then(|s| Uuid::parse_str(s).ok())
-        else {
-            return (
-                "failed",
-                Outcome::Permanent("payload has no payment_id".into()),
-            );
+        let (payment_id, payment) = match self.payment_of(job).await {
+            Ok(v) => v,
+            Err(failed) => return failed,
         };
-        let payment =
-            match postgres_store::payments::get_payment(&self.store.pool, payment_id).await {
-                Ok(Some(p)) => p,
-                Ok(None) => return ("failed", Outcome::Permanent("unknown payment".into())),
-                Err(e) => return ("failed", Outcome::Retry(e.to_string())),
-            };
         match payment.status {
             domain::PaymentStatus::Refunded => return ("already_refunded", Outcome::Done),
             domain::PaymentStatus::RefundRequired => {}

@@ -199,6 +199,20 @@ impl Sim {
     }
 }
 
+/// The query APIs' faults: a 500 (`query_error_rate`) or a late answer (`query_timeout_rate`).
+async fn query_faults(f: &Faults) -> Result<(), ApiError> {
+    if fastrand::f64() < f.query_error_rate {
+        return Err(ApiError::new(
+            ErrorCode::Internal,
+            "simulated provider error",
+        ));
+    }
+    if fastrand::f64() < f.query_timeout_rate {
+        tokio::time::sleep(Duration::from_millis(f.query_timeout_ms)).await;
+    }
+    Ok(())
+}
+
 fn provider(s: &str) -> Result<Provider, ApiError> {
     s.parse().map_err(|_| ApiError::not_found("provider"))
 }
@@ -257,16 +271,7 @@ async fn query_payment(
     Path((p, id)): Path<(String, String)>,
 ) -> Result<Json<PaymentQuery>, ApiError> {
     let p = provider(&p)?;
-    let f = s.0.faults();
-    if fastrand::f64() < f.query_error_rate {
-        return Err(ApiError::new(
-            ErrorCode::Internal,
-            "simulated provider error",
-        ));
-    }
-    if fastrand::f64() < f.query_timeout_rate {
-        tokio::time::sleep(Duration::from_millis(f.query_timeout_ms)).await;
-    }
+    query_faults(&s.0.faults()).await?;
     let found =
         s.0.with_payment(&id, |sp| sp.clone())
             .filter(|sp| sp.provider == p.as_str())
@@ -363,16 +368,7 @@ async fn query_refund(
     Path((p, id)): Path<(String, String)>,
 ) -> Result<Json<Refund>, ApiError> {
     let p = provider(&p)?;
-    let f = s.0.faults();
-    if fastrand::f64() < f.query_error_rate {
-        return Err(ApiError::new(
-            ErrorCode::Internal,
-            "simulated provider error",
-        ));
-    }
-    if fastrand::f64() < f.query_timeout_rate {
-        tokio::time::sleep(Duration::from_millis(f.query_timeout_ms)).await;
-    }
+    query_faults(&s.0.faults()).await?;
     let map = s.0.payments.lock().unwrap_or_else(|e| e.into_inner());
     map.values()
         .filter(|sp| sp.provider == p.as_str())
