@@ -31,21 +31,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move { app.engine.run(stop).await })
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let shutdown = {
-        let stop = stop.clone();
-        async move {
-            http::shutdown_signal().await;
-            stop.cancel();
-        }
-    };
-    http::serve(listener, app.router(), shutdown).await?;
-    // the engine gives back jobs that have not started, lets running ones finish for
-    // JOB_DRAIN_TIMEOUT_MS and gives back the rest; this bound only guards against a hang
-    stop.cancel();
-    let bound = app.config.engine.drain_timeout + Duration::from_secs(5);
-    match tokio::time::timeout(bound, engine).await {
-        Ok(_) => tracing::info!("job engine drained"),
-        Err(_) => tracing::warn!("job engine still busy at exit; its leases will be rescued"),
-    }
-    Ok(())
+    // on SIGTERM the engine gives back jobs not started and lets running ones finish for
+    // JOB_DRAIN_TIMEOUT_MS; this bound only guards against a hang
+    let drain = app.config.engine.drain_timeout + Duration::from_secs(5);
+    http::serve_with_worker(listener, app.router(), stop, engine, drain).await
 }

@@ -54,6 +54,32 @@ pub async fn drain(tasks: &TaskTracker, within: std::time::Duration) {
     }
 }
 
+/// Serves `app` next to a background worker (a job engine's loop): on SIGTERM or Ctrl-C the
+/// server drains, `stop` is cancelled, and the worker gets `drain` to finish before the
+/// process goes on exiting (what it leaves is for its leases to hand over).
+pub async fn serve_with_worker(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: tokio_util::sync::CancellationToken,
+    worker: tokio::task::JoinHandle<()>,
+    drain: std::time::Duration,
+) -> anyhow::Result<()> {
+    let shutdown = {
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    };
+    serve(listener, app, shutdown).await?;
+    stop.cancel();
+    match tokio::time::timeout(drain, worker).await {
+        Ok(_) => tracing::info!("background worker drained"),
+        Err(_) => tracing::warn!("background worker still busy at exit"),
+    }
+    Ok(())
+}
+
 /// Serves `app` until `shutdown` resolves, then drains in-flight requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
