@@ -169,6 +169,7 @@ async fn webhooks_and_two_workers_with_a_lock_that_expires_at_once_apply_each_pa
         ("PAYMENT_CHECK_INTERVAL_MS", "300".to_owned()),
         ("COMPENSATION_LOCK_TTL_MS", "1".to_owned()),
         ("JOB_POLL_MS", "50".to_owned()),
+        ("GATEWAY_TIMEOUT_MS", "1000".to_owned()),
     ];
     let (_a, _) = s.compensation_worker(&worker_env).await;
     let (_b, _) = s.compensation_worker(&worker_env).await;
@@ -180,7 +181,7 @@ async fn webhooks_and_two_workers_with_a_lock_that_expires_at_once_apply_each_pa
     s.set_faults(json!({
         "drop_rate": 0.5, "delay_rate": 1.0, "delay_ms": 1500,
         "duplicate_rate": 0.3, "duplicate_count": 2,
-        "query_timeout_rate": 0.3, "query_timeout_ms": 3000
+        "query_timeout_rate": 0.3, "query_timeout_ms": 1500
     }))
     .await;
     const ORDERS: usize = 40;
@@ -191,13 +192,17 @@ async fn webhooks_and_two_workers_with_a_lock_that_expires_at_once_apply_each_pa
             .await;
         http.post(pay_url).send().await.unwrap();
     }
-    eventually("every payment applied", Duration::from_secs(60), || async {
-        let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'PAID'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
-        (paid == ORDERS as i64).then_some(())
-    })
+    eventually(
+        "every payment applied",
+        Duration::from_secs(120),
+        || async {
+            let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'PAID'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+            (paid == ORDERS as i64).then_some(())
+        },
+    )
     .await;
     let count = |sql: &'static str| {
         let db = db.clone();

@@ -27,5 +27,5 @@ async fn main() -> anyhow::Result<()> {
     // on SIGTERM the engine gives back jobs not started and lets running ones finish for
     // JOB_DRAIN_TIMEOUT_MS; this bound only guards against a hang
     let drain = app.config.engine.drain_timeout + Duration::from_secs(5);
-    http::serve_with_worker(listener, app.router(), stop, engine, drain).await
+    http::serve_with_worker(listener, app.router(), ("job engine", engine), stop, drain).await
 }

@@ -54,14 +54,14 @@ pub async fn drain(tasks: &TaskTracker, within: std::time::Duration) {
     }
 }
 
-/// Serves `app` next to a background worker (a job engine's loop): on SIGTERM or Ctrl-C the
-/// server drains, `stop` is cancelled, and the worker gets `drain` to finish before the
-/// process goes on exiting (what it leaves is for its leases to hand over).
+/// Serves `app` next to a background `worker` (a job engine's loop), named `what` in the logs:
+/// on SIGTERM or Ctrl-C the server drains, `stop` is cancelled, and the worker gets `drain` to
+/// finish before the process goes on exiting (what it leaves is for its leases to hand over).
 pub async fn serve_with_worker(
     listener: tokio::net::TcpListener,
     app: Router,
+    (what, worker): (&str, tokio::task::JoinHandle<()>),
     stop: tokio_util::sync::CancellationToken,
-    worker: tokio::task::JoinHandle<()>,
     drain: std::time::Duration,
 ) -> anyhow::Result<()> {
     let shutdown = {
@@ -74,8 +74,8 @@ pub async fn serve_with_worker(
     serve(listener, app, shutdown).await?;
     stop.cancel();
     match tokio::time::timeout(drain, worker).await {
-        Ok(_) => tracing::info!("background worker drained"),
-        Err(_) => tracing::warn!("background worker still busy at exit"),
+        Ok(_) => tracing::info!("{what} drained"),
+        Err(_) => tracing::warn!("{what} still busy at exit; its leases will be rescued"),
     }
     Ok(())
 }
