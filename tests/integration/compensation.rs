@@ -9,6 +9,10 @@ use integration_tests::{eventually, token};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+async fn count(db: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(db).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
     let s = Services::start(
@@ -110,24 +114,23 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
     .await;
 
     // applied once each, recorded as compensation, with one follow-up set per order
-    let from_compensation: i64 = sqlx::query_scalar(
+    let from_compensation = count(
+        &db,
         "SELECT count(*) FROM payment_events WHERE source = 'compensation' AND outcome = 'PAID'",
     )
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(from_compensation, 2);
-    let versions: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'PAID' AND version = 2")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let versions = count(
+        &db,
+        "SELECT count(*) FROM orders WHERE state = 'PAID' AND version = 2",
+    )
+    .await;
     assert_eq!(versions, 2);
-    let deduct_jobs: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM delayed_job_all WHERE kind = 'stock.deduct'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let deduct_jobs = count(
+        &db,
+        "SELECT count(*) FROM delayed_job_all WHERE kind = 'stock.deduct'",
+    )
+    .await;
     assert_eq!(deduct_jobs, 2);
     let paid_check: String =
         sqlx::query_scalar("SELECT state FROM delayed_job_all WHERE dedupe_key = $1")
@@ -204,31 +207,34 @@ async fn webhooks_and_two_workers_with_a_lock_that_expires_at_once_apply_each_pa
         },
     )
     .await;
-    let count = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-        }
-    };
     assert_eq!(
-        count("SELECT count(*) FROM orders WHERE version <> 2").await,
+        count(&db, "SELECT count(*) FROM orders WHERE version <> 2").await,
         0,
         "a double transition"
     );
     assert_eq!(
-        count("SELECT count(*) FROM outbox WHERE event_type = 'OrderPaid'").await,
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE event_type = 'OrderPaid'"
+        )
+        .await,
         ORDERS as i64
     );
     assert_eq!(
-        count("SELECT count(*) FROM delayed_job_all WHERE kind = 'stock.deduct'").await,
+        count(
+            &db,
+            "SELECT count(*) FROM delayed_job_all WHERE kind = 'stock.deduct'"
+        )
+        .await,
         ORDERS as i64,
         "follow-ups written once per order"
     );
     assert_eq!(
-        count("SELECT count(*) FROM payment_events WHERE outcome = 'PAID'").await,
+        count(
+            &db,
+            "SELECT count(*) FROM payment_events WHERE outcome = 'PAID'"
+        )
+        .await,
         ORDERS as i64
     );
     let by_source: Vec<(String, i64)> = sqlx::query_as(
@@ -325,11 +331,11 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
         (status.as_str(), refund_id),
         ("REFUNDED", Some(format!("rf-{payment}")))
     );
-    let refunded: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_type = 'OrderRefunded'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let refunded = count(
+        &db,
+        "SELECT count(*) FROM outbox WHERE event_type = 'OrderRefunded'",
+    )
+    .await;
     assert_eq!(refunded, 1);
     let metrics = http
         .get(format!("{worker}/metrics"))

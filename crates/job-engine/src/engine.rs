@@ -118,26 +118,19 @@ impl EngineConfig {
     /// `JOB_*` environment variables over `defaults` (names in README.md), checked together.
     /// The owner names the binary, host and process.
     pub fn from_env(binary: &str, defaults: EngineConfig) -> Result<EngineConfig, String> {
-        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
-            match std::env::var(name) {
-                Ok(v) if !v.trim().is_empty() => v
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("{name}={v:?} is not valid")),
-                _ => Ok(default),
-            }
-        }
-        let ms = |name: &str, d: Duration| -> Result<Duration, String> {
-            var(name, d.as_millis() as u64).map(Duration::from_millis)
+        use service_kit::config::{env_millis, env_or, env_string};
+        let var = |name: &str, default: usize| env_or(name, default).map_err(|e| e.to_string());
+        let ms = |name: &str, d: Duration| {
+            env_millis(name, d.as_millis() as u64).map_err(|e| e.to_string())
         };
         let d = defaults;
         let config = EngineConfig {
             owner: format!(
                 "{binary}-{}-{}",
-                std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+                env_string("HOSTNAME", "local"),
                 std::process::id()
             ),
-            batch_size: var("JOB_BATCH_SIZE", d.batch_size)?,
+            batch_size: env_or("JOB_BATCH_SIZE", d.batch_size).map_err(|e| e.to_string())?,
             lease: ms("JOB_LEASE_MS", d.lease)?,
             poll_interval: ms("JOB_POLL_MS", d.poll_interval)?,
             lookahead: ms("JOB_LOOKAHEAD_MS", d.lookahead)?,

@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::engine::{settle_finished, settlement, Engine, EngineConfig, Finished, Kind, Observer};
+use crate::engine::{
+    settle_finished, settlement, to_chrono, Engine, EngineConfig, Finished, Kind, Observer,
+};
 use crate::leader::Leadership;
 use crate::store::{self, ClaimedJob};
 use crate::Outcome;
@@ -481,10 +483,6 @@ async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
-}
-
-fn to_chrono(d: Duration) -> chrono::Duration {
-    crate::engine::to_chrono(d)
 }
 
 #[cfg(test)]
