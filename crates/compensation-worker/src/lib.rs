@@ -1,45 +1,49 @@
 //! compensation-worker: no paid order is lost when its payment callback is.
 //!
 //! Every started payment has a `payment.check` job (written with the payment, due shortly
-//! after). This binary runs those jobs on the job engine (the scheduler does not: each
-//! binary claims only its own kinds). A check asks the provider's query API:
-//! - paid: takes the Redis lock `compensate:order:{payment_id}` (SET NX PX with a random
-//!   token, released by compare-and-delete) and applies the payment through the same
-//!   `apply_payment` the webhook uses. The lock only saves duplicate work: if it expires
-//!   mid-way, the payment row lock and the order's version check still allow one transition;
-//! - not paid yet, order still payable: checks again after the poll interval;
-//! - order no longer payable, or the payment closed at the provider: done;
-//! - the provider timed out or failed (5xx): retried with exponential backoff and jitter.
-//!
-//! Each outcome is counted in `compensation_attempts_total{outcome}`.
+//! after); a sweep gives one to any open payment that has none. This binary runs those jobs
+//! on the job engine (the scheduler does not: each binary claims only its own kinds); what
+//! one check does is in [`check`]. In short: paid at the provider -> applied through the
+//! same `apply_payment` the webhook uses, under the Redis lock `compensate:order:{id}`; not
+//! paid -> checked again every `PAYMENT_CHECK_INTERVAL_MS` (faster while the SLA trigger,
+//! `domain::sla`, says so); provider failures -> backoff, then archived in
+//! `compensation_failure` with a `CompensationFailed` event and a rate-limited alert
+//! ([`alert`]), for manual replay through the ops API and the console at `/ops/` ([`ops`]).
 //!
 //! It also runs `payment.refund` (written when money arrived that an order cannot keep): the
 //! provider's refund API is called with a refund id derived from the payment (`rf-<payment
 //! id>`), so a retry after a timeout or a crash asks for the same refund and the provider
 //! pays it once; then the payment is `REFUNDED` and a waiting order `REFUNDED` with
 //! `OrderRefunded`. Counted in `refunds_total{outcome}`.
-//!
-//! Not here yet (the compensation issue continues): the failure archive and alert, the
-//! fast-polling mode (`domain::sla`), the sweep for payments without a check job, and manual
-//! replay with its console.
 
-use std::sync::Arc;
+pub mod alert;
+pub mod check;
+pub mod ops;
+pub mod records;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use domain::OrderState;
+use chrono::Utc;
+use domain::sla::SlaTrigger;
 use fulfillment::events;
-use fulfillment::payments::{ApplyOutcome, PaymentConfirmation, Source};
-use fulfillment::{Fulfillment, FulfillmentConfig, FulfillmentError};
-use gateway_protocol::{GatewayClient, GatewayError, RefundRequest};
-use job_engine::{Engine, EngineConfig, Job, Outcome, SystemClock};
+use fulfillment::{Fulfillment, FulfillmentConfig};
+use gateway_protocol::GatewayClient;
+use job_engine::{Engine, EngineConfig, Job, SystemClock};
 use postgres_store::{PgLimits, PgStore};
 use prelock_api::PrelockClient;
-use prometheus::IntCounterVec;
+use prometheus::{Gauge, IntGaugeVec};
 use redis::aio::ConnectionManager;
+use service_kit::auth::AuthConfig;
 use service_kit::config::{env_millis, env_or, env_string};
 use service_kit::telemetry::Metrics;
-use uuid::Uuid;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::alert::Alert;
+use crate::check::{Checker, RetryPolicy};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -56,18 +60,30 @@ pub struct Config {
     pub lock_ttl: Duration,
     /// Between checks of a payment that is not paid yet (paper: 30 s).
     pub check_interval: Duration,
+    /// The same while the SLA trigger says fast.
+    pub fast_interval: Duration,
+    /// Provider failures: attempts in a row before archiving, and the backoff between them.
+    pub retry: RetryPolicy,
+    /// How often the sweep looks for open payments without a check job, and how old such a
+    /// payment must be (a payment's own check job is written with it: the grace only keeps
+    /// the sweep off payments whose transaction is still committing).
+    pub sweep_interval: Duration,
+    pub sweep_grace: Duration,
+    /// The SLA trigger: window, callback p99 threshold, missing events of one transaction.
+    pub sla_window: Duration,
+    pub sla_latency_p99: Duration,
+    pub sla_missing_events: u32,
+    /// Chat-bot webhook for failure alerts (unset: alerts are only logged), and the least
+    /// time between two alerts (what comes in between is sent as one summary).
+    pub alert_webhook: Option<String>,
+    pub alert_interval: Duration,
     pub engine: EngineConfig,
 }
 
 impl Config {
     pub fn from_env() -> anyhow::Result<Self> {
-        // gateway failures back off 1 s, 2 s, 4 s ... capped at 30 s (paper: 1 / 3 / 9 s, 30 s)
-        let defaults = EngineConfig {
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(30),
-            ..EngineConfig::default()
-        };
-        Ok(Config {
+        let check_interval = env_millis("PAYMENT_CHECK_INTERVAL_MS", 30_000)?;
+        let config = Config {
             database_url: env_string(
                 "DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/bar_fulfillment",
@@ -80,43 +96,89 @@ impl Config {
             gateway_timeout: env_millis("GATEWAY_TIMEOUT_MS", 2000)?,
             redis_url: env_string("REDIS_URL", "redis://127.0.0.1:6379/0"),
             lock_ttl: env_millis("COMPENSATION_LOCK_TTL_MS", 10_000)?,
-            check_interval: env_millis("PAYMENT_CHECK_INTERVAL_MS", 30_000)?,
-            engine: EngineConfig::from_env("compensation-worker", defaults)
+            check_interval,
+            // 5 s, or the normal interval when that is shorter
+            fast_interval: env_millis(
+                "PAYMENT_CHECK_FAST_INTERVAL_MS",
+                check_interval.min(Duration::from_secs(5)).as_millis() as u64,
+            )?,
+            retry: RetryPolicy {
+                max_attempts: env_or("COMPENSATION_MAX_ATTEMPTS", 5)?,
+                base: env_millis("COMPENSATION_BACKOFF_BASE_MS", 1_000)?,
+                factor: env_or("COMPENSATION_BACKOFF_FACTOR", 3.0)?,
+                cap: env_millis("COMPENSATION_BACKOFF_CAP_MS", 30_000)?,
+            },
+            sweep_interval: env_millis("COMPENSATION_SWEEP_MS", 30_000)?,
+            sweep_grace: env_millis("COMPENSATION_SWEEP_GRACE_MS", 60_000)?,
+            sla_window: env_millis("SLA_WINDOW_MS", 30_000)?,
+            sla_latency_p99: env_millis("SLA_CALLBACK_P99_MS", 200)?,
+            sla_missing_events: env_or("SLA_MISSING_EVENTS", 4)?,
+            alert_webhook: std::env::var("ALERT_WEBHOOK_URL")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            alert_interval: env_millis("ALERT_MIN_INTERVAL_MS", 60_000)?,
+            engine: EngineConfig::from_env("compensation-worker", EngineConfig::default())
                 .map_err(anyhow::Error::msg)?,
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let r = &self.retry;
+        if !(1..=100).contains(&r.max_attempts) {
+            anyhow::bail!("COMPENSATION_MAX_ATTEMPTS must be 1 to 100");
+        }
+        if !(1.0..=10.0).contains(&r.factor) {
+            anyhow::bail!("COMPENSATION_BACKOFF_FACTOR must be 1 to 10");
+        }
+        if r.base.is_zero() || r.cap < r.base {
+            anyhow::bail!("COMPENSATION_BACKOFF_BASE_MS must be above 0 and at most COMPENSATION_BACKOFF_CAP_MS");
+        }
+        for (name, d) in [
+            ("PAYMENT_CHECK_INTERVAL_MS", self.check_interval),
+            ("PAYMENT_CHECK_FAST_INTERVAL_MS", self.fast_interval),
+            ("COMPENSATION_SWEEP_MS", self.sweep_interval),
+            ("SLA_WINDOW_MS", self.sla_window),
+            ("COMPENSATION_LOCK_TTL_MS", self.lock_ttl),
+        ] {
+            if d.is_zero() {
+                anyhow::bail!("{name} must be above 0");
+            }
+        }
+        if self.fast_interval > self.check_interval {
+            anyhow::bail!(
+                "PAYMENT_CHECK_FAST_INTERVAL_MS must not exceed PAYMENT_CHECK_INTERVAL_MS"
+            );
+        }
+        Ok(())
     }
 }
 
 pub struct App {
     pub config: Config,
+    pub auth: AuthConfig,
     pub store: PgStore,
     pub engine: Engine,
     pub metrics: Metrics,
-}
-
-/// What one check needs.
-struct Checker {
-    store: PgStore,
-    fulfillment: Fulfillment<PrelockClient>,
-    gateway: GatewayClient,
-    redis: ConnectionManager,
-    lock_ttl: Duration,
-    check_interval: Duration,
-    attempts: IntCounterVec,
-    refunds: IntCounterVec,
+    pub checker: Arc<Checker>,
+    alerts: Mutex<Option<mpsc::UnboundedReceiver<Alert>>>,
+    alerts_sent: prometheus::IntCounterVec,
 }
 
 impl App {
-    pub async fn build(config: Config, ops_token: &str) -> anyhow::Result<Arc<App>> {
-        let store = PgStore::connect(&config.database_url, &config.pg).await?;
+    pub async fn build(config: Config, auth: AuthConfig) -> anyhow::Result<Arc<App>> {
+        let store = PgStore::connect_patiently(&config.database_url, &config.pg).await?;
         if config.run_migrations {
             store.migrate().await?;
         }
-        let prelock = PrelockClient::new(&config.prelock_url, ops_token, config.prelock_timeout)?;
+        let prelock =
+            PrelockClient::new(&config.prelock_url, &auth.ops_token, config.prelock_timeout)?;
         let redis = ConnectionManager::new(redis::Client::open(config.redis_url.as_str())?)
             .await
             .map_err(|e| anyhow::anyhow!("redis at {}: {e}", config.redis_url))?;
         let metrics = Metrics::new("compensation-worker");
+        let (alerts_tx, alerts_rx) = mpsc::unbounded_channel();
         let checker = Arc::new(Checker {
             store: store.clone(),
             fulfillment: Fulfillment::new(store.clone(), prelock, FulfillmentConfig::default()),
@@ -124,9 +186,11 @@ impl App {
             redis,
             lock_ttl: config.lock_ttl,
             check_interval: config.check_interval,
+            fast_interval: config.fast_interval,
+            retry: config.retry.clone(),
             attempts: metrics.counter(
                 "compensation_attempts_total",
-                "Payment checks by outcome: paid, duplicate, refund_required, not_paid, order_closed, closed_at_provider, locked, gateway_timeout, gateway_error, failed",
+                "Payment checks by outcome: paid, duplicate, refund_required, not_paid, order_closed, closed_at_provider, locked, gateway_timeout, gateway_error, unknown_at_provider, bad_answer, archived, failed",
                 &["outcome"],
             ),
             refunds: metrics.counter(
@@ -134,7 +198,30 @@ impl App {
                 "Refund jobs by outcome: refunded, already_refunded, gateway_error, rejected, failed",
                 &["outcome"],
             ),
+            failures: metrics.counter(
+                "compensation_failures_total",
+                "Payments archived as compensation failures, by reason",
+                &["reason"],
+            ),
+            paid_latency: metrics.histogram(
+                "payment_paid_latency_seconds",
+                "From the provider's paid time to the order paid here, by source (compensation, replay)",
+                &["source"],
+            ),
+            alerts: alerts_tx,
+            sla: Mutex::new(SlaTrigger::new(
+                config.sla_window.as_millis() as i64,
+                config.sla_latency_p99.as_millis() as i64,
+                config.sla_missing_events,
+            )),
+            epoch: std::time::Instant::now(),
+            fast: AtomicBool::new(false),
         });
+        let alerts_sent = metrics.counter(
+            "compensation_alerts_total",
+            "Failure alerts (one per message, a summary counts once) by result: sent, failed, logged",
+            &["result"],
+        );
         let mut engine = Engine::new(
             store.pool.clone(),
             Arc::new(SystemClock),
@@ -147,228 +234,170 @@ impl App {
                 async move { checker.check(&job).await }
             });
         }
-        engine.register(events::JOB_PAYMENT_REFUND, move |job: Job| {
+        {
             let checker = checker.clone();
-            async move { checker.refund(&job).await }
-        });
+            engine.register(events::JOB_PAYMENT_REFUND, move |job: Job| {
+                let checker = checker.clone();
+                async move { checker.refund(&job).await }
+            });
+        }
         Ok(Arc::new(App {
             config,
+            auth,
             store,
             engine,
             metrics,
+            checker,
+            alerts: Mutex::new(Some(alerts_rx)),
+            alerts_sent,
         }))
     }
 
-    /// `/healthz`, `/readyz` (Postgres answers), `/metrics`.
+    /// The ops API and console, `/openapi.json`, `/healthz`, `/readyz` (Postgres answers),
+    /// `/metrics`.
     pub fn router(self: &Arc<App>) -> Router {
         let app = self.clone();
         let ready = service_kit::http::ready_check(move || {
             let app = app.clone();
             async move { app.store.ping().await.map_err(|e| format!("postgres: {e}")) }
         });
-        service_kit::http::finish(Router::new(), self.metrics.clone(), ready)
+        service_kit::http::finish(ops::router(self.clone()), self.metrics.clone(), ready)
+    }
+
+    /// The job engine, the sweep, the SLA monitor and the alerter, until `stop` (then the
+    /// engine drains, and held alerts go out).
+    pub async fn run(self: Arc<App>, stop: CancellationToken) {
+        let rx = self
+            .alerts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("App::run is called once");
+        let alerter = tokio::spawn(alert::run(
+            rx,
+            self.config.alert_webhook.clone(),
+            self.config.alert_interval,
+            self.alerts_sent.clone(),
+            stop.clone(),
+        ));
+        let background = tokio::spawn(self.clone().background(stop.clone()));
+        self.engine.run(stop).await;
+        let _ = tokio::join!(alerter, background);
+    }
+
+    /// Every second: the SLA trigger's input and the gauges; every sweep interval: the sweep.
+    async fn background(self: Arc<App>, stop: CancellationToken) {
+        let gauges = Gauges::new(&self.metrics);
+        let mut since = Utc::now();
+        let mut last_sweep = std::time::Instant::now();
+        let mut last_figures: Option<std::time::Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match records::callback_latencies(&self.store.pool, since).await {
+                Ok(seen) => {
+                    let now = self.checker.epoch.elapsed().as_millis() as i64;
+                    let mut sla = self.checker.sla.lock().unwrap_or_else(|p| p.into_inner());
+                    for (at, latency) in &seen {
+                        sla.observe_latency(now, *latency);
+                        since = since.max(*at);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "callback latencies not read"),
+            }
+            let fast = self.checker.poll_mode() == domain::sla::PollMode::Fast;
+            gauges.fast.set(fast as i64);
+            if last_figures.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                last_figures = Some(std::time::Instant::now());
+                match records::sla_figures(&self.store.pool, Duration::from_secs(3600)).await {
+                    Ok(f) => {
+                        gauges.success_rate.set(f.success_rate);
+                        gauges
+                            .open_failures
+                            .with_label_values::<&str>(&[])
+                            .set(f.open_failures);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "SLA figures not read"),
+                }
+            }
+            if last_sweep.elapsed() >= self.config.sweep_interval {
+                last_sweep = std::time::Instant::now();
+                match self.sweep().await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(
+                            payments = n,
+                            "open payments without a check job: checks written"
+                        );
+                        gauges.swept.with_label_values::<&str>(&[]).inc_by(n as u64);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sweep failed; next round retries"),
+                }
+            }
+        }
+    }
+
+    /// Gives every open payment that has no check job one (see [`records::sweep`]).
+    pub async fn sweep(&self) -> Result<usize, sqlx::Error> {
+        let mut tx = self.store.begin().await?;
+        let ids = records::sweep(
+            &mut tx,
+            self.config.sweep_grace,
+            500,
+            events::payment_check_key,
+        )
+        .await?;
+        let now = Utc::now();
+        for id in &ids {
+            job_engine::store::insert(&mut tx, &events::payment_check_job(*id, now)).await?;
+        }
+        tx.commit().await?;
+        Ok(ids.len())
     }
 }
 
-impl Checker {
-    async fn check(&self, job: &Job) -> Outcome {
-        let (label, outcome) = self.check_inner(job).await;
-        self.attempts.with_label_values(&[label]).inc();
-        outcome
-    }
+struct Gauges {
+    fast: prometheus::IntGauge,
+    success_rate: Gauge,
+    open_failures: IntGaugeVec,
+    swept: prometheus::IntCounterVec,
+}
 
-    async fn check_inner(&self, job: &Job) -> (&'static str, Outcome) {
-        let (payment_id, payment) = match self.payment_of(job).await {
-            Ok(v) => v,
-            Err(failed) => return failed,
-        };
-        let pool = &self.store.pool;
-        if payment.status != domain::PaymentStatus::Created {
-            // the webhook (or an earlier check) resolved it
-            return ("duplicate", Outcome::Done);
-        }
-        let answer = match self
-            .gateway
-            .query_payment(payment.provider, &payment_id.to_string())
-            .await
-        {
-            Ok(a) => a,
-            Err(GatewayError::Unavailable(e)) => {
-                let label = if e.contains("timed out") || e.contains("timeout") {
-                    "gateway_timeout"
-                } else {
-                    "gateway_error"
-                };
-                return (label, Outcome::Retry(e));
-            }
-            Err(GatewayError::Rejected(e)) => {
-                return ("closed_at_provider", Outcome::Permanent(e));
-            }
-        };
-        match answer.status.as_str() {
-            "PAID" => {}
-            "CREATED" => {
-                let payable = match postgres_store::orders::find_order(pool, payment.order_id).await
-                {
-                    Ok(Some(o)) => o.state == OrderState::Pending,
-                    Ok(None) => false,
-                    Err(e) => return ("failed", Outcome::Retry(e.to_string())),
-                };
-                return if payable {
-                    (
-                        "not_paid",
-                        Outcome::RetryAfter(self.check_interval, "not paid yet".into()),
-                    )
-                } else {
-                    ("order_closed", Outcome::Done)
-                };
-            }
-            _ => return ("closed_at_provider", Outcome::Done),
-        }
-        let (Some(event_id), Some(paid_at)) = (answer.event_id, answer.paid_at) else {
-            return (
-                "gateway_error",
-                Outcome::Retry("provider says paid without an event id".into()),
-            );
-        };
-        let conf = PaymentConfirmation {
-            provider: payment.provider,
-            event_id,
-            payment_id,
-            amount_cents: answer.amount_cents,
-            paid_at,
-        };
-        let key = format!("compensate:order:{payment_id}");
-        let token = Uuid::new_v4().to_string();
-        match self.lock(&key, &token).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return (
-                    "locked",
-                    Outcome::RetryAfter(Duration::from_secs(1), "another worker holds it".into()),
-                )
-            }
-            // the lock only saves work: without Redis, the version check still decides
-            Err(e) => {
-                tracing::warn!(error = %e, %payment_id, "compensation lock unavailable; applying without it")
-            }
-        }
-        let applied = self
-            .fulfillment
-            .apply_payment(&conf, Source::Compensation)
-            .await;
-        if let Err(e) = self.unlock(&key, &token).await {
-            tracing::warn!(error = %e, %payment_id, "compensation lock not released; it expires");
-        }
-        use FulfillmentError as F;
-        match applied {
-            Ok(ApplyOutcome::Paid) => {
-                tracing::info!(%payment_id, "lost callback compensated: order paid");
-                ("paid", Outcome::Done)
-            }
-            Ok(ApplyOutcome::RefundRequired { state }) => {
-                tracing::warn!(%payment_id, ?state, "paid for an order that cannot keep it: refund scheduled");
-                ("refund_required", Outcome::Done)
-            }
-            Ok(ApplyOutcome::Duplicate) => ("duplicate", Outcome::Done),
-            Err(e @ (F::Db(_) | F::PrelockUnavailable(_) | F::PrelockNotLoaded | F::Conflict)) => {
-                ("failed", Outcome::Retry(e.to_string()))
-            }
-            Err(e) => ("failed", Outcome::Permanent(e.to_string())),
-        }
-    }
-
-    /// The payment a job's payload names, or the outcome for a job that names none.
-    async fn payment_of(
-        &self,
-        job: &Job,
-    ) -> Result<(Uuid, postgres_store::payments::PaymentRow), (&'static str, Outcome)> {
-        let Some(payment_id) = job.payload["payment_id"]
-            .as_str()
-            .and_then(|s| Uuid::parse_str(s).ok())
-        else {
-            return Err((
-                "failed",
-                Outcome::Permanent("payload has no payment_id".into()),
-            ));
-        };
-        match postgres_store::payments::get_payment(&self.store.pool, payment_id).await {
-            Ok(Some(p)) => Ok((payment_id, p)),
-            Ok(None) => Err(("failed", Outcome::Permanent("unknown payment".into()))),
-            Err(e) => Err(("failed", Outcome::Retry(e.to_string()))),
-        }
-    }
-
-    async fn refund(&self, job: &Job) -> Outcome {
-        let (label, outcome) = self.refund_inner(job).await;
-        self.refunds.with_label_values(&[label]).inc();
-        outcome
-    }
-
-    async fn refund_inner(&self, job: &Job) -> (&'static str, Outcome) {
-        let (payment_id, payment) = match self.payment_of(job).await {
-            Ok(v) => v,
-            Err(failed) => return failed,
-        };
-        match payment.status {
-            domain::PaymentStatus::Refunded => return ("already_refunded", Outcome::Done),
-            domain::PaymentStatus::RefundRequired => {}
-            other => {
-                return (
-                    "failed",
-                    Outcome::Permanent(format!("payment is {}", other.as_str())),
-                )
-            }
-        }
-        let request = RefundRequest {
-            // one refund per payment, the same id on every attempt: never paid twice
-            refund_id: format!("rf-{payment_id}"),
-            payment_id: payment_id.to_string(),
-            amount_cents: job.payload["amount_cents"]
-                .as_i64()
-                .unwrap_or(payment.amount_cents),
-        };
-        let refund = match self.gateway.refund(payment.provider, &request).await {
-            Ok(r) => r,
-            Err(GatewayError::Unavailable(e)) => return ("gateway_error", Outcome::Retry(e)),
-            Err(GatewayError::Rejected(e)) => return ("rejected", Outcome::Permanent(e)),
-        };
-        use FulfillmentError as F;
-        match self
-            .fulfillment
-            .record_refund(payment_id, &refund.refund_id, refund.refunded_at)
-            .await
-        {
-            Ok(_) => ("refunded", Outcome::Done),
-            Err(e @ (F::Db(_) | F::Conflict)) => ("failed", Outcome::Retry(e.to_string())),
-            Err(e) => ("failed", Outcome::Permanent(e.to_string())),
-        }
-    }
-
-    async fn lock(&self, key: &str, token: &str) -> redis::RedisResult<bool> {
-        let mut conn = self.redis.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(key)
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(self.lock_ttl.as_millis() as u64)
-            .query_async(&mut conn)
-            .await?;
-        Ok(set.is_some())
-    }
-
-    /// Compare-and-delete: only the holder's token frees the lock (a lock that expired and was
-    /// taken by another worker stays theirs).
-    async fn unlock(&self, key: &str, token: &str) -> redis::RedisResult<()> {
-        let mut conn = self.redis.clone();
-        redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+impl Gauges {
+    fn new(metrics: &Metrics) -> Gauges {
+        let success_rate = Gauge::new(
+            "compensation_success_rate",
+            "Over the last hour: payments compensation brought to a result / (those + failures archived); 1 when there were none",
         )
-        .key(key)
-        .arg(token)
-        .invoke_async::<i64>(&mut conn)
-        .await?;
-        Ok(())
+        .expect("valid metric");
+        metrics.register(Box::new(success_rate.clone()));
+        let fast = prometheus::IntGauge::new(
+            "compensation_fast_mode",
+            "1 while the SLA trigger has compensation poll faster (slow callbacks and missing events)",
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(fast.clone()));
+        Gauges {
+            fast,
+            success_rate,
+            open_failures: metrics.gauge(
+                "compensation_open_failures",
+                "Archived compensation failures not yet resolved",
+                &[],
+            ),
+            swept: metrics.counter(
+                "compensation_swept_total",
+                "Open payments the sweep found without a check job (and gave one)",
+                &[],
+            ),
+        }
     }
+}
+
+/// Used by the ops console: the fast-mode flag the last decision left.
+pub fn fast_mode(checker: &Checker) -> bool {
+    checker.fast.load(Ordering::Relaxed)
 }

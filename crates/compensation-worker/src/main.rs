@@ -16,13 +16,11 @@ async fn main() -> anyhow::Result<()> {
     let mut secrets = SecretLoader::from_env();
     let auth = AuthConfig::load_ops_only(&mut secrets);
     secrets.finish()?;
-    let app = App::build(config, &auth.ops_token).await?;
+    let app = App::build(config, auth).await?;
 
     let stop = CancellationToken::new();
-    let engine = {
-        let (app, stop) = (app.clone(), stop.clone());
-        tokio::spawn(async move { app.engine.run(stop).await })
-    };
+    // the engine, the sweep, the SLA monitor and the alerter
+    let engine = tokio::spawn(app.clone().run(stop.clone()));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     // on SIGTERM the engine gives back jobs not started and lets running ones finish for
     // JOB_DRAIN_TIMEOUT_MS; this bound only guards against a hang

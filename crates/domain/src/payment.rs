@@ -59,6 +59,9 @@ pub enum PaymentStatus {
     RefundRequired,
     /// The provider paid that money back.
     Refunded,
+    /// The provider closed it unpaid (the buyer gave up, or it failed there). The order may
+    /// start another payment; money that arrives for it anyway is still applied.
+    Closed,
 }
 
 impl PaymentStatus {
@@ -68,6 +71,7 @@ impl PaymentStatus {
             PaymentStatus::Succeeded => "SUCCEEDED",
             PaymentStatus::RefundRequired => "REFUND_REQUIRED",
             PaymentStatus::Refunded => "REFUNDED",
+            PaymentStatus::Closed => "CLOSED",
         }
     }
 
@@ -77,6 +81,7 @@ impl PaymentStatus {
             Self::Succeeded,
             Self::RefundRequired,
             Self::Refunded,
+            Self::Closed,
         ]
         .into_iter()
         .find(|p| p.as_str() == s)

@@ -6,7 +6,9 @@
 //! - Slow: the p99 of callback latencies seen in the last `window` (30 s) has stayed above
 //!   `latency_p99` (200 ms) for at least `window`. It stops being slow the moment the p99
 //!   drops back under (or no latency is left in the window).
-//! - Missing: some transaction has at least `missing_events` (4) events not seen.
+//! - Missing: some transaction was seen, within the last `window`, with at least
+//!   `missing_events` (4) of its events not there. A sighting older than the window is
+//!   forgotten: the evidence is recent or it is none.
 //!
 //! Pure and clock-driven: callers pass the time of each observation (milliseconds, any epoch),
 //! so tests move time instead of sleeping.
@@ -29,7 +31,8 @@ pub struct SlaTrigger {
     latencies: VecDeque<(i64, i64)>,
     /// Since when the windowed p99 has been above the threshold, if it is.
     slow_since: Option<i64>,
-    missing: HashMap<String, u32>,
+    /// transaction -> (events missing, seen at)
+    missing: HashMap<String, (u32, i64)>,
 }
 
 impl Default for SlaTrigger {
@@ -57,12 +60,12 @@ impl SlaTrigger {
         self.tick(now_ms);
     }
 
-    /// `count` events of transaction `txn` are missing so far (0 forgets it).
-    pub fn set_missing(&mut self, txn: &str, count: u32) {
+    /// At `now_ms`, `count` events of transaction `txn` are missing (0 forgets it).
+    pub fn set_missing(&mut self, now_ms: i64, txn: &str, count: u32) {
         if count == 0 {
             self.missing.remove(txn);
         } else {
-            self.missing.insert(txn.to_owned(), count);
+            self.missing.insert(txn.to_owned(), (count, now_ms));
         }
     }
 
@@ -101,7 +104,12 @@ impl SlaTrigger {
         let slow = self
             .slow_since
             .is_some_and(|since| now_ms - since >= self.window_ms);
-        let missing = self.missing.values().any(|n| *n >= self.missing_events);
+        let window = self.window_ms;
+        self.missing.retain(|_, (_, at)| *at > now_ms - window);
+        let missing = self
+            .missing
+            .values()
+            .any(|(n, _)| *n >= self.missing_events);
         if slow && missing {
             PollMode::Fast
         } else {
@@ -136,8 +144,8 @@ mod tests {
         for (slow, missing, expected) in quadrants {
             let mut t = SlaTrigger::default();
             feed(&mut t, 0, 40_000, if slow { 450 } else { 80 });
-            t.set_missing("pay-1", missing);
-            t.set_missing("pay-2", 1);
+            t.set_missing(40_000, "pay-1", missing);
+            t.set_missing(40_000, "pay-2", 1);
             assert_eq!(t.mode(40_000), expected, "slow {slow}, missing {missing}");
         }
     }
@@ -145,8 +153,8 @@ mod tests {
     #[test]
     fn slow_means_for_thirty_seconds_and_the_way_back_is_immediate() {
         let mut t = SlaTrigger::default();
-        t.set_missing("pay-1", 5);
         feed(&mut t, 0, 10_000, 80);
+        t.set_missing(39_000, "pay-1", 5);
         feed(&mut t, 10_100, 39_900, 500);
         // the p99 went over at 10.2 s (two slow samples in 103): not yet 30 s of it
         assert_eq!(t.mode(39_900), PollMode::Normal);
@@ -154,14 +162,21 @@ mod tests {
         assert_eq!(t.mode(40_200), PollMode::Fast);
         // back to normal: callbacks fast again for a whole window...
         feed(&mut t, 40_300, 70_300, 50);
+        t.set_missing(70_000, "pay-1", 5);
         assert_eq!(t.mode(70_300), PollMode::Normal);
         // ...or, while still slow, the transaction's events turn up
         feed(&mut t, 70_400, 110_000, 900);
+        t.set_missing(109_000, "pay-1", 5);
         assert_eq!(t.mode(110_000), PollMode::Fast);
-        t.set_missing("pay-1", 0);
+        t.set_missing(110_000, "pay-1", 0);
         assert_eq!(t.mode(110_000), PollMode::Normal);
+        // ...or the sighting of missing events is a window old
+        t.set_missing(110_000, "pay-2", 4);
+        feed(&mut t, 110_100, 140_100, 900);
+        assert_eq!(t.mode(139_900), PollMode::Fast);
+        assert_eq!(t.mode(140_000), PollMode::Normal);
         // with no callbacks at all in the window, nothing is slow
-        t.set_missing("pay-9", 7);
+        t.set_missing(200_000, "pay-9", 7);
         assert_eq!(t.mode(200_000), PollMode::Normal);
         assert_eq!(t.p99_ms(200_000), None);
     }

@@ -19,6 +19,9 @@ pub const VOUCHER_ISSUED: &str = "VoucherIssued";
 pub const ORDER_CONFIRMED: &str = "OrderConfirmed";
 pub const ORDER_REDEEMED: &str = "OrderRedeemed";
 pub const ORDER_REFUNDED: &str = "OrderRefunded";
+/// Compensation gave up on a payment (archived for manual replay; Kafka's dead-compensation
+/// topic).
+pub const COMPENSATION_FAILED: &str = "CompensationFailed";
 
 pub const JOB_ORDER_EXPIRE: &str = "order.expire";
 pub const JOB_STOCK_DEDUCT: &str = "stock.deduct";
@@ -153,8 +156,12 @@ pub fn payment_check_job(payment_id: Uuid, due: DateTime<Utc>) -> NewJob {
         priority: Priority::P0,
         run_at: due,
         max_attempts: 240,
-        dedupe_key: Some(format!("{JOB_PAYMENT_CHECK}:{payment_id}")),
+        dedupe_key: Some(payment_check_key(payment_id)),
     }
+}
+
+pub fn payment_check_key(payment_id: Uuid) -> String {
+    format!("{JOB_PAYMENT_CHECK}:{payment_id}")
 }
 
 pub fn refund_job(

@@ -30,7 +30,7 @@ pub enum Source {
 }
 
 impl Source {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Source::Webhook => "webhook",
             Source::Compensation => "compensation",
@@ -117,7 +117,12 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             amount_cents: conf.amount_cents,
             outcome,
         };
-        if payment.status != PaymentStatus::Created {
+        // A payment the provider had closed is still applied: money that arrives is never
+        // dropped.
+        if !matches!(
+            payment.status,
+            PaymentStatus::Created | PaymentStatus::Closed
+        ) {
             // Settled by an earlier result. Record this event id (once) and change nothing.
             payments::record_event(tx, &record("ALREADY_SETTLED")).await?;
             return Ok((ApplyOutcome::Duplicate, None));
@@ -167,6 +172,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
                 PaymentStatus::Succeeded,
                 &conf.event_id,
                 conf.paid_at,
+                source.as_str(),
             )
             .await?;
             effects::append_event(
@@ -209,6 +215,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             PaymentStatus::RefundRequired,
             &conf.event_id,
             conf.paid_at,
+            source.as_str(),
         )
         .await?;
         effects::append_event(

@@ -178,8 +178,13 @@ pub struct CreatedPayment {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PaymentQuery {
     pub payment_id: String,
-    /// `CREATED` (not paid yet) or `PAID`.
+    /// `CREATED` (not paid yet), `PAID`, or `CLOSED` / `FAILED` (closed unpaid at the
+    /// provider: it will not be paid).
     pub status: String,
+    /// The provider's own id for the transaction, once paid (WeChat's `transaction_id`,
+    /// Alipay's `trade_no`).
+    #[serde(default)]
+    pub transaction_id: Option<String>,
     pub amount_cents: i64,
     pub event_id: Option<String>,
     pub paid_at: Option<DateTime<Utc>>,
@@ -215,7 +220,9 @@ pub struct GatewayClient {
 
 #[derive(Debug)]
 pub enum GatewayError {
-    /// Timed out or unreachable: try again later.
+    /// No answer within the client's timeout: try again later.
+    Timeout(String),
+    /// Unreachable, or a 5xx: try again later.
     Unavailable(String),
     /// The provider answered with an error.
     Rejected(String),
@@ -224,6 +231,7 @@ pub enum GatewayError {
 impl std::fmt::Display for GatewayError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            GatewayError::Timeout(m) => write!(f, "payment gateway timed out: {m}"),
             GatewayError::Unavailable(m) => write!(f, "payment gateway unavailable: {m}"),
             GatewayError::Rejected(m) => write!(f, "payment gateway refused: {m}"),
         }
@@ -243,10 +251,13 @@ impl GatewayClient {
     async fn send<T: serde::de::DeserializeOwned>(
         req: reqwest::RequestBuilder,
     ) -> Result<T, GatewayError> {
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+        let resp = req.send().await.map_err(|e| {
+            if e.is_timeout() {
+                GatewayError::Timeout(e.to_string())
+            } else {
+                GatewayError::Unavailable(e.to_string())
+            }
+        })?;
         let status = resp.status();
         if status.is_server_error() {
             return Err(GatewayError::Unavailable(format!("answered {status}")));
@@ -275,6 +286,20 @@ impl GatewayClient {
         payment_id: &str,
     ) -> Result<PaymentQuery, GatewayError> {
         let url = format!("{}/v1/{provider}/payments/{payment_id}", self.base_url);
+        Self::send(self.http.get(url)).await
+    }
+
+    /// The query API by the provider's transaction id (for when the query by our payment id
+    /// cannot find it: an operator reads the id off the provider's merchant console).
+    pub async fn query_transaction(
+        &self,
+        provider: Provider,
+        transaction_id: &str,
+    ) -> Result<PaymentQuery, GatewayError> {
+        let url = format!(
+            "{}/v1/{provider}/transactions/{transaction_id}",
+            self.base_url
+        );
         Self::send(self.http.get(url)).await
     }
 

@@ -25,6 +25,7 @@
 pub mod clock;
 pub mod engine;
 pub mod leader;
+pub mod ops;
 pub mod runner;
 pub mod schedule;
 pub mod store;

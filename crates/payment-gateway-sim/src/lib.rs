@@ -4,9 +4,12 @@
 //! Routes:
 //! - `POST /v1/{provider}/payments`            create (called by order-api) -> `{"pay_url"}`
 //! - `GET  /v1/{provider}/payments/{id}`       query API (status, event id, amount)
+//! - `GET  /v1/{provider}/transactions/{txn}`  query API by the provider's transaction id
 //! - `POST /v1/sim/payments/{id}/pay`          "the buyer pays": marks it paid, sends callbacks
 //! - `POST /v1/{provider}/refunds`             refund (idempotent by refund id)
 //! - `GET  /v1/{provider}/refunds/{refund_id}` refund-query API
+//! - `POST /v1/sim/payments/{id}/close`        "the provider closes it": CLOSED or FAILED
+//! - `PUT  /v1/sim/payments/{id}/faults`       this payment's own faults (a broken query)
 //! - `GET  /v1/sim/payments/{id}`              what the simulator did (callbacks, refunds)
 //! - `GET|PUT /v1/sim/faults`                  fault rates (see [`Faults`])
 //!
@@ -120,10 +123,15 @@ pub struct SimPayment {
     pub order_id: String,
     pub amount_cents: i64,
     pub notify_url: String,
-    /// CREATED or PAID.
+    /// CREATED, PAID, CLOSED or FAILED.
     pub status: String,
     pub event_id: Option<String>,
     pub paid_at: Option<DateTime<Utc>>,
+    /// The provider's transaction id, once paid.
+    pub transaction_id: Option<String>,
+    /// The query by payment id answers 500, always (the query by transaction id still
+    /// works): a payment compensation cannot resolve on its own.
+    pub query_broken: bool,
     /// Whether the callback was dropped by the drop fault.
     pub callback_dropped: bool,
     /// Callback copies sent (1 + duplicates), and how many were acknowledged with 2xx.
@@ -174,6 +182,9 @@ impl Sim {
         let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
             .routes(routes!(create_payment))
             .routes(routes!(query_payment))
+            .routes(routes!(query_transaction))
+            .routes(routes!(close))
+            .routes(routes!(put_payment_faults))
             .routes(routes!(refund))
             .routes(routes!(query_refund))
             .routes(routes!(pay))
@@ -253,6 +264,8 @@ async fn create_payment(
             status: "CREATED".into(),
             event_id: None,
             paid_at: None,
+            transaction_id: None,
+            query_broken: false,
             callback_dropped: false,
             callbacks_planned: 0,
             callbacks_acknowledged: 0,
@@ -263,7 +276,7 @@ async fn create_payment(
 }
 
 #[utoipa::path(get, path = "/v1/{provider}/payments/{payment_id}", tag = "provider",
-    description = "The query API. Faults: `query_error_rate` (500), `query_timeout_rate` (late answer).",
+    description = "The query API. Faults: `query_error_rate` (500), `query_timeout_rate` (late answer), a payment's `query_broken` (500).",
     params(("provider" = String, Path, description = "wechat, alipay or douyin"), ("payment_id" = String, Path)),
     responses((status = 200, body = PaymentQuery), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody)))]
 async fn query_payment(
@@ -276,13 +289,104 @@ async fn query_payment(
         s.0.with_payment(&id, |sp| sp.clone())
             .filter(|sp| sp.provider == p.as_str())
             .ok_or_else(|| ApiError::not_found("payment"))?;
-    Ok(Json(PaymentQuery {
-        payment_id: found.payment_id,
-        status: found.status,
-        amount_cents: found.amount_cents,
-        event_id: found.event_id,
-        paid_at: found.paid_at,
-    }))
+    if found.query_broken {
+        return Err(ApiError::new(
+            ErrorCode::Internal,
+            "simulated provider error (this payment's query is broken)",
+        ));
+    }
+    Ok(Json(query_answer(found)))
+}
+
+/// The query API by the provider's transaction id: the way round a broken query by payment
+/// id (`query_broken` does not apply here).
+#[utoipa::path(get, path = "/v1/{provider}/transactions/{transaction_id}", tag = "provider",
+    description = "The query API by the provider's transaction id. Faults: `query_error_rate`, `query_timeout_rate`.",
+    params(("provider" = String, Path, description = "wechat, alipay or douyin"), ("transaction_id" = String, Path)),
+    responses((status = 200, body = PaymentQuery), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn query_transaction(
+    State(s): State<SimState>,
+    Path((p, txn)): Path<(String, String)>,
+) -> Result<Json<PaymentQuery>, ApiError> {
+    let p = provider(&p)?;
+    query_faults(&s.0.faults()).await?;
+    let found = {
+        let map = s.0.payments.lock().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .find(|sp| sp.provider == p.as_str() && sp.transaction_id.as_deref() == Some(&txn))
+            .cloned()
+    };
+    found
+        .map(|sp| Json(query_answer(sp)))
+        .ok_or_else(|| ApiError::not_found("transaction"))
+}
+
+fn query_answer(sp: SimPayment) -> PaymentQuery {
+    PaymentQuery {
+        payment_id: sp.payment_id,
+        status: sp.status,
+        transaction_id: sp.transaction_id,
+        amount_cents: sp.amount_cents,
+        event_id: sp.event_id,
+        paid_at: sp.paid_at,
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloseRequest {
+    /// `CLOSED` (the buyer gave up) or `FAILED` (it failed at the provider).
+    pub status: String,
+}
+
+/// The provider closes an unpaid payment: it will never be paid (409 if it already was).
+#[utoipa::path(post, path = "/v1/sim/payments/{payment_id}/close", tag = "simulation",
+    params(("payment_id" = String, Path)), request_body = CloseRequest,
+    responses((status = 200, body = SimPayment), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn close(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CloseRequest>,
+) -> Result<Json<SimPayment>, ApiError> {
+    if !matches!(req.status.as_str(), "CLOSED" | "FAILED") {
+        return Err(ApiError::field("status", "must be CLOSED or FAILED"));
+    }
+    s.0.with_payment(&id, |sp| {
+        if sp.status == "PAID" {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "payment is already paid",
+            ));
+        }
+        sp.status = req.status.clone();
+        Ok(sp.clone())
+    })
+    .ok_or_else(|| ApiError::not_found("payment"))?
+    .map(Json)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentFaults {
+    /// The query by payment id answers 500 for this payment until set back to false.
+    pub query_broken: bool,
+}
+
+/// Faults of one payment (on top of the global rates).
+#[utoipa::path(put, path = "/v1/sim/payments/{payment_id}/faults", tag = "simulation",
+    params(("payment_id" = String, Path)), request_body = PaymentFaults,
+    responses((status = 200, body = SimPayment), (status = 404, body = ErrorBody)))]
+async fn put_payment_faults(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PaymentFaults>,
+) -> Result<Json<SimPayment>, ApiError> {
+    s.0.with_payment(&id, |sp| {
+        sp.query_broken = req.query_broken;
+        sp.clone()
+    })
+    .map(Json)
+    .ok_or_else(|| ApiError::not_found("payment"))
 }
 
 /// The refund API: pays `amount_cents` back on a paid payment, once per refund id (the same
@@ -380,7 +484,7 @@ async fn query_refund(
 }
 
 /// The buyer pays: the payment becomes PAID and its callback goes out under the current
-/// faults. Paying twice is a no-op that reports the first result.
+/// faults. Paying twice, or paying a closed payment, changes nothing and reports its state.
 #[utoipa::path(post, path = "/v1/sim/payments/{payment_id}/pay", tag = "simulation",
     description = "The buyer pays: the payment becomes PAID and its signed callback goes out under the current faults.",
     params(("payment_id" = String, Path)),
@@ -392,10 +496,11 @@ async fn pay(
     let faults = s.0.faults();
     let (snapshot, newly_paid) =
         s.0.with_payment(&id, |sp| {
-            if sp.status == "PAID" {
+            if sp.status != "CREATED" {
                 return (sp.clone(), false);
             }
             sp.status = "PAID".into();
+            sp.transaction_id = Some(format!("txn_{}", uuid::Uuid::new_v4().simple()));
             sp.event_id = Some(format!(
                 "evt_{}_{}",
                 sp.provider,

@@ -94,6 +94,25 @@ impl PgStore {
     /// The short acquire timeout is for requests, not for start-up: the pool opens lazily and
     /// this waits (up to [`STARTUP_PATIENCE`]) until Postgres answers, so a busy machine's slow
     /// first connects do not stop a service from starting.
+    /// [`PgStore::connect`] for start-up while Postgres may still be coming up with the
+    /// stack: retries with backoff (0.5 s doubling to 5 s), logging each attempt, for up to
+    /// two minutes.
+    pub async fn connect_patiently(url: &str, limits: &PgLimits) -> anyhow::Result<PgStore> {
+        let started = std::time::Instant::now();
+        let mut wait = std::time::Duration::from_millis(500);
+        loop {
+            match PgStore::connect(url, limits).await {
+                Ok(store) => return Ok(store),
+                Err(e) if started.elapsed() < std::time::Duration::from_secs(120) => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "postgres not answering; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.context("postgres did not answer for two minutes")),
+            }
+        }
+    }
+
     pub async fn connect(url: &str, limits: &PgLimits) -> anyhow::Result<PgStore> {
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()?

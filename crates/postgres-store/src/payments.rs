@@ -181,12 +181,16 @@ pub async fn record_event(
     Ok(r.rows_affected() == 1)
 }
 
+/// Settles the payment with a provider result, and resolves an open compensation failure of
+/// it (the money arrived after all: by callback, a later check or an operator's replay, named
+/// by `source`).
 pub async fn settle_payment(
     conn: &mut PgConnection,
     id: Uuid,
     status: PaymentStatus,
     provider_event_id: &str,
     paid_at: DateTime<Utc>,
+    source: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE payments SET status = $2, provider_event_id = $3, paid_at = $4,
@@ -197,7 +201,28 @@ pub async fn settle_payment(
     .bind(status.as_str())
     .bind(provider_event_id)
     .bind(paid_at)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE compensation_failure SET status = 'resolved', resolution = $2,
+             resolved_at = now(), updated_at = now()
+         WHERE payment_id = $1 AND status = 'open'",
+    )
+    .bind(id)
+    .bind(source)
     .execute(conn)
     .await
     .map(|_| ())
+}
+
+/// CREATED -> CLOSED: the provider closed it unpaid. `false` if it was no longer CREATED.
+pub async fn close_payment(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE payments SET status = 'CLOSED', updated_at = now()
+         WHERE id = $1 AND status = 'CREATED'",
+    )
+    .bind(id)
+    .execute(ex)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }

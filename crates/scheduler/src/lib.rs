@@ -87,7 +87,7 @@ impl App {
         notify_secret: Option<String>,
     ) -> anyhow::Result<Arc<App>> {
         let ops_token = auth.ops_token.as_str();
-        let store = connect_patiently(&config).await?;
+        let store = PgStore::connect_patiently(&config.database_url, &config.pg).await?;
         if config.run_migrations {
             store.migrate().await?;
         }
@@ -221,7 +221,7 @@ impl App {
             let app = app.clone();
             async move { app.store.ping().await.map_err(|e| format!("postgres: {e}")) }
         });
-        let ops = ops::router(ops::OpsState {
+        let ops = ops::router(job_engine::ops::OpsState {
             pool: self.store.pool.clone(),
             auth: self.auth.clone(),
         });
@@ -315,23 +315,5 @@ fn outcome(r: Result<FollowUp, FulfillmentError>) -> Outcome {
             Outcome::Retry(e.to_string())
         }
         Err(e) => Outcome::Permanent(e.to_string()),
-    }
-}
-
-/// Start-up while Postgres is down: retry with backoff (0.5 s doubling to 5 s), logging each
-/// attempt, for up to two minutes.
-async fn connect_patiently(config: &Config) -> anyhow::Result<PgStore> {
-    let started = std::time::Instant::now();
-    let mut wait = Duration::from_millis(500);
-    loop {
-        match PgStore::connect(&config.database_url, &config.pg).await {
-            Ok(store) => return Ok(store),
-            Err(e) if started.elapsed() < Duration::from_secs(120) => {
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "postgres not answering; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e.context("postgres did not answer for two minutes")),
-        }
     }
 }

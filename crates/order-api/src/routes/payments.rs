@@ -100,7 +100,7 @@ pub async fn start_payment(
         .map_err(|e| {
             tracing::warn!(%provider, error = %e, "could not start payment");
             match e {
-                GatewayError::Unavailable(_) => ApiError::new(
+                GatewayError::Timeout(_) | GatewayError::Unavailable(_) => ApiError::new(
                     ErrorCode::GatewayUnavailable,
                     "payment provider unavailable; retry",
                 ),

@@ -1,0 +1,520 @@
+//! One payment check, one refund, one replay: what the worker's jobs and the ops API run.
+//!
+//! A check asks the provider's query API, and each answer is its own outcome (counted in
+//! `compensation_attempts_total{outcome}`, kept in `payment_check_state`):
+//! - `paid`: applied through `apply_payment` under the Redis lock (see [`Checker::compensate`]);
+//! - `not_paid`: checked again after the poll interval (shorter in fast mode) while the order
+//!   is payable; `order_closed` once it is not;
+//! - `closed_at_provider`: the provider closed it unpaid: the payment is `CLOSED`, done;
+//! - `gateway_timeout`, `gateway_error` (5xx, unreachable), `unknown_at_provider` (4xx),
+//!   `bad_answer` (paid without an event id, another payment's answer): provider failures,
+//!   retried with exponential backoff and jitter (1 s, 3 s, 9 s ..., cap 30 s); after the last
+//!   of `COMPENSATION_MAX_ATTEMPTS` (5) in a row the payment is archived as a failure;
+//! - `apply_rejected`: the provider's answer cannot be applied (an amount that differs):
+//!   archived at once, retrying cannot help.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::sla::{PollMode, SlaTrigger};
+use domain::{OrderState, PaymentStatus};
+use fulfillment::events;
+use fulfillment::payments::{ApplyOutcome, PaymentConfirmation, Source};
+use fulfillment::{Fulfillment, FulfillmentError};
+use gateway_protocol::{GatewayClient, GatewayError, PaymentQuery, RefundRequest};
+use job_engine::{Job, Outcome};
+use postgres_store::effects::{self, OutboxEvent};
+use postgres_store::payments::PaymentRow;
+use postgres_store::PgStore;
+use prelock_api::PrelockClient;
+use prometheus::{HistogramVec, IntCounterVec};
+use redis::aio::ConnectionManager;
+use serde_json::json;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::alert::Alert;
+use crate::records;
+
+/// Retry policy for provider failures (paper: 1 s / 3 s / 9 s, cap 30 s, 5 attempts).
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: i32,
+    pub base: Duration,
+    pub factor: f64,
+    pub cap: Duration,
+}
+
+impl RetryPolicy {
+    /// The wait after the `failures`-th provider failure in a row: `base * factor^(n-1)`,
+    /// capped, then jittered by ±20 % (`jitter` in [0, 1)) so a burst of failures does not
+    /// retry in lockstep; never above the cap.
+    pub fn backoff(&self, failures: i32, jitter: f64) -> Duration {
+        let raw = self.base.as_secs_f64() * self.factor.powi(failures.max(1) - 1);
+        let capped = raw.min(self.cap.as_secs_f64());
+        Duration::from_secs_f64((capped * (0.8 + 0.4 * jitter)).min(self.cap.as_secs_f64()))
+    }
+}
+
+/// What a check needs.
+pub struct Checker {
+    pub store: PgStore,
+    pub fulfillment: Fulfillment<PrelockClient>,
+    pub gateway: GatewayClient,
+    pub redis: ConnectionManager,
+    pub lock_ttl: Duration,
+    pub check_interval: Duration,
+    /// The poll interval while the SLA trigger says fast.
+    pub fast_interval: Duration,
+    pub retry: RetryPolicy,
+    pub attempts: IntCounterVec,
+    pub refunds: IntCounterVec,
+    pub failures: IntCounterVec,
+    pub paid_latency: HistogramVec,
+    pub alerts: mpsc::UnboundedSender<Alert>,
+    pub sla: Mutex<SlaTrigger>,
+    /// Since when the worker runs: the SLA trigger's clock.
+    pub epoch: std::time::Instant,
+    pub fast: AtomicBool,
+}
+
+/// What applying a provider's "paid" did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compensated {
+    Paid,
+    RefundRequired,
+    /// Another path (the callback, another worker) applied it first.
+    Duplicate,
+    /// Another worker holds the lock: it is applying this payment now.
+    Locked,
+}
+
+#[derive(Debug)]
+pub enum CompensateError {
+    /// The provider said paid, but not in a form that can be applied.
+    BadAnswer(String),
+    Apply(FulfillmentError),
+}
+
+impl CompensateError {
+    /// Whether another attempt may succeed (a database or pre-lock hiccup, a conflict).
+    pub fn transient(&self) -> bool {
+        use FulfillmentError as F;
+        matches!(
+            self,
+            CompensateError::Apply(
+                F::Db(_) | F::PrelockUnavailable(_) | F::PrelockNotLoaded | F::Conflict
+            )
+        )
+    }
+}
+
+impl std::fmt::Display for CompensateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompensateError::BadAnswer(m) => write!(f, "provider answer unusable: {m}"),
+            CompensateError::Apply(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Labels of provider failures (they count toward the retry budget).
+pub fn provider_failure_label(e: &GatewayError) -> &'static str {
+    match e {
+        GatewayError::Timeout(_) => "gateway_timeout",
+        GatewayError::Unavailable(_) => "gateway_error",
+        GatewayError::Rejected(_) => "unknown_at_provider",
+    }
+}
+
+impl Checker {
+    fn now_ms(&self) -> i64 {
+        self.epoch.elapsed().as_millis() as i64
+    }
+
+    /// The poll mode now (see `domain::sla`).
+    pub fn poll_mode(&self) -> PollMode {
+        let now = self.now_ms();
+        let mode = self.sla.lock().unwrap_or_else(|p| p.into_inner()).mode(now);
+        self.fast.store(mode == PollMode::Fast, Ordering::Relaxed);
+        mode
+    }
+
+    pub async fn check(&self, job: &Job) -> Outcome {
+        let (label, outcome) = self.check_inner(job).await;
+        self.attempts.with_label_values(&[label]).inc();
+        outcome
+    }
+
+    async fn check_inner(&self, job: &Job) -> (&'static str, Outcome) {
+        let (payment_id, payment) = match self.payment_of(job).await {
+            Ok(v) => v,
+            Err(failed) => return failed,
+        };
+        if payment.status != PaymentStatus::Created {
+            // the webhook (or an earlier check) resolved it, or the provider closed it
+            return self.noted(payment_id, "duplicate", Outcome::Done).await;
+        }
+        let answer = match self
+            .gateway
+            .query_payment(payment.provider, &payment_id.to_string())
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                return self
+                    .provider_failure(&payment, provider_failure_label(&e), &e.to_string())
+                    .await
+            }
+        };
+        match answer.status.as_str() {
+            "PAID" => {}
+            "CREATED" => {
+                let payable =
+                    match postgres_store::orders::find_order(&self.store.pool, payment.order_id)
+                        .await
+                    {
+                        Ok(Some(o)) => o.state == OrderState::Pending,
+                        Ok(None) => false,
+                        Err(e) => return ("failed", Outcome::Retry(e.to_string())),
+                    };
+                let outcome = if payable {
+                    let wait = match self.poll_mode() {
+                        PollMode::Fast => self.fast_interval,
+                        PollMode::Normal => self.check_interval,
+                    };
+                    ("not_paid", Outcome::RetryAfter(wait, "not paid yet".into()))
+                } else {
+                    ("order_closed", Outcome::Done)
+                };
+                return self.noted(payment_id, outcome.0, outcome.1).await;
+            }
+            "CLOSED" | "FAILED" => {
+                if let Err(e) =
+                    postgres_store::payments::close_payment(&self.store.pool, payment_id).await
+                {
+                    return ("failed", Outcome::Retry(e.to_string()));
+                }
+                tracing::info!(%payment_id, status = %answer.status, "payment closed at the provider");
+                return self
+                    .noted(payment_id, "closed_at_provider", Outcome::Done)
+                    .await;
+            }
+            other => {
+                let e = format!("unknown payment status {other:?}");
+                return self.provider_failure(&payment, "bad_answer", &e).await;
+            }
+        }
+        match self
+            .compensate(payment_id, &payment, &answer, Source::Compensation)
+            .await
+        {
+            Ok(Compensated::Paid) => {
+                tracing::info!(%payment_id, "lost callback compensated: order paid");
+                self.noted(payment_id, "paid", Outcome::Done).await
+            }
+            Ok(Compensated::RefundRequired) => {
+                tracing::warn!(%payment_id, "paid for an order that cannot keep it: refund scheduled");
+                self.noted(payment_id, "refund_required", Outcome::Done)
+                    .await
+            }
+            Ok(Compensated::Duplicate) => self.noted(payment_id, "duplicate", Outcome::Done).await,
+            Ok(Compensated::Locked) => (
+                "locked",
+                Outcome::RetryAfter(Duration::from_secs(1), "another worker holds it".into()),
+            ),
+            Err(e @ CompensateError::BadAnswer(_)) => {
+                self.provider_failure(&payment, "bad_answer", &e.to_string())
+                    .await
+            }
+            Err(e) if e.transient() => ("failed", Outcome::Retry(e.to_string())),
+            Err(e) => {
+                let _ = records::record_check(
+                    &self.store.pool,
+                    payment_id,
+                    "apply_rejected",
+                    Some(&e.to_string()),
+                    false,
+                )
+                .await;
+                self.archive(&payment, payment_id, "apply_rejected", &e.to_string())
+                    .await
+            }
+        }
+    }
+
+    /// Keeps a check's outcome (not a provider failure: the failure run ends) and returns it.
+    async fn noted(
+        &self,
+        payment_id: Uuid,
+        label: &'static str,
+        outcome: Outcome,
+    ) -> (&'static str, Outcome) {
+        if let Err(e) =
+            records::record_check(&self.store.pool, payment_id, label, None, false).await
+        {
+            tracing::warn!(error = %e, %payment_id, "check outcome not recorded");
+        }
+        (label, outcome)
+    }
+
+    /// A provider failure: retried after the backoff, archived after the last attempt.
+    async fn provider_failure(
+        &self,
+        payment: &PaymentRow,
+        label: &'static str,
+        error: &str,
+    ) -> (&'static str, Outcome) {
+        let failures =
+            match records::record_check(&self.store.pool, payment.id, label, Some(error), true)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => return (label, Outcome::Retry(e.to_string())),
+            };
+        if failures < self.retry.max_attempts {
+            let wait = self.retry.backoff(failures, fastrand::f64());
+            return (label, Outcome::RetryAfter(wait, error.to_owned()));
+        }
+        let (_, outcome) = self.archive(payment, payment.id, label, error).await;
+        (label, outcome)
+    }
+
+    /// Archives the payment as a compensation failure with its context, writes
+    /// `CompensationFailed` to the outbox in the same transaction, and raises the alert.
+    pub async fn archive(
+        &self,
+        payment: &PaymentRow,
+        payment_id: Uuid,
+        reason: &'static str,
+        error: &str,
+    ) -> (&'static str, Outcome) {
+        let archived = async {
+            let mut tx = self.store.begin().await?;
+            let failure = records::archive(&mut tx, payment_id, reason, error).await?;
+            if let Some(f) = &failure {
+                effects::append_event(
+                    &mut tx,
+                    OutboxEvent {
+                        aggregate_type: "order",
+                        aggregate_id: payment.order_id.to_string(),
+                        event_type: events::COMPENSATION_FAILED,
+                        schema_version: 1,
+                        payload: json!({
+                            "failure_id": f.id, "order_id": payment.order_id,
+                            "payment_id": payment_id, "provider": payment.provider.as_str(),
+                            "reason": reason, "last_error": error, "attempts": f.attempts,
+                        }),
+                    },
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(failure)
+        }
+        .await;
+        match archived {
+            Ok(Some(f)) => {
+                tracing::error!(%payment_id, failure_id = f.id, reason, error, "compensation failed: archived for manual replay");
+                self.failures.with_label_values(&[reason]).inc();
+                let _ = self.alerts.send(Alert {
+                    failure_id: f.id,
+                    payment_id,
+                    order_id: payment.order_id,
+                    reason: reason.to_owned(),
+                    last_error: error.to_owned(),
+                });
+                ("archived", Outcome::Done)
+            }
+            // archived before (a retried job): nothing new
+            Ok(None) => ("archived", Outcome::Done),
+            Err(e) => ("failed", Outcome::Retry(format!("archiving: {e}"))),
+        }
+    }
+
+    /// The provider says `answer` (paid): take the lock `compensate:order:{payment_id}` and go
+    /// through `apply_payment`. The lock only saves work: if it expires mid-way, the payment
+    /// row lock and the order's version check still allow one transition.
+    pub async fn compensate(
+        &self,
+        payment_id: Uuid,
+        payment: &PaymentRow,
+        answer: &PaymentQuery,
+        source: Source,
+    ) -> Result<Compensated, CompensateError> {
+        if answer.payment_id != payment_id.to_string() {
+            return Err(CompensateError::BadAnswer(format!(
+                "the answer is for payment {}, not {payment_id}",
+                answer.payment_id
+            )));
+        }
+        let (Some(event_id), Some(paid_at)) = (answer.event_id.clone(), answer.paid_at) else {
+            return Err(CompensateError::BadAnswer(
+                "paid without an event id or a time".into(),
+            ));
+        };
+        if let Ok(missing) =
+            records::missing_events(&self.store.pool, payment.order_id, payment_id).await
+        {
+            let now = self.now_ms();
+            self.sla
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_missing(now, &payment_id.to_string(), missing);
+        }
+        let conf = PaymentConfirmation {
+            provider: payment.provider,
+            event_id,
+            payment_id,
+            amount_cents: answer.amount_cents,
+            paid_at,
+        };
+        let key = format!("compensate:order:{payment_id}");
+        let token = Uuid::new_v4().to_string();
+        match self.lock(&key, &token).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(Compensated::Locked),
+            // the lock only saves work: without Redis, the version check still decides
+            Err(e) => {
+                tracing::warn!(error = %e, %payment_id, "compensation lock unavailable; applying without it")
+            }
+        }
+        let applied = self.fulfillment.apply_payment(&conf, source).await;
+        if let Err(e) = self.unlock(&key, &token).await {
+            tracing::warn!(error = %e, %payment_id, "compensation lock not released; it expires");
+        }
+        let done = match applied.map_err(CompensateError::Apply)? {
+            ApplyOutcome::Paid => Compensated::Paid,
+            ApplyOutcome::RefundRequired { .. } => Compensated::RefundRequired,
+            ApplyOutcome::Duplicate => return Ok(Compensated::Duplicate),
+        };
+        let late = (Utc::now() - paid_at).num_milliseconds().max(0) as f64 / 1000.0;
+        self.paid_latency
+            .with_label_values(&[source.as_str()])
+            .observe(late);
+        Ok(done)
+    }
+
+    /// The payment a job's payload names, or the outcome for a job that names none.
+    async fn payment_of(&self, job: &Job) -> Result<(Uuid, PaymentRow), (&'static str, Outcome)> {
+        let Some(payment_id) = job.payload["payment_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+        else {
+            return Err((
+                "failed",
+                Outcome::Permanent("payload has no payment_id".into()),
+            ));
+        };
+        match postgres_store::payments::get_payment(&self.store.pool, payment_id).await {
+            Ok(Some(p)) => Ok((payment_id, p)),
+            Ok(None) => Err(("failed", Outcome::Permanent("unknown payment".into()))),
+            Err(e) => Err(("failed", Outcome::Retry(e.to_string()))),
+        }
+    }
+
+    pub async fn refund(&self, job: &Job) -> Outcome {
+        let (label, outcome) = self.refund_inner(job).await;
+        self.refunds.with_label_values(&[label]).inc();
+        outcome
+    }
+
+    async fn refund_inner(&self, job: &Job) -> (&'static str, Outcome) {
+        let (payment_id, payment) = match self.payment_of(job).await {
+            Ok(v) => v,
+            Err(failed) => return failed,
+        };
+        match payment.status {
+            PaymentStatus::Refunded => return ("already_refunded", Outcome::Done),
+            PaymentStatus::RefundRequired => {}
+            other => {
+                return (
+                    "failed",
+                    Outcome::Permanent(format!("payment is {}", other.as_str())),
+                )
+            }
+        }
+        let request = RefundRequest {
+            // one refund per payment, the same id on every attempt: never paid twice
+            refund_id: format!("rf-{payment_id}"),
+            payment_id: payment_id.to_string(),
+            amount_cents: job.payload["amount_cents"]
+                .as_i64()
+                .unwrap_or(payment.amount_cents),
+        };
+        let refund = match self.gateway.refund(payment.provider, &request).await {
+            Ok(r) => r,
+            Err(e @ (GatewayError::Timeout(_) | GatewayError::Unavailable(_))) => {
+                return ("gateway_error", Outcome::Retry(e.to_string()))
+            }
+            Err(GatewayError::Rejected(e)) => return ("rejected", Outcome::Permanent(e)),
+        };
+        use FulfillmentError as F;
+        match self
+            .fulfillment
+            .record_refund(payment_id, &refund.refund_id, refund.refunded_at)
+            .await
+        {
+            Ok(_) => ("refunded", Outcome::Done),
+            Err(e @ (F::Db(_) | F::Conflict)) => ("failed", Outcome::Retry(e.to_string())),
+            Err(e) => ("failed", Outcome::Permanent(e.to_string())),
+        }
+    }
+
+    async fn lock(&self, key: &str, token: &str) -> redis::RedisResult<bool> {
+        let mut conn = self.redis.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.lock_ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Compare-and-delete: only the holder's token frees the lock (a lock that expired and was
+    /// taken by another worker stays theirs).
+    async fn unlock(&self, key: &str, token: &str) -> redis::RedisResult<()> {
+        let mut conn = self.redis.clone();
+        redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        )
+        .key(key)
+        .arg(token)
+        .invoke_async::<i64>(&mut conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// A shared checker (jobs and the ops API hold it).
+pub type SharedChecker = Arc<Checker>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_follows_the_paper_capped_and_jittered() {
+        let p = RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_secs(1),
+            factor: 3.0,
+            cap: Duration::from_secs(30),
+        };
+        // no jitter at 0.5: 1 s, 3 s, 9 s, 27 s, then the cap
+        let mid: Vec<u64> = (1..=6)
+            .map(|n| p.backoff(n, 0.5).as_millis() as u64)
+            .collect();
+        assert_eq!(mid, [1000, 3000, 9000, 27000, 30000, 30000]);
+        // jitter spreads ±20 %, never past the cap
+        assert_eq!(p.backoff(1, 0.0).as_millis(), 800);
+        assert_eq!(p.backoff(2, 0.999_999).as_millis(), 3599);
+        assert_eq!(p.backoff(4, 0.999_999), Duration::from_secs(30));
+        assert_eq!(p.backoff(0, 0.5), Duration::from_secs(1));
+    }
+}

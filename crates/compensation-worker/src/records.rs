@@ -1,0 +1,441 @@
+//! Compensation's own tables (migration `compensation_failures`): where each payment's checks
+//! stand, the failures archived for manual replay, and the operators' audit trail.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgExecutor, PgPool};
+use uuid::Uuid;
+
+/// Outcomes kept per payment in `payment_check_state.history`.
+const HISTORY: i32 = 20;
+
+/// Records one check's outcome; returns the provider failures in a row, this one included
+/// (`failure` false resets the run).
+pub async fn record_check(
+    ex: impl PgExecutor<'_>,
+    payment_id: Uuid,
+    outcome: &str,
+    error: Option<&str>,
+    failure: bool,
+) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO payment_check_state AS s
+             (payment_id, checks, failures, last_outcome, last_error, history)
+         VALUES ($1, 1, CASE WHEN $4 THEN 1 ELSE 0 END, $2, $3,
+                 jsonb_build_array(jsonb_build_object('at', now(), 'outcome', $2, 'error', $3)))
+         ON CONFLICT (payment_id) DO UPDATE SET
+             checks = s.checks + 1,
+             failures = CASE WHEN $4 THEN s.failures + 1 ELSE 0 END,
+             last_outcome = $2, last_error = $3, updated_at = now(),
+             history = (SELECT coalesce(jsonb_agg(e ORDER BY n), '[]') FROM
+                 jsonb_array_elements(s.history || jsonb_build_array(
+                     jsonb_build_object('at', now(), 'outcome', $2, 'error', $3)))
+                 WITH ORDINALITY AS h(e, n)
+                 WHERE n > jsonb_array_length(s.history) + 1 - $5)
+         RETURNING failures",
+    )
+    .bind(payment_id)
+    .bind(outcome)
+    .bind(error)
+    .bind(failure)
+    .bind(HISTORY)
+    .fetch_one(ex)
+    .await
+}
+
+/// What a replay sends to the provider. Operators may edit it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayParams {
+    /// Query the provider by its own transaction id instead of our payment id (when the query
+    /// by payment id cannot find it). Read it off the provider's merchant console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Failure {
+    pub id: i64,
+    pub payment_id: Uuid,
+    pub order_id: Uuid,
+    pub provider: String,
+    /// What ended the checks: gateway_timeout, gateway_error, unknown_at_provider,
+    /// bad_answer, apply_rejected.
+    pub reason: String,
+    pub last_error: String,
+    /// Checks made before it was archived.
+    pub attempts: i32,
+    /// The payment, the order and the recent checks when it was archived.
+    #[schema(value_type = Object)]
+    pub context: serde_json::Value,
+    #[schema(value_type = ReplayParams)]
+    pub params: serde_json::Value,
+    /// open or resolved
+    pub status: String,
+    /// replay, webhook, compensation, closed_at_provider, already_settled
+    pub resolution: Option<String>,
+    /// The order's state now.
+    pub order_state: String,
+    /// The payment's status now.
+    pub payment_status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+const FAILURE_SELECT: &str = "SELECT f.id, f.payment_id, f.order_id, f.provider, f.reason,
+        f.last_error, f.attempts, f.context, f.params, f.status, f.resolution,
+        o.state AS order_state, p.status AS payment_status, f.created_at, f.updated_at,
+        f.resolved_at
+    FROM compensation_failure f
+    JOIN orders o ON o.id = f.order_id
+    JOIN payments p ON p.id = f.payment_id";
+
+#[derive(sqlx::FromRow)]
+struct FailureRow {
+    id: i64,
+    payment_id: Uuid,
+    order_id: Uuid,
+    provider: String,
+    reason: String,
+    last_error: String,
+    attempts: i32,
+    context: serde_json::Value,
+    params: serde_json::Value,
+    status: String,
+    resolution: Option<String>,
+    order_state: String,
+    payment_status: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    resolved_at: Option<DateTime<Utc>>,
+}
+
+impl From<FailureRow> for Failure {
+    fn from(r: FailureRow) -> Self {
+        Failure {
+            id: r.id,
+            payment_id: r.payment_id,
+            order_id: r.order_id,
+            provider: r.provider,
+            reason: r.reason,
+            last_error: r.last_error,
+            attempts: r.attempts,
+            context: r.context,
+            params: r.params,
+            status: r.status,
+            resolution: r.resolution,
+            order_state: r.order_state,
+            payment_status: r.payment_status,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            resolved_at: r.resolved_at,
+        }
+    }
+}
+
+/// Archives a payment's failure with its whole context (in the caller's transaction, with
+/// its outbox event). `None` if the payment already has an open failure.
+pub async fn archive(
+    conn: &mut PgConnection,
+    payment_id: Uuid,
+    reason: &str,
+    last_error: &str,
+) -> Result<Option<Failure>, sqlx::Error> {
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO compensation_failure
+             (payment_id, order_id, provider, reason, last_error, attempts, context)
+         SELECT p.id, p.order_id, p.provider, $2, $3, coalesce(s.checks, 0),
+                jsonb_build_object(
+                    'payment', to_jsonb(p) - 'pay_url',
+                    'order', to_jsonb(o),
+                    'checks', coalesce(s.history, '[]'))
+         FROM payments p
+         JOIN orders o ON o.id = p.order_id
+         LEFT JOIN payment_check_state s ON s.payment_id = p.id
+         WHERE p.id = $1
+         ON CONFLICT (payment_id) WHERE status = 'open' DO NOTHING
+         RETURNING id",
+    )
+    .bind(payment_id)
+    .bind(reason)
+    .bind(last_error)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match id {
+        Some(id) => get_failure(&mut *conn, id).await,
+        None => Ok(None),
+    }
+}
+
+pub async fn get_failure(ex: impl PgExecutor<'_>, id: i64) -> Result<Option<Failure>, sqlx::Error> {
+    let row: Option<FailureRow> = sqlx::query_as(&format!("{FAILURE_SELECT} WHERE f.id = $1"))
+        .bind(id)
+        .fetch_optional(ex)
+        .await?;
+    Ok(row.map(Failure::from))
+}
+
+/// Failures newest first; `status` open or resolved (both when absent); `before` pages.
+pub async fn list_failures(
+    pool: &PgPool,
+    status: Option<&str>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Failure>, sqlx::Error> {
+    let rows: Vec<FailureRow> = sqlx::query_as(&format!(
+        "{FAILURE_SELECT}
+         WHERE ($1::text IS NULL OR f.status = $1) AND ($2::bigint IS NULL OR f.id < $2)
+         ORDER BY f.id DESC LIMIT $3"
+    ))
+    .bind(status)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Failure::from).collect())
+}
+
+/// Sets the replay parameters of an open failure; the old ones, or `None` if it is not open.
+pub async fn set_params(
+    conn: &mut PgConnection,
+    id: i64,
+    params: &serde_json::Value,
+) -> Result<Option<serde_json::Value>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE compensation_failure f SET params = $2, updated_at = now()
+         FROM (SELECT id, params FROM compensation_failure WHERE id = $1 FOR UPDATE) old
+         WHERE f.id = old.id AND f.status = 'open'
+         RETURNING old.params",
+    )
+    .bind(id)
+    .bind(params)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Resolves an open failure that settling the payment did not (the payment was settled or
+/// closed already). `false` if it was not open.
+pub async fn resolve(
+    ex: impl PgExecutor<'_>,
+    id: i64,
+    resolution: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE compensation_failure SET status = 'resolved', resolution = $2,
+             resolved_at = now(), updated_at = now()
+         WHERE id = $1 AND status = 'open'",
+    )
+    .bind(id)
+    .bind(resolution)
+    .execute(ex)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct AuditRow {
+    pub id: i64,
+    pub failure_id: i64,
+    pub operator: String,
+    /// edit or replay
+    pub action: String,
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+    pub outcome: String,
+    pub at: DateTime<Utc>,
+}
+
+pub async fn audit(
+    ex: impl PgExecutor<'_>,
+    failure_id: i64,
+    operator: &str,
+    action: &str,
+    detail: &serde_json::Value,
+    outcome: &str,
+) -> Result<AuditRow, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO compensation_audit (failure_id, operator, action, detail, outcome)
+         VALUES ($1, $2, $3, $4, $5)
+         RETURNING id, failure_id, operator, action, detail, outcome, at",
+    )
+    .bind(failure_id)
+    .bind(operator)
+    .bind(action)
+    .bind(detail)
+    .bind(outcome)
+    .fetch_one(ex)
+    .await
+}
+
+pub async fn audit_of(pool: &PgPool, failure_id: i64) -> Result<Vec<AuditRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, failure_id, operator, action, detail, outcome, at
+         FROM compensation_audit WHERE failure_id = $1 ORDER BY id",
+    )
+    .bind(failure_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Open payments (CREATED, order PENDING, started at least `grace` ago) with no check job,
+/// hot or archived, and no open failure: given a check job each, in the caller's
+/// transaction. Rows another worker's sweep holds are skipped (`SKIP LOCKED`), so several
+/// workers share the sweep. Returns the payments given a job.
+pub async fn sweep(
+    conn: &mut PgConnection,
+    grace: std::time::Duration,
+    limit: i64,
+    check_key: impl Fn(Uuid) -> String,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let open: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT p.id FROM payments p
+         JOIN orders o ON o.id = p.order_id
+         WHERE p.status = 'CREATED' AND o.state = 'PENDING'
+           AND p.created_at < now() - make_interval(secs => $1)
+           AND NOT EXISTS (SELECT 1 FROM compensation_failure f
+                           WHERE f.payment_id = p.id AND f.status = 'open')
+         ORDER BY p.created_at
+         LIMIT $2
+         FOR UPDATE OF p SKIP LOCKED",
+    )
+    .bind(grace.as_secs_f64())
+    .bind(limit * 4)
+    .fetch_all(&mut *conn)
+    .await?;
+    if open.is_empty() {
+        return Ok(open);
+    }
+    let keys: Vec<String> = open.iter().map(|id| check_key(*id)).collect();
+    let covered: Vec<String> = sqlx::query_scalar(
+        "SELECT dedupe_key FROM delayed_job WHERE dedupe_key = ANY($1)
+         UNION ALL
+         SELECT dedupe_key FROM delayed_job_archive WHERE dedupe_key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(open
+        .into_iter()
+        .zip(keys)
+        .filter(|(_, k)| !covered.contains(k))
+        .map(|(id, _)| id)
+        .take(limit as usize)
+        .collect())
+}
+
+/// The SLA figures over the last `window`, from the database (so every worker, and the
+/// console, agree).
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct SlaFigures {
+    pub window_secs: i64,
+    /// Payments compensation (or an operator's replay) brought to a result.
+    pub compensated: i64,
+    /// Failures archived.
+    pub failed: i64,
+    /// compensated / (compensated + failed); 1 when neither happened.
+    pub success_rate: f64,
+    /// Failures still open (any age).
+    pub open_failures: i64,
+    /// From "provider says paid" to applied, by source, over the window (ms).
+    pub paid_latency: Vec<LatencyFigures>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct LatencyFigures {
+    /// webhook, compensation or replay
+    pub source: String,
+    pub count: i64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+pub async fn sla_figures(
+    pool: &PgPool,
+    window: std::time::Duration,
+) -> Result<SlaFigures, sqlx::Error> {
+    let secs = window.as_secs_f64();
+    let (compensated, failed, open_failures): (i64, i64, i64) = sqlx::query_as(
+        "SELECT
+           (SELECT count(*) FROM payment_events
+             WHERE source IN ('compensation', 'replay')
+               AND outcome IN ('PAID', 'REFUND_REQUIRED')
+               AND received_at > now() - make_interval(secs => $1)),
+           (SELECT count(*) FROM compensation_failure
+             WHERE created_at > now() - make_interval(secs => $1)),
+           (SELECT count(*) FROM compensation_failure WHERE status = 'open')",
+    )
+    .bind(secs)
+    .fetch_one(pool)
+    .await?;
+    let paid_latency: Vec<LatencyFigures> = sqlx::query_as(
+        "SELECT e.source, count(*) AS count,
+            percentile_cont(0.5) WITHIN GROUP (ORDER BY lat) AS p50_ms,
+            percentile_cont(0.99) WITHIN GROUP (ORDER BY lat) AS p99_ms,
+            max(lat) AS max_ms
+         FROM payment_events e
+         JOIN payments p ON p.id = e.payment_id
+         CROSS JOIN LATERAL (SELECT extract(epoch FROM e.received_at - p.paid_at) * 1000
+                             AS lat) l
+         WHERE e.outcome IN ('PAID', 'REFUND_REQUIRED') AND p.paid_at IS NOT NULL
+           AND e.received_at > now() - make_interval(secs => $1)
+         GROUP BY e.source ORDER BY e.source",
+    )
+    .bind(secs)
+    .fetch_all(pool)
+    .await?;
+    let total = compensated + failed;
+    Ok(SlaFigures {
+        window_secs: window.as_secs() as i64,
+        compensated,
+        failed,
+        success_rate: if total == 0 {
+            1.0
+        } else {
+            compensated as f64 / total as f64
+        },
+        open_failures,
+        paid_latency,
+    })
+}
+
+/// Callback latencies (ms) of webhook results received after `since`, with the time of the
+/// newest: the SLA trigger's input.
+pub async fn callback_latencies(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+) -> Result<Vec<(DateTime<Utc>, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT e.received_at,
+                (extract(epoch FROM e.received_at - p.paid_at) * 1000)::bigint
+         FROM payment_events e JOIN payments p ON p.id = e.payment_id
+         WHERE e.source = 'webhook' AND e.received_at > $1 AND p.paid_at IS NOT NULL
+         ORDER BY e.received_at LIMIT 20000",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await
+}
+
+/// How many of a paid order's events are missing: its callback and the events that follow
+/// payment (`OrderPaid`, `StockDeducted`, `VoucherIssued`, `OrderConfirmed`).
+pub async fn missing_events(
+    pool: &PgPool,
+    order_id: Uuid,
+    payment_id: Uuid,
+) -> Result<u32, sqlx::Error> {
+    let seen: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(DISTINCT event_type) FROM outbox
+                  WHERE aggregate_id = $1::text
+                    AND event_type IN ('OrderPaid', 'StockDeducted', 'VoucherIssued',
+                                       'OrderConfirmed'))
+              + (SELECT count(*) FROM payment_events
+                  WHERE payment_id = $2 AND source = 'webhook')::bigint",
+    )
+    .bind(order_id)
+    .bind(payment_id)
+    .fetch_one(pool)
+    .await?;
+    Ok((5 - seen.min(5)) as u32)
+}
