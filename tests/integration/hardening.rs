@@ -32,14 +32,6 @@ fn id_of(order: &Value) -> String {
     order["order_id"].as_str().expect("order_id").to_owned()
 }
 
-/// The value of one series in a Prometheus text page.
-fn metric(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Item 1: cancel released in Redis before Postgres committed. With prelock-service answering
 /// after order-api's budget, the units were already back in Redis while the order stayed
 /// PENDING with its reservation; another buyer took them, and a rebuild wrote both back.
@@ -138,9 +130,10 @@ async fn a_rebuild_never_restores_more_than_the_stock() {
     assert_eq!((available, held, stock), (0, 2, 2));
     let page = s.get_text(&format!("{}/metrics", s.prelock)).await;
     assert_eq!(
-        metric(
+        integration_tests::metric_value(
             &page,
-            r#"prelock_overcommit_total{outcome="expired_order",service="prelock-service"}"#
+            "prelock_overcommit_total",
+            &[("outcome", "expired_order")]
         ),
         Some(1.0),
         "{page}"

@@ -3,6 +3,7 @@
 mod burst;
 mod callbacks;
 mod compensation;
+mod compensation_failures;
 mod deploy;
 mod end_to_end;
 mod faults;

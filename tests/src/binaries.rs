@@ -325,6 +325,45 @@ impl Services {
         )
     }
 
+    /// The simulator's view of a payment (status, transaction id, callbacks, refunds).
+    pub async fn sim_payment(&self, payment_id: &str) -> serde_json::Value {
+        self.http
+            .get(format!("{}/v1/sim/payments/{payment_id}", self.gateway))
+            .send()
+            .await
+            .expect("sim payment")
+            .json()
+            .await
+            .expect("sim payment json")
+    }
+
+    /// The buyer pays at the simulator (under its current faults).
+    pub async fn pay(&self, payment_id: &str) -> serde_json::Value {
+        let r = self
+            .http
+            .post(format!("{}/v1/sim/payments/{payment_id}/pay", self.gateway))
+            .send()
+            .await
+            .expect("pay");
+        assert_eq!(r.status(), reqwest::StatusCode::OK);
+        r.json().await.expect("pay json")
+    }
+
+    /// Breaks (or mends) the provider's query by payment id for one payment.
+    pub async fn break_query(&self, payment_id: &str, broken: bool) {
+        let r = self
+            .http
+            .put(format!(
+                "{}/v1/sim/payments/{payment_id}/faults",
+                self.gateway
+            ))
+            .json(&serde_json::json!({ "query_broken": broken }))
+            .send()
+            .await
+            .expect("payment faults");
+        assert_eq!(r.status(), reqwest::StatusCode::OK);
+    }
+
     /// Starts a compensation worker against this stack, like [`Services::scheduler`].
     pub async fn compensation_worker(&self, extra: &[(&'static str, String)]) -> (Proc, String) {
         self.worker("compensation-worker", "COMPENSATION_ADDR", extra)

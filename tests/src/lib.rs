@@ -7,6 +7,7 @@
 
 pub mod binaries;
 pub mod fault_proxy;
+pub mod receiver;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -613,4 +614,25 @@ pub async fn post_callback_to(
         .expect("callback");
     let status = r.status();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The value of a series in a Prometheus text page: metric `name` with at least `labels`,
+/// in whatever order the exporter wrote them.
+pub fn metric_value(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = match series.split_once('{') {
+            Some((m, r)) => (m, r.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            return None;
+        }
+        let have: Vec<&str> = rest.split(',').collect();
+        labels
+            .iter()
+            .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()))
+            .then(|| value.parse().ok())
+            .flatten()
+    })
 }

@@ -376,7 +376,7 @@ pub async fn sla_figures(
             max(lat) AS max_ms
          FROM payment_events e
          JOIN payments p ON p.id = e.payment_id
-         CROSS JOIN LATERAL (SELECT extract(epoch FROM e.received_at - p.paid_at) * 1000
+         CROSS JOIN LATERAL (SELECT (extract(epoch FROM e.received_at - p.paid_at) * 1000)::float8
                              AS lat) l
          WHERE e.outcome IN ('PAID', 'REFUND_REQUIRED') AND p.paid_at IS NOT NULL
            AND e.received_at > now() - make_interval(secs => $1)
