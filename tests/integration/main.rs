@@ -4,6 +4,7 @@ mod burst;
 mod callbacks;
 mod compensation;
 mod compensation_failures;
+mod console;
 mod deploy;
 mod end_to_end;
 mod faults;

@@ -8,6 +8,7 @@
 pub mod binaries;
 pub mod fault_proxy;
 pub mod receiver;
+pub mod webdriver;
 
 use std::future::Future;
 use std::sync::Arc;
