@@ -2,6 +2,7 @@
 
 mod burst;
 mod callbacks;
+mod chaos;
 mod compensation;
 mod compensation_failures;
 mod console;

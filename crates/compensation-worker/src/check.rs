@@ -14,12 +14,12 @@
 //!   archived at once, retrying cannot help.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::Utc;
 use domain::sla::{PollMode, SlaTrigger};
-use domain::{OrderState, PaymentStatus};
+use domain::{OrderState, PaymentStatus, Provider};
 use fulfillment::events;
 use fulfillment::payments::{ApplyOutcome, PaymentConfirmation, Source};
 use fulfillment::{Fulfillment, FulfillmentError};
@@ -61,6 +61,11 @@ impl RetryPolicy {
 /// What a check needs.
 pub struct Checker {
     pub store: PgStore,
+    /// Hedged queries: another copy of a query that has not answered after `hedge_after`,
+    /// up to `hedges` extra copies (0: off). See [`Checker::query`].
+    pub hedge_after: Duration,
+    pub hedges: u32,
+    pub hedged: IntCounterVec,
     pub fulfillment: Fulfillment<PrelockClient>,
     pub gateway: GatewayClient,
     pub redis: ConnectionManager,
@@ -158,8 +163,7 @@ impl Checker {
             return self.noted(payment_id, "duplicate", Outcome::Done).await;
         }
         let answer = match self
-            .gateway
-            .query_payment(payment.provider, &payment_id.to_string())
+            .query(payment.provider, Lookup::Payment(payment_id.to_string()))
             .await
         {
             Ok(a) => a,
@@ -241,6 +245,70 @@ impl Checker {
                 .await;
                 self.archive(&payment, payment_id, "apply_rejected", &e.to_string())
                     .await
+            }
+        }
+    }
+
+    /// Asks the provider's query API, hedged (as in "The Tail at Scale"): when a query has
+    /// not answered after `hedge_after`, another copy goes out, up to `hedges` extra; the
+    /// first answer wins and the rest are dropped. A query is a read, so copies are
+    /// harmless, and they go out only for slow queries: a provider node that hangs costs
+    /// `hedge_after`, not the whole timeout and a backoff. A provider error (5xx, 4xx) is
+    /// not hedged: it is an answer, and counts as a failure once every copy has ended.
+    pub async fn query(
+        &self,
+        provider: Provider,
+        lookup: Lookup,
+    ) -> Result<PaymentQuery, GatewayError> {
+        let mut inflight = tokio::task::JoinSet::new();
+        let launch = |set: &mut tokio::task::JoinSet<_>| {
+            let gateway = self.gateway.clone();
+            let lookup = lookup.clone();
+            set.spawn(async move {
+                match &lookup {
+                    Lookup::Payment(id) => gateway.query_payment(provider, id).await,
+                    Lookup::Transaction(t) => gateway.query_transaction(provider, t).await,
+                }
+            });
+        };
+        launch(&mut inflight);
+        let mut extra = 0;
+        let mut last_error: Option<GatewayError> = None;
+        // a 5xx or a refusal came back: the provider answered; no more copies
+        let mut answered = false;
+        loop {
+            let can_hedge = extra < self.hedges && !self.hedge_after.is_zero() && !answered;
+            tokio::select! {
+                done = inflight.join_next(), if !inflight.is_empty() => {
+                    let result = match done.expect("a query in flight") {
+                        Ok(r) => r,
+                        Err(join) => Err(GatewayError::Unavailable(join.to_string())),
+                    };
+                    let e = match result {
+                        Ok(answer) => return Ok(answer),
+                        Err(e) => e,
+                    };
+                    let timed_out = matches!(e, GatewayError::Timeout(_));
+                    answered |= !timed_out;
+                    // keep the most telling error: an answer over a timeout
+                    if !timed_out || last_error.is_none() {
+                        last_error = Some(e);
+                    }
+                    if inflight.is_empty() {
+                        if timed_out && can_hedge {
+                            extra += 1;
+                            self.hedged.with_label_values::<&str>(&[]).inc();
+                            launch(&mut inflight);
+                        } else {
+                            return Err(last_error.expect("an error"));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(self.hedge_after), if can_hedge => {
+                    extra += 1;
+                    self.hedged.with_label_values::<&str>(&[]).inc();
+                    launch(&mut inflight);
+                }
             }
         }
     }
@@ -491,8 +559,12 @@ impl Checker {
     }
 }
 
-/// A shared checker (jobs and the ops API hold it).
-pub type SharedChecker = Arc<Checker>;
+/// How a query names the payment: our payment id, or the provider's transaction id.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Payment(String),
+    Transaction(String),
+}
 
 #[cfg(test)]
 mod tests {

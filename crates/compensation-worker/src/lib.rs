@@ -55,6 +55,10 @@ pub struct Config {
     pub gateway_url: String,
     /// Bound on one provider query: past it the attempt counts as a gateway timeout.
     pub gateway_timeout: Duration,
+    /// Hedged queries: another copy after this long without an answer (0: never), at most
+    /// `query_hedges` extra copies.
+    pub query_hedge_after: Duration,
+    pub query_hedges: u32,
     pub redis_url: String,
     /// How long the compensation lock is held at most (a crashed holder frees it then).
     pub lock_ttl: Duration,
@@ -94,6 +98,8 @@ impl Config {
             prelock_timeout: env_millis("PRELOCK_TIMEOUT_MS", 1000)?,
             gateway_url: env_string("GATEWAY_URL", "http://127.0.0.1:8090"),
             gateway_timeout: env_millis("GATEWAY_TIMEOUT_MS", 2000)?,
+            query_hedge_after: env_millis("PAYMENT_QUERY_HEDGE_MS", 250)?,
+            query_hedges: env_or("PAYMENT_QUERY_HEDGES", 3)?,
             redis_url: env_string("REDIS_URL", "redis://127.0.0.1:6379/0"),
             lock_ttl: env_millis("COMPENSATION_LOCK_TTL_MS", 10_000)?,
             check_interval,
@@ -117,8 +123,17 @@ impl Config {
                 .ok()
                 .filter(|s| !s.is_empty()),
             alert_interval: env_millis("ALERT_MIN_INTERVAL_MS", 60_000)?,
-            engine: EngineConfig::from_env("compensation-worker", EngineConfig::default())
-                .map_err(anyhow::Error::msg)?,
+            // a short lease (kept alive by the heartbeat) and a rescue every second: the
+            // checks of a worker that died are taken over within seconds, not half a minute
+            engine: EngineConfig::from_env(
+                "compensation-worker",
+                EngineConfig {
+                    lease: Duration::from_secs(6),
+                    maintenance_interval: Duration::from_secs(1),
+                    ..EngineConfig::default()
+                },
+            )
+            .map_err(anyhow::Error::msg)?,
         };
         config.validate()?;
         Ok(config)
@@ -145,6 +160,9 @@ impl Config {
             if d.is_zero() {
                 anyhow::bail!("{name} must be above 0");
             }
+        }
+        if self.query_hedges > 10 {
+            anyhow::bail!("PAYMENT_QUERY_HEDGES must be 0 to 10");
         }
         if self.fast_interval > self.check_interval {
             anyhow::bail!(
@@ -181,6 +199,13 @@ impl App {
         let (alerts_tx, alerts_rx) = mpsc::unbounded_channel();
         let checker = Arc::new(Checker {
             store: store.clone(),
+            hedge_after: config.query_hedge_after,
+            hedges: config.query_hedges,
+            hedged: metrics.counter(
+                "compensation_query_hedges_total",
+                "Extra copies of provider queries sent because the first had not answered in time",
+                &[],
+            ),
             fulfillment: Fulfillment::new(store.clone(), prelock, FulfillmentConfig::default()),
             gateway: GatewayClient::new(&config.gateway_url, config.gateway_timeout)?,
             redis,

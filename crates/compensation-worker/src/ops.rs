@@ -30,7 +30,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::check::{provider_failure_label, CompensateError, Compensated};
+use crate::check::{provider_failure_label, CompensateError, Compensated, Lookup};
 use crate::records::{self, AuditRow, Failure, ReplayParams, SlaFigures};
 use crate::App;
 
@@ -262,15 +262,11 @@ async fn replay(
         .map_err(db)?
         .ok_or_else(|| ApiError::not_found("payment"))?;
     let checker = &app.checker;
-    let answer = match &params.transaction_id {
-        Some(t) => checker.gateway.query_transaction(payment.provider, t).await,
-        None => {
-            checker
-                .gateway
-                .query_payment(payment.provider, &failure.payment_id.to_string())
-                .await
-        }
+    let lookup = match &params.transaction_id {
+        Some(t) => Lookup::Transaction(t.clone()),
+        None => Lookup::Payment(failure.payment_id.to_string()),
     };
+    let answer = checker.query(payment.provider, lookup).await;
     let outcome = match answer {
         Err(e) => format!("{}: {e}", provider_failure_label(&e)),
         Ok(a) => match a.status.as_str() {
