@@ -350,3 +350,136 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
         "{metrics}"
     );
 }
+
+/// The lock holder stops (SIGSTOP) in the middle of applying a payment, holding the Redis
+/// lock and the payment's row, and stays stopped past the lock's TTL and its job lease. A
+/// second worker rescues the job, takes the expired lock and tries the same payment; the
+/// first wakes up (SIGCONT) and finishes. One transition, one OrderPaid, one set of
+/// follow-ups. (The paused leader keeps its advisory lock: the rescue that hands the job to
+/// the second worker runs on every instance for exactly this reason.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_holder_paused_past_its_ttl_while_another_worker_takes_over_makes_one_transition() {
+    let s = Services::start(&[], &[("PAYMENT_FIRST_CHECK_MS", "300".to_owned())]).await;
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    let redis = redis::Client::open(integration_tests::redis_url(0)).unwrap();
+    let mut kv = redis.get_multiplexed_async_connection().await.unwrap();
+    // worker A reaches prelock-service through a proxy that answers 3 s late: it sits in
+    // apply_payment, lock held, long enough to be stopped there
+    let proxy = integration_tests::fault_proxy::FaultProxy::start(&s.prelock).await;
+    proxy.delay_responses(Duration::from_secs(3));
+    let short = [
+        ("COMPENSATION_LOCK_TTL_MS", "1000".to_owned()),
+        ("JOB_LEASE_MS", "2500".to_owned()),
+        ("JOB_MAINTENANCE_MS", "200".to_owned()),
+    ];
+    let mut a_env = short.to_vec();
+    a_env.push(("PRELOCK_URL", proxy.url.clone()));
+    a_env.push(("PRELOCK_TIMEOUT_MS", "10000".to_owned()));
+    let (mut a, a_url) = s.compensation_worker(&a_env).await;
+    s.put_sku("sku-stop", "bar-stop", 900, 3).await;
+    s.set_faults(json!({ "drop_rate": 1.0 })).await;
+    let (order, payment, _) = s
+        .order_with_payment("stop-user", "st-1", ("sku-stop", "bar-stop"), "wechat")
+        .await;
+    s.pay(&payment).await;
+    let key = format!("compensate:order:{payment}");
+    let a_token: String = eventually("worker A to take the lock", Duration::from_secs(20), || {
+        let mut kv = kv.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(&mut kv)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    // A is inside apply_payment (waiting on the late pre-lock answer): stop it there
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = a.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+
+    // B rescues the job once A's lease lapses, and takes the lock A's TTL freed
+    let (_b, b_url) = s.compensation_worker(&short).await;
+    let b_token: String = eventually(
+        "worker B to take the expired lock",
+        Duration::from_secs(30),
+        || {
+            let mut kv = kv.clone();
+            let (key, a_token) = (key.clone(), a_token.clone());
+            async move {
+                let now: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut kv)
+                    .await
+                    .unwrap();
+                now.filter(|t| *t != a_token)
+            }
+        },
+    )
+    .await;
+    assert_ne!(a_token, b_token);
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+
+    eventually("the order paid", Duration::from_secs(20), || async {
+        let st: String = sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::uuid")
+            .bind(&order)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        (st == "PAID").then_some(())
+    })
+    .await;
+    // both workers finish what they started
+    eventually(
+        "both workers' attempts counted",
+        Duration::from_secs(30),
+        || async {
+            let mut done = 0.0;
+            for url in [&a_url, &b_url] {
+                let m = s
+                    .http
+                    .get(format!("{url}/metrics"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                for outcome in ["paid", "duplicate", "locked", "failed"] {
+                    done += integration_tests::metric_value(
+                        &m,
+                        "compensation_attempts_total",
+                        &[("outcome", outcome)],
+                    )
+                    .unwrap_or(0.0);
+                }
+            }
+            (done >= 2.0).then_some(())
+        },
+    )
+    .await;
+    let (state, version): (String, i32) =
+        sqlx::query_as("SELECT state, version FROM orders WHERE id = $1::uuid")
+            .bind(&order)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), version), ("PAID", 2), "one transition");
+    let paid_events = count(&db, &format!("SELECT count(*) FROM outbox WHERE aggregate_id = '{order}' AND event_type = 'OrderPaid'")).await;
+    assert_eq!(paid_events, 1);
+    let applied = count(&db, &format!("SELECT count(*) FROM payment_events WHERE payment_id = '{payment}' AND outcome = 'PAID'")).await;
+    assert_eq!(applied, 1);
+    let follow_ups = count(&db, &format!("SELECT count(*) FROM delayed_job_all WHERE payload->>'order_id' = '{order}' AND kind IN ('stock.deduct', 'voucher.issue', 'order.notify')")).await;
+    assert_eq!(follow_ups, 3);
+    a.terminate(Duration::from_secs(20));
+}

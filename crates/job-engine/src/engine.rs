@@ -361,17 +361,27 @@ impl Engine {
         Ok(n)
     }
 
-    /// Maintenance, on the leader only: writes recurring schedules' next jobs, rescues expired
-    /// leases, ages priorities, moves
-    /// finished jobs older than `archive_after` to the archive (in bounded batches) and counts
-    /// the queue.
+    /// Maintenance. On every instance: rescues expired leases. A leader that is paused (a
+    /// SIGSTOP, a frozen VM) keeps its advisory lock, because its connection lives on, so the
+    /// rescue cannot wait for the leader; it is safe anywhere (`SKIP LOCKED`, token-checked
+    /// settles). On the leader only: writes recurring schedules' next jobs, ages priorities,
+    /// moves finished jobs older than `archive_after` to the archive (in bounded batches) and
+    /// counts the queue.
     pub async fn maintain_once(
         &self,
         leadership: &mut Leadership,
     ) -> Result<Maintenance, EngineError> {
+        let rescued = self.rescue_once().await?;
         let was_leader = leadership.is_leader();
         if !leadership.ensure().await {
-            return Ok(Maintenance::default());
+            let m = Maintenance {
+                rescued,
+                ..Default::default()
+            };
+            if let (Some(observe), true) = (&self.maintenance_observer, rescued > 0) {
+                observe(&m);
+            }
+            return Ok(m);
         }
         let now = self.clock.now();
         // schedules are written ahead, past the next maintenance round, so that their jobs
@@ -382,7 +392,7 @@ impl Engine {
             leader: true,
             became_leader: !was_leader,
             scheduled: crate::schedule::materialize(&self.pool, now, until, grace).await?,
-            rescued: self.rescue_once().await?,
+            rescued,
             aged: store::age_priorities(&self.pool, now, self.config.aging_step).await?,
             ..Default::default()
         };

@@ -371,7 +371,9 @@ pub async fn rescue_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sq
          SET state = 'scheduled', lease_owner = NULL, lease_token = NULL,
              lease_expires_at = NULL, last_error = COALESCE(last_error, 'lease expired'),
              updated_at = now()
-         WHERE state = 'running' AND lease_expires_at < $1",
+         WHERE id IN (SELECT id FROM delayed_job
+                      WHERE state = 'running' AND lease_expires_at < $1
+                      FOR UPDATE SKIP LOCKED)",
     )
     .bind(now)
     .execute(pool)

@@ -196,8 +196,11 @@ impl App {
             &[],
         );
         engine.on_maintenance(move |m| {
-            for (p, n) in m.depth.iter().enumerate() {
-                depth.with_label_values(&[&format!("P{p}")]).set(*n);
+            // the leader counts the queue; every instance rescues
+            if m.leader {
+                for (p, n) in m.depth.iter().enumerate() {
+                    depth.with_label_values(&[&format!("P{p}")]).set(*n);
+                }
             }
             rescues.with_label_values::<&str>(&[]).inc_by(m.rescued);
             aged.with_label_values::<&str>(&[]).inc_by(m.aged);
