@@ -372,6 +372,21 @@ async fn a_payment_closed_at_the_provider_is_closed_and_one_without_a_check_job_
     assert_eq!(deleted, 1);
     s.pay(&swept_payment).await;
 
+    // a cancelled order: its payment is closed at the provider, so it can no longer be paid
+    let (cancelled_order, cancelled_payment, _) = s
+        .order_with_payment("sw-user", "sw-3", ("sku-sw", "bar-s"), "alipay")
+        .await;
+    let r = http
+        .post(format!(
+            "{}/v1/orders/{cancelled_order}/cancel",
+            s.order_api
+        ))
+        .bearer_auth(integration_tests::token("sw-user"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
     let (_worker, worker) = s
         .compensation_worker(&[
             ("COMPENSATION_SWEEP_MS", "300".to_owned()),
@@ -397,6 +412,23 @@ async fn a_payment_closed_at_the_provider_is_closed_and_one_without_a_check_job_
         },
     )
     .await;
+    eventually(
+        "the cancelled order's payment closed at the provider",
+        Duration::from_secs(20),
+        || async {
+            let here: String =
+                sqlx::query_scalar("SELECT status FROM payments WHERE id = $1::uuid")
+                    .bind(&cancelled_payment)
+                    .fetch_one(&db)
+                    .await
+                    .unwrap();
+            let there = s.sim_payment(&cancelled_payment).await["status"].clone();
+            (here == "CLOSED" && there == "CLOSED").then_some(())
+        },
+    )
+    .await;
+    // the buyer's app can no longer pay it
+    assert_eq!(s.pay(&cancelled_payment).await["status"], "CLOSED");
     // the order is still payable, with a new payment
     assert_eq!(order_state(&db, &closed_order).await, "PENDING");
     let r = http
@@ -444,6 +476,6 @@ async fn a_payment_closed_at_the_provider_is_closed_and_one_without_a_check_job_
             "SELECT count(*) FROM delayed_job_all WHERE kind = 'payment.check'"
         )
         .await,
-        3
+        4
     );
 }

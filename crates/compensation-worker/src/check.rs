@@ -4,7 +4,9 @@
 //! `compensation_attempts_total{outcome}`, kept in `payment_check_state`):
 //! - `paid`: applied through `apply_payment` under the Redis lock (see [`Checker::compensate`]);
 //! - `not_paid`: checked again after the poll interval (shorter in fast mode) while the order
-//!   is payable; `order_closed` once it is not;
+//!   is payable; once it is not (cancelled, expired), the payment is closed at the provider
+//!   (`order_closed`), so no money can arrive for it unseen; `paid_while_closing` if the buyer
+//!   paid first (checked again at once: applied, and refunded);
 //! - `closed_at_provider`: the provider closed it unpaid: the payment is `CLOSED`, done;
 //! - `gateway_timeout`, `gateway_error` (5xx, unreachable), `unknown_at_provider` (4xx),
 //!   `bad_answer` (paid without an event id, another payment's answer): provider failures,
@@ -23,7 +25,7 @@ use domain::{OrderState, PaymentStatus, Provider};
 use fulfillment::events;
 use fulfillment::payments::{ApplyOutcome, PaymentConfirmation, Source};
 use fulfillment::{Fulfillment, FulfillmentError};
-use gateway_protocol::{GatewayClient, GatewayError, PaymentQuery, RefundRequest};
+use gateway_protocol::{CloseOutcome, GatewayClient, GatewayError, PaymentQuery, RefundRequest};
 use job_engine::{Job, Outcome};
 use postgres_store::effects::{self, OutboxEvent};
 use postgres_store::payments::PaymentRow;
@@ -184,16 +186,51 @@ impl Checker {
                         Ok(None) => false,
                         Err(e) => return ("failed", Outcome::Retry(e.to_string())),
                     };
-                let outcome = if payable {
+                if payable {
                     let wait = match self.poll_mode() {
                         PollMode::Fast => self.fast_interval,
                         PollMode::Normal => self.check_interval,
                     };
-                    ("not_paid", Outcome::RetryAfter(wait, "not paid yet".into()))
-                } else {
-                    ("order_closed", Outcome::Done)
+                    return self
+                        .noted(
+                            payment_id,
+                            "not_paid",
+                            Outcome::RetryAfter(wait, "not paid yet".into()),
+                        )
+                        .await;
+                }
+                // The order can no longer take the money (cancelled, expired): close the
+                // payment at the provider, so the buyer cannot pay it any more. Until that
+                // is done, money could still arrive with no callback, and be lost.
+                return match self
+                    .gateway
+                    .close_payment(payment.provider, &payment_id.to_string())
+                    .await
+                {
+                    Ok(CloseOutcome::Closed) => {
+                        if let Err(e) =
+                            postgres_store::payments::close_payment(&self.store.pool, payment_id)
+                                .await
+                        {
+                            return ("failed", Outcome::Retry(e.to_string()));
+                        }
+                        tracing::info!(%payment_id, "order closed: payment closed at the provider");
+                        self.noted(payment_id, "order_closed", Outcome::Done).await
+                    }
+                    // paid just now: the next check applies it (and the money goes back)
+                    Ok(CloseOutcome::Paid) => {
+                        self.noted(
+                            payment_id,
+                            "paid_while_closing",
+                            Outcome::RetryAfter(Duration::ZERO, "paid while closing".into()),
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        self.provider_failure(&payment, provider_failure_label(&e), &e.to_string())
+                            .await
+                    }
                 };
-                return self.noted(payment_id, outcome.0, outcome.1).await;
             }
             "CLOSED" | "FAILED" => {
                 if let Err(e) =

@@ -190,6 +190,15 @@ pub struct PaymentQuery {
     pub paid_at: Option<DateTime<Utc>>,
 }
 
+/// What closing a payment at the provider did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseOutcome {
+    /// Closed (or it was already): it will never be paid.
+    Closed,
+    /// Too late: the buyer had paid.
+    Paid,
+}
+
 /// A refund request. `refund_id` is the merchant's id for this refund: the provider pays a
 /// refund id once, so a retried request (after a timeout, a crash) never pays twice.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -287,6 +296,25 @@ impl GatewayClient {
     ) -> Result<PaymentQuery, GatewayError> {
         let url = format!("{}/v1/{provider}/payments/{payment_id}", self.base_url);
         Self::send(self.http.get(url)).await
+    }
+
+    /// Closes an unpaid payment at the provider (WeChat Pay's "close order"), so it can no
+    /// longer be paid: what a merchant does once the order cannot take the money. `Paid` if
+    /// the buyer paid first (then the money must be applied, and given back).
+    pub async fn close_payment(
+        &self,
+        provider: Provider,
+        payment_id: &str,
+    ) -> Result<CloseOutcome, GatewayError> {
+        let url = format!(
+            "{}/v1/{provider}/payments/{payment_id}/close",
+            self.base_url
+        );
+        match Self::send::<PaymentQuery>(self.http.post(url)).await {
+            Ok(_) => Ok(CloseOutcome::Closed),
+            Err(GatewayError::Rejected(m)) if m.starts_with("409") => Ok(CloseOutcome::Paid),
+            Err(e) => Err(e),
+        }
     }
 
     /// The query API by the provider's transaction id (for when the query by our payment id

@@ -8,6 +8,7 @@
 //! - `POST /v1/sim/payments/{id}/pay`          "the buyer pays": marks it paid, sends callbacks
 //! - `POST /v1/{provider}/refunds`             refund (idempotent by refund id)
 //! - `GET  /v1/{provider}/refunds/{refund_id}` refund-query API
+//! - `POST /v1/{provider}/payments/{id}/close` the merchant closes an unpaid payment
 //! - `POST /v1/sim/payments/{id}/close`        "the provider closes it": CLOSED or FAILED
 //! - `PUT  /v1/sim/payments/{id}/faults`       this payment's own faults (a broken query)
 //! - `GET  /v1/sim/payments/{id}`              what the simulator did (callbacks, refunds)
@@ -184,6 +185,7 @@ impl Sim {
             .routes(routes!(query_payment))
             .routes(routes!(query_transaction))
             .routes(routes!(close))
+            .routes(routes!(merchant_close))
             .routes(routes!(put_payment_faults))
             .routes(routes!(refund))
             .routes(routes!(query_refund))
@@ -330,6 +332,37 @@ fn query_answer(sp: SimPayment) -> PaymentQuery {
         event_id: sp.event_id,
         paid_at: sp.paid_at,
     }
+}
+
+/// The merchant closes an unpaid payment (WeChat Pay's "close order"): it can never be paid
+/// after. Closing a closed one answers it again; a paid one answers 409.
+#[utoipa::path(post, path = "/v1/{provider}/payments/{payment_id}/close", tag = "provider",
+    description = "Close an unpaid payment. Faults: `query_error_rate` (500), `query_timeout_rate` (late answer).",
+    params(("provider" = String, Path, description = "wechat, alipay or douyin"), ("payment_id" = String, Path)),
+    responses((status = 200, body = PaymentQuery), (status = 404, body = ErrorBody), (status = 409, description = "already paid", body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn merchant_close(
+    State(s): State<SimState>,
+    Path((p, id)): Path<(String, String)>,
+) -> Result<Json<PaymentQuery>, ApiError> {
+    let p = provider(&p)?;
+    query_faults(&s.0.faults()).await?;
+    s.0.with_payment(&id, |sp| {
+        if sp.provider != p.as_str() {
+            return Err(ApiError::not_found("payment"));
+        }
+        if sp.status == "PAID" {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "payment is already paid",
+            ));
+        }
+        if sp.status == "CREATED" {
+            sp.status = "CLOSED".into();
+        }
+        Ok(query_answer(sp.clone()))
+    })
+    .ok_or_else(|| ApiError::not_found("payment"))?
+    .map(Json)
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
