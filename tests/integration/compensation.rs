@@ -483,3 +483,82 @@ async fn a_lock_holder_paused_past_its_ttl_while_another_worker_takes_over_makes
     assert_eq!(follow_ups, 3);
     a.terminate(Duration::from_secs(20));
 }
+
+/// Money that arrives after the order expired, found by compensation (its callback lost):
+/// re-reserved and PAID while the unit is still there; when another buyer took it,
+/// REFUND_PENDING, then REFUNDED once the provider paid it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
+    let s = Services::start(&[], &[("PAYMENT_FIRST_CHECK_MS", "300".to_owned())]).await;
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    let (_scheduler, _) = s.scheduler(&[]).await;
+    let (_worker, worker) = s
+        .compensation_worker(&[("PAYMENT_CHECK_INTERVAL_MS", "500".to_owned())])
+        .await;
+    for sku in ["sku-late-a", "sku-late-b"] {
+        let r = s
+            .http
+            .put(format!("{}/v1/skus/{sku}", s.prelock))
+            .bearer_auth(integration_tests::OPS_TOKEN)
+            .json(&json!({"store_id": "bar-late", "price_cents": 1_500, "stock": 1, "prelock_ttl_seconds": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    s.set_faults(json!({ "drop_rate": 1.0 })).await;
+    let state = |id: String| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM orders WHERE id = $1::uuid")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    // hold the checks while the orders lapse (a check of an expired, unpaid order closes its
+    // payment at the provider: the buyer below pays in the moment before that)
+    let kind_pause = format!("{worker}/v1/ops/kinds/payment.check/pause");
+    let r = s.http.put(&kind_pause).bearer_auth(integration_tests::OPS_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let (a, a_pay, _) = s.order_with_payment("late-a", "la-1", ("sku-late-a", "bar-late"), "wechat").await;
+    let (b, b_pay, _) = s.order_with_payment("late-b", "lb-1", ("sku-late-b", "bar-late"), "alipay").await;
+    for id in [&a, &b] {
+        eventually("the order to expire", Duration::from_secs(20), || async {
+            (state(id.clone()).await == "EXPIRED").then_some(())
+        })
+        .await;
+    }
+    // another buyer takes b's unit
+    let (c, _, _) = s.order_with_payment("late-c", "lc-1", ("sku-late-b", "bar-late"), "douyin").await;
+    assert_eq!(state(c.clone()).await, "PENDING");
+    // both pay late; the callbacks are lost
+    s.pay(&a_pay).await;
+    s.pay(&b_pay).await;
+    let r = s.http.delete(&kind_pause).bearer_auth(integration_tests::OPS_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    eventually("a re-reserved and paid", Duration::from_secs(30), || async {
+        (state(a.clone()).await == "PAID").then_some(())
+    })
+    .await;
+    eventually("b refunded", Duration::from_secs(30), || async {
+        (state(b.clone()).await == "REFUNDED").then_some(())
+    })
+    .await;
+    let b_path: Vec<String> = sqlx::query_scalar(
+        "SELECT event_type FROM outbox WHERE aggregate_id = $1 ORDER BY id",
+    )
+    .bind(&b)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(b_path, ["OrderCreated", "OrderExpired", "RefundRequested", "OrderRefunded"]);
+    let refunds = s.sim_payment(&b_pay).await["refunds"].as_array().unwrap().len();
+    assert_eq!(refunds, 1);
+    assert_eq!(s.sim_payment(&a_pay).await["refunds"].as_array().unwrap().len(), 0);
+    // c keeps the unit it holds
+    assert_eq!(state(c).await, "PENDING");
+}
