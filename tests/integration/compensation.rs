@@ -520,11 +520,21 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
     // hold the checks while the orders lapse (a check of an expired, unpaid order closes its
     // payment at the provider: the buyer below pays in the moment before that)
     let kind_pause = format!("{worker}/v1/ops/kinds/payment.check/pause");
-    let r = s.http.put(&kind_pause).bearer_auth(integration_tests::OPS_TOKEN).send().await.unwrap();
+    let r = s
+        .http
+        .put(&kind_pause)
+        .bearer_auth(integration_tests::OPS_TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 
-    let (a, a_pay, _) = s.order_with_payment("late-a", "la-1", ("sku-late-a", "bar-late"), "wechat").await;
-    let (b, b_pay, _) = s.order_with_payment("late-b", "lb-1", ("sku-late-b", "bar-late"), "alipay").await;
+    let (a, a_pay, _) = s
+        .order_with_payment("late-a", "la-1", ("sku-late-a", "bar-late"), "wechat")
+        .await;
+    let (b, b_pay, _) = s
+        .order_with_payment("late-b", "lb-1", ("sku-late-b", "bar-late"), "alipay")
+        .await;
     for id in [&a, &b] {
         eventually("the order to expire", Duration::from_secs(20), || async {
             (state(id.clone()).await == "EXPIRED").then_some(())
@@ -532,33 +542,59 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
         .await;
     }
     // another buyer takes b's unit
-    let (c, _, _) = s.order_with_payment("late-c", "lc-1", ("sku-late-b", "bar-late"), "douyin").await;
+    let (c, _, _) = s
+        .order_with_payment("late-c", "lc-1", ("sku-late-b", "bar-late"), "douyin")
+        .await;
     assert_eq!(state(c.clone()).await, "PENDING");
     // both pay late; the callbacks are lost
     s.pay(&a_pay).await;
     s.pay(&b_pay).await;
-    let r = s.http.delete(&kind_pause).bearer_auth(integration_tests::OPS_TOKEN).send().await.unwrap();
+    let r = s
+        .http
+        .delete(&kind_pause)
+        .bearer_auth(integration_tests::OPS_TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 
-    eventually("a re-reserved and paid", Duration::from_secs(30), || async {
-        (state(a.clone()).await == "PAID").then_some(())
-    })
+    eventually(
+        "a re-reserved and paid",
+        Duration::from_secs(30),
+        || async { (state(a.clone()).await == "PAID").then_some(()) },
+    )
     .await;
     eventually("b refunded", Duration::from_secs(30), || async {
         (state(b.clone()).await == "REFUNDED").then_some(())
     })
     .await;
-    let b_path: Vec<String> = sqlx::query_scalar(
-        "SELECT event_type FROM outbox WHERE aggregate_id = $1 ORDER BY id",
-    )
-    .bind(&b)
-    .fetch_all(&db)
-    .await
-    .unwrap();
-    assert_eq!(b_path, ["OrderCreated", "OrderExpired", "RefundRequested", "OrderRefunded"]);
-    let refunds = s.sim_payment(&b_pay).await["refunds"].as_array().unwrap().len();
+    let b_path: Vec<String> =
+        sqlx::query_scalar("SELECT event_type FROM outbox WHERE aggregate_id = $1 ORDER BY id")
+            .bind(&b)
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        b_path,
+        [
+            "OrderCreated",
+            "OrderExpired",
+            "RefundRequested",
+            "OrderRefunded"
+        ]
+    );
+    let refunds = s.sim_payment(&b_pay).await["refunds"]
+        .as_array()
+        .unwrap()
+        .len();
     assert_eq!(refunds, 1);
-    assert_eq!(s.sim_payment(&a_pay).await["refunds"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        s.sim_payment(&a_pay).await["refunds"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     // c keeps the unit it holds
     assert_eq!(state(c).await, "PENDING");
 }

@@ -479,3 +479,125 @@ async fn a_payment_closed_at_the_provider_is_closed_and_one_without_a_check_job_
         4
     );
 }
+
+/// The SLA trigger on the real worker: slow callbacks alone keep the normal poll; slow
+/// callbacks and a transaction missing its events switch to the fast poll (checks already
+/// waiting come forward); callbacks stopping takes it back to normal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_callbacks_and_missing_events_together_switch_compensation_to_fast_polling() {
+    let s = std::sync::Arc::new(
+        Services::start(&[], &[("PAYMENT_FIRST_CHECK_MS", "300".to_owned())]).await,
+    );
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    let (_worker, worker) = s
+        .compensation_worker(&[
+            ("SLA_WINDOW_MS", "2000".to_owned()),
+            ("SLA_CALLBACK_P99_MS", "200".to_owned()),
+            ("PAYMENT_CHECK_INTERVAL_MS", "60000".to_owned()),
+            ("PAYMENT_CHECK_FAST_INTERVAL_MS", "300".to_owned()),
+        ])
+        .await;
+    s.put_sku("sku-sla", "bar-sla", 500, 200).await;
+    let fast_mode = || {
+        let (s, worker) = (s.clone(), worker.clone());
+        async move {
+            let m = s
+                .http
+                .get(format!("{worker}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            metric_value(&m, "compensation_fast_mode", &[]).unwrap()
+        }
+    };
+    let checks_of = |payment: String| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>(
+                "SELECT checks FROM payment_check_state WHERE payment_id = $1::uuid",
+            )
+            .bind(payment)
+            .fetch_optional(&db)
+            .await
+            .unwrap()
+            .unwrap_or(0)
+        }
+    };
+    // a payment nobody pays: checked once, then not for a minute
+    let (_, unpaid, _) = s
+        .order_with_payment("sla-x", "sla-x", ("sku-sla", "bar-sla"), "wechat")
+        .await;
+    eventually("the first check", Duration::from_secs(10), || async {
+        (checks_of(unpaid.clone()).await == 1).then_some(())
+    })
+    .await;
+
+    // checks held: no check can see a payment whose callback is still on its way (that is
+    // the evidence of missing events, not wanted yet)
+    let kind_pause = format!("{worker}/v1/ops/kinds/payment.check/pause");
+    let r = s
+        .http
+        .put(&kind_pause)
+        .bearer_auth(OPS_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // callbacks 0 to 600 ms late, a steady stream of them
+    let slow = json!({ "delay_rate": 1.0, "delay_ms": 600 });
+    s.set_faults(slow.clone()).await;
+    let stream = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for i in 0..90 {
+                let (_, p, _) = s
+                    .order_with_payment(&format!("sla-{i}"), "k", ("sku-sla", "bar-sla"), "alipay")
+                    .await;
+                s.pay(&p).await;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        })
+    };
+    // slow for over a window, nothing missing: normal
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(fast_mode().await, 0.0, "slow callbacks alone");
+    assert_eq!(checks_of(unpaid.clone()).await, 1);
+
+    // and now a callback is lost, and checks run: that transaction misses its events
+    s.set_faults(json!({ "delay_rate": 1.0, "delay_ms": 600, "drop_rate": 1.0 }))
+        .await;
+    let (_, lost, _) = s
+        .order_with_payment("sla-lost", "k", ("sku-sla", "bar-sla"), "douyin")
+        .await;
+    s.pay(&lost).await;
+    s.set_faults(slow).await;
+    let r = s
+        .http
+        .delete(&kind_pause)
+        .bearer_auth(OPS_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    eventually("fast polling", Duration::from_secs(10), || async {
+        (fast_mode().await == 1.0).then_some(())
+    })
+    .await;
+    // the unpaid payment's next check came forward, and it is checked every 300 ms
+    eventually(
+        "fast checks of the unpaid payment",
+        Duration::from_secs(10),
+        || async { (checks_of(unpaid.clone()).await >= 4).then_some(()) },
+    )
+    .await;
+
+    // the callbacks stop: no slow window, back to normal
+    stream.await.unwrap();
+    eventually("normal polling again", Duration::from_secs(15), || async {
+        (fast_mode().await == 0.0).then_some(())
+    })
+    .await;
+}

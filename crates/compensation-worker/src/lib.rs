@@ -334,6 +334,24 @@ impl App {
                 Err(e) => tracing::warn!(error = %e, "callback latencies not read"),
             }
             let fast = self.checker.poll_mode() == domain::sla::PollMode::Fast;
+            if fast && gauges.fast.get() == 0 {
+                // fast from now: checks already waiting out the normal interval come forward
+                match records::pull_checks_forward(
+                    &self.store.pool,
+                    events::JOB_PAYMENT_CHECK,
+                    self.config.fast_interval,
+                )
+                .await
+                {
+                    Ok(n) => tracing::warn!(
+                        checks_brought_forward = n,
+                        "callbacks slow and events missing: compensation polls fast"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "checks not brought forward"),
+                }
+            } else if !fast && gauges.fast.get() == 1 {
+                tracing::info!("compensation polls at the normal interval again");
+            }
             gauges.fast.set(fast as i64);
             if last_figures.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 last_figures = Some(std::time::Instant::now());

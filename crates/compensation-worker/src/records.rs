@@ -439,3 +439,21 @@ pub async fn missing_events(
     .await?;
     Ok((5 - seen.min(5)) as u32)
 }
+
+/// Brings scheduled checks due later than `within` from now forward to then (the SLA
+/// trigger's fast mode starting); returns how many moved.
+pub async fn pull_checks_forward(
+    pool: &PgPool,
+    kind: &str,
+    within: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE delayed_job SET run_at = now() + make_interval(secs => $2), updated_at = now()
+         WHERE kind = $1 AND state = 'scheduled' AND run_at > now() + make_interval(secs => $2)",
+    )
+    .bind(kind)
+    .bind(within.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
