@@ -83,6 +83,13 @@ fn kubernetes_manifests_parse_and_probe_health() {
     let text = serde_yaml::to_string(rules).unwrap();
     assert!(text.contains("prelock_timeouts_total"));
     assert!(text.contains("job_fire_delay_seconds_bucket"));
+    for metric in [
+        "compensation_success_rate",
+        "compensation_open_failures",
+        "payment_paid_latency_seconds_bucket",
+    ] {
+        assert!(text.contains(metric), "no alert on {metric}");
+    }
 }
 
 #[test]
@@ -105,6 +112,10 @@ fn the_dashboard_parses_and_charts_the_slas() {
         "payment_callbacks_total",
         "job_fire_delay_seconds_bucket",
         "jobs_total",
+        "compensation_success_rate",
+        "payment_paid_latency_seconds_bucket",
+        "compensation_attempts_total",
+        "compensation_open_failures",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(metric)),
