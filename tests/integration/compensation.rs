@@ -362,7 +362,7 @@ async fn a_lock_holder_paused_past_its_ttl_while_another_worker_takes_over_makes
     let s = Services::start(&[], &[("PAYMENT_FIRST_CHECK_MS", "300".to_owned())]).await;
     let db = sqlx::PgPool::connect(&s.db).await.unwrap();
     let redis = redis::Client::open(integration_tests::redis_url(0)).unwrap();
-    let mut kv = redis.get_multiplexed_async_connection().await.unwrap();
+    let kv = redis.get_multiplexed_async_connection().await.unwrap();
     // worker A reaches prelock-service through a proxy that answers 3 s late: it sits in
     // apply_payment, lock held, long enough to be stopped there
     let proxy = integration_tests::fault_proxy::FaultProxy::start(&s.prelock).await;

@@ -277,6 +277,25 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
         .unwrap();
     assert_eq!(r["outcome"], "paid", "{r}");
 
+    // the worker documents its ops API, the shared job routes included
+    let doc: Value = http
+        .get(format!("{worker}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/v1/ops/compensation/failures",
+        "/v1/ops/compensation/failures/{id}",
+        "/v1/ops/compensation/failures/{id}/replay",
+        "/v1/ops/compensation/sla",
+        "/v1/ops/jobs",
+        "/v1/ops/jobs/{id}/redrive",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} undocumented");
+    }
     let sla: Value = http
         .get(format!("{worker}/v1/ops/compensation/sla"))
         .bearer_auth(OPS_TOKEN)
