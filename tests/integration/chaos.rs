@@ -107,16 +107,7 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
             match plan {
                 Plan::Pay => {}
                 Plan::Broken => s.break_query(&payment, true).await,
-                Plan::CancelThenPay => {
-                    let r = s
-                        .http
-                        .post(format!("{}/v1/orders/{order}/cancel", s.order_api))
-                        .bearer_auth(integration_tests::token(&user))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(r.status().is_success(), "cancel: {}", r.status());
-                }
+                Plan::CancelThenPay => s.cancel(&user, &order).await,
             }
             s.pay(&payment).await;
             (order, payment, plan)
@@ -265,15 +256,7 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
         }
         (dropped, duplicated)
     };
-    let metrics = s
-        .http
-        .get(format!("{worker_a}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics(&worker_a).await;
     let hedges = integration_tests::metric_value(&metrics, "compensation_query_hedges_total", &[]);
     println!("chaos: ---- figures ----");
     println!(

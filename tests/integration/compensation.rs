@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use integration_tests::binaries::Services;
-use integration_tests::{eventually, token};
+use integration_tests::eventually;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -35,13 +35,7 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
         |key: &'static str| s.order_with_payment("comp-user", key, ("sku-comp", "bar-c"), "wechat");
     let state = |id: String| {
         let db = db.clone();
-        async move {
-            sqlx::query_scalar::<_, String>("SELECT state FROM orders WHERE id = $1::uuid")
-                .bind(id)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-        }
+        async move { integration_tests::order_state(&db, &id).await }
     };
 
     // paid at once, callback lost: the first check finds it
@@ -59,13 +53,7 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
     let (late_id, _, late_url) = order_with_payment("c-2").await;
     // cancelled before paying: checks stop
     let (gone_id, gone_payment, _) = order_with_payment("c-3").await;
-    let r = http
-        .post(format!("{}/v1/orders/{gone_id}/cancel", s.order_api))
-        .bearer_auth(token("comp-user"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    s.cancel("comp-user", &gone_id).await;
 
     eventually(
         "the lost callback compensated",
@@ -139,14 +127,7 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
             .await
             .unwrap();
     assert_eq!(paid_check, "completed");
-    let metrics = http
-        .get(format!("{worker}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics(&worker).await;
     for line in [
         r#"compensation_attempts_total{outcome="paid",service="compensation-worker"} 2"#,
         r#"compensation_attempts_total{outcome="order_closed",service="compensation-worker"} 1"#,
@@ -265,13 +246,7 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
     let (id, payment, pay_url) = s
         .order_with_payment("rf-user", "rf-1", ("sku-rf", "bar-rf"), "alipay")
         .await;
-    let r = http
-        .post(format!("{}/v1/orders/{id}/cancel", s.order_api))
-        .bearer_auth(token("rf-user"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    s.cancel("rf-user", &id).await;
     // the provider makes the refund but its answer comes after the worker gave up
     s.set_faults(json!({ "refund_timeout_rate": 1.0, "query_timeout_ms": 2000 }))
         .await;
@@ -279,13 +254,7 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
     http.post(&pay_url).send().await.unwrap();
     let order_state = || {
         let (db, id) = (db.clone(), id.clone());
-        async move {
-            sqlx::query_scalar::<_, String>("SELECT state FROM orders WHERE id = $1::uuid")
-                .bind(id)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-        }
+        async move { integration_tests::order_state(&db, &id).await }
     };
     eventually(
         "a refund attempt to time out",
@@ -337,14 +306,7 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
     )
     .await;
     assert_eq!(refunded, 1);
-    let metrics = http
-        .get(format!("{worker}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics(&worker).await;
     assert!(
         metrics.contains(r#"refunds_total{outcome="refunded",service="compensation-worker"} 1"#),
         "{metrics}"
@@ -431,12 +393,7 @@ async fn a_lock_holder_paused_past_its_ttl_while_another_worker_takes_over_makes
         .success());
 
     eventually("the order paid", Duration::from_secs(20), || async {
-        let st: String = sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::uuid")
-            .bind(&order)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-        (st == "PAID").then_some(())
+        (integration_tests::order_state(&db, &order).await == "PAID").then_some(())
     })
     .await;
     // both workers finish what they started
@@ -446,15 +403,7 @@ async fn a_lock_holder_paused_past_its_ttl_while_another_worker_takes_over_makes
         || async {
             let mut done = 0.0;
             for url in [&a_url, &b_url] {
-                let m = s
-                    .http
-                    .get(format!("{url}/metrics"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
+                let m = s.metrics(url).await;
                 for outcome in ["paid", "duplicate", "locked", "failed"] {
                     done += integration_tests::metric_value(
                         &m,
@@ -509,25 +458,11 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
     s.set_faults(json!({ "drop_rate": 1.0 })).await;
     let state = |id: String| {
         let db = db.clone();
-        async move {
-            sqlx::query_scalar::<_, String>("SELECT state FROM orders WHERE id = $1::uuid")
-                .bind(id)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-        }
+        async move { integration_tests::order_state(&db, &id).await }
     };
     // hold the checks while the orders lapse (a check of an expired, unpaid order closes its
     // payment at the provider: the buyer below pays in the moment before that)
-    let kind_pause = format!("{worker}/v1/ops/kinds/payment.check/pause");
-    let r = s
-        .http
-        .put(&kind_pause)
-        .bearer_auth(integration_tests::OPS_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    s.pause_kind(&worker, "payment.check", true).await;
 
     let (a, a_pay, _) = s
         .order_with_payment("late-a", "la-1", ("sku-late-a", "bar-late"), "wechat")
@@ -549,14 +484,7 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
     // both pay late; the callbacks are lost
     s.pay(&a_pay).await;
     s.pay(&b_pay).await;
-    let r = s
-        .http
-        .delete(&kind_pause)
-        .bearer_auth(integration_tests::OPS_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    s.pause_kind(&worker, "payment.check", false).await;
 
     eventually(
         "a re-reserved and paid",

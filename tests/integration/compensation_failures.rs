@@ -8,20 +8,13 @@ use std::time::Duration;
 
 use integration_tests::binaries::Services;
 use integration_tests::receiver::Receiver;
-use integration_tests::{eventually, metric_value, OPS_TOKEN};
+use integration_tests::{eventually, metric_value, order_state};
+use reqwest::Method;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 async fn count(db: &sqlx::PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(db).await.unwrap()
-}
-
-async fn order_state(db: &sqlx::PgPool, order: &str) -> String {
-    sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::uuid")
-        .bind(order)
-        .fetch_one(db)
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,15 +54,7 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
         "five failures archived",
         Duration::from_secs(30),
         || async {
-            let list: Vec<Value> = http
-                .get(format!("{worker}/v1/ops/compensation/failures?status=open"))
-                .bearer_auth(OPS_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let list = s.open_failures(&worker).await;
             (list.len() == 5).then_some(list)
         },
     )
@@ -126,14 +111,16 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
     let order = target["order_id"].as_str().unwrap().to_owned();
     let url = format!("{worker}/v1/ops/compensation/failures/{id}");
 
+    let replay = |who: Option<&'static str>, url: String| {
+        let s = &s;
+        async move {
+            s.ops(Method::POST, &format!("{url}/replay"), who, None)
+                .await
+        }
+    };
+
     // the operator must be named, and hold the ops token
-    let r = http
-        .post(format!("{url}/replay"))
-        .bearer_auth(OPS_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(replay(None, url.clone()).await.0, StatusCode::BAD_REQUEST);
     let r = http
         .post(format!("{url}/replay"))
         .bearer_auth("not-the-token")
@@ -144,16 +131,7 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
     // a replay as archived fails the same way: audited, still open
-    let r: Value = http
-        .post(format!("{url}/replay"))
-        .bearer_auth(OPS_TOKEN)
-        .header("X-Operator", "alice")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, r) = replay(Some("alice"), url.clone()).await;
     assert!(
         r["outcome"].as_str().unwrap().starts_with("gateway_error"),
         "{r}"
@@ -161,41 +139,28 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
     assert_eq!(r["resolved"], false);
 
     // bad parameters are refused, naming the field
-    let r = http
-        .patch(&url)
-        .bearer_auth(OPS_TOKEN)
-        .header("X-Operator", "alice")
-        .json(&json!({ "params": { "transaction_id": "no spaces allowed" } }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    assert!(r.text().await.unwrap().contains("transaction_id"));
+    let edit = |txn: &str| json!({ "params": { "transaction_id": txn } });
+    let (status, r) = s
+        .ops(
+            Method::PATCH,
+            &url,
+            Some("alice"),
+            Some(edit("no spaces allowed")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(r["message"].as_str().unwrap().contains("transaction_id"));
 
     // the provider's transaction id, read off its console, gets round the broken query
     let txn = s.sim_payment(&payment).await["transaction_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let r = http
-        .patch(&url)
-        .bearer_auth(OPS_TOKEN)
-        .header("X-Operator", "alice")
-        .json(&json!({ "params": { "transaction_id": txn } }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let r: Value = http
-        .post(format!("{url}/replay"))
-        .bearer_auth(OPS_TOKEN)
-        .header("X-Operator", "bob")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, _) = s
+        .ops(Method::PATCH, &url, Some("alice"), Some(edit(&txn)))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, r) = replay(Some("bob"), url.clone()).await;
     assert_eq!(r["outcome"], "paid", "{r}");
     assert_eq!(r["resolved"], true);
     assert_eq!(r["failure"]["resolution"], "replay");
@@ -210,82 +175,48 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
     );
 
     // the audit trail: replay (failed), edit, replay (paid), each naming its operator
-    let d: Value = http
-        .get(&url)
-        .bearer_auth(OPS_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let trail: Vec<(String, String, String)> = d["audit"]
+    let (_, d) = s.ops(Method::GET, &url, None, None).await;
+    let trail: Vec<(&str, &str, &str)> = d["audit"]
         .as_array()
         .unwrap()
         .iter()
         .map(|a| {
+            let outcome = a["outcome"].as_str().unwrap();
             (
-                a["operator"].as_str().unwrap().to_owned(),
-                a["action"].as_str().unwrap().to_owned(),
-                a["outcome"]
-                    .as_str()
-                    .unwrap()
-                    .split(':')
-                    .next()
-                    .unwrap()
-                    .to_owned(),
+                a["operator"].as_str().unwrap(),
+                a["action"].as_str().unwrap(),
+                outcome.split(':').next().unwrap(),
             )
         })
         .collect();
-    let want = [
-        ("alice", "replay", "gateway_error"),
-        ("alice", "edit", "edited"),
-        ("bob", "replay", "paid"),
-    ];
-    assert_eq!(trail.len(), 3, "{trail:?}");
-    for (got, want) in trail.iter().zip(want) {
-        assert_eq!((got.0.as_str(), got.1.as_str(), got.2.as_str()), want);
-    }
+    assert_eq!(
+        trail,
+        [
+            ("alice", "replay", "gateway_error"),
+            ("alice", "edit", "edited"),
+            ("bob", "replay", "paid"),
+        ]
+    );
     assert_eq!(d["audit"][1]["detail"]["after"]["transaction_id"], txn);
 
     // resolved: no second replay
-    let r = http
-        .post(format!("{url}/replay"))
-        .bearer_auth(OPS_TOKEN)
-        .header("X-Operator", "bob")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        replay(Some("bob"), url.clone()).await.0,
+        StatusCode::CONFLICT
+    );
 
     // the mended query: an ordinary replay applies another one
     let second = &failures[1];
     s.break_query(second["payment_id"].as_str().unwrap(), false)
         .await;
-    let r: Value = http
-        .post(format!(
-            "{worker}/v1/ops/compensation/failures/{}/replay",
-            second["id"]
-        ))
-        .bearer_auth(OPS_TOKEN)
-        .header("X-Operator", "carol")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let second_url = format!("{worker}/v1/ops/compensation/failures/{}", second["id"]);
+    let (_, r) = replay(Some("carol"), second_url).await;
     assert_eq!(r["outcome"], "paid", "{r}");
 
     // the worker documents its ops API, the shared job routes included
-    let doc: Value = http
-        .get(format!("{worker}/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, doc) = s
+        .ops(Method::GET, &format!("{worker}/openapi.json"), None, None)
+        .await;
     for path in [
         "/v1/ops/compensation/failures",
         "/v1/ops/compensation/failures/{id}",
@@ -296,28 +227,20 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
     ] {
         assert!(doc["paths"][path].is_object(), "{path} undocumented");
     }
-    let sla: Value = http
-        .get(format!("{worker}/v1/ops/compensation/sla"))
-        .bearer_auth(OPS_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, sla) = s
+        .ops(
+            Method::GET,
+            &format!("{worker}/v1/ops/compensation/sla"),
+            None,
+            None,
+        )
+        .await;
     assert_eq!(sla["open_failures"], 3, "{sla}");
     assert_eq!(sla["failed"], 5, "{sla}");
     assert_eq!(sla["compensated"], 2, "{sla}");
     let rate = sla["success_rate"].as_f64().unwrap();
     assert!((rate - 2.0 / 7.0).abs() < 1e-9, "{sla}");
-    let metrics = http
-        .get(format!("{worker}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics(&worker).await;
     for (name, label, want) in [
         (
             "compensation_failures_total",
@@ -342,14 +265,7 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
         );
     }
     eventually("the gauges refreshed", Duration::from_secs(15), || async {
-        let m = http
-            .get(format!("{worker}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = s.metrics(&worker).await;
         (metric_value(&m, "compensation_open_failures", &[]) == Some(3.0)).then_some(())
     })
     .await;
@@ -395,16 +311,7 @@ async fn a_payment_closed_at_the_provider_is_closed_and_one_without_a_check_job_
     let (cancelled_order, cancelled_payment, _) = s
         .order_with_payment("sw-user", "sw-3", ("sku-sw", "bar-s"), "alipay")
         .await;
-    let r = http
-        .post(format!(
-            "{}/v1/orders/{cancelled_order}/cancel",
-            s.order_api
-        ))
-        .bearer_auth(integration_tests::token("sw-user"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    s.cancel("sw-user", &cancelled_order).await;
 
     let (_worker, worker) = s
         .compensation_worker(&[
@@ -461,14 +368,7 @@ async fn a_payment_closed_at_the_provider_is_closed_and_one_without_a_check_job_
     let again: Value = r.json().await.unwrap();
     assert_ne!(again["payment_id"].as_str().unwrap(), closed_payment);
 
-    let metrics = http
-        .get(format!("{worker}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics(&worker).await;
     for (name, labels, want) in [
         ("compensation_swept_total", &[][..], 1.0),
         (
@@ -520,15 +420,7 @@ async fn slow_callbacks_and_missing_events_together_switch_compensation_to_fast_
     let fast_mode = || {
         let (s, worker) = (s.clone(), worker.clone());
         async move {
-            let m = s
-                .http
-                .get(format!("{worker}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let m = s.metrics(&worker).await;
             metric_value(&m, "compensation_fast_mode", &[]).unwrap()
         }
     };
@@ -556,15 +448,7 @@ async fn slow_callbacks_and_missing_events_together_switch_compensation_to_fast_
 
     // checks held: no check can see a payment whose callback is still on its way (that is
     // the evidence of missing events, not wanted yet)
-    let kind_pause = format!("{worker}/v1/ops/kinds/payment.check/pause");
-    let r = s
-        .http
-        .put(&kind_pause)
-        .bearer_auth(OPS_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    s.pause_kind(&worker, "payment.check", true).await;
     // callbacks 0 to 600 ms late, a steady stream of them
     let slow = json!({ "delay_rate": 1.0, "delay_ms": 600 });
     s.set_faults(slow.clone()).await;
@@ -593,14 +477,7 @@ async fn slow_callbacks_and_missing_events_together_switch_compensation_to_fast_
         .await;
     s.pay(&lost).await;
     s.set_faults(slow).await;
-    let r = s
-        .http
-        .delete(&kind_pause)
-        .bearer_auth(OPS_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    s.pause_kind(&worker, "payment.check", false).await;
     eventually("fast polling", Duration::from_secs(10), || async {
         (fast_mode().await == 1.0).then_some(())
     })

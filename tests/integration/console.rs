@@ -27,17 +27,7 @@ async fn an_operator_replays_a_failure_and_redrives_a_dead_job_in_the_console() 
     s.break_query(&payment, true).await;
     s.pay(&payment).await;
     let failure: Value = eventually("the failure archived", Duration::from_secs(30), || async {
-        let list: Vec<Value> = s
-            .http
-            .get(format!("{worker}/v1/ops/compensation/failures?status=open"))
-            .bearer_auth(OPS_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list.into_iter().next()
+        s.open_failures(&worker).await.into_iter().next()
     })
     .await;
     let dead: i64 = sqlx::query_scalar(
@@ -105,12 +95,7 @@ async fn an_operator_replays_a_failure_and_redrives_a_dead_job_in_the_console() 
     );
     b.wait_for("#no-failures", |t| t.contains("No open failures"))
         .await;
-    let state: String = sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::uuid")
-        .bind(&order)
-        .fetch_one(&db)
-        .await
-        .unwrap();
-    assert_eq!(state, "PAID");
+    assert_eq!(integration_tests::order_state(&db, &order).await, "PAID");
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT operator, action, outcome FROM compensation_audit ORDER BY id")
             .fetch_all(&db)

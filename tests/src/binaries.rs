@@ -325,6 +325,70 @@ impl Services {
         )
     }
 
+    /// An ops call (ops token; `operator` as `X-Operator`): the status and the JSON body.
+    pub async fn ops(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        operator: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let mut req = self.http.request(method, url).bearer_auth(crate::OPS_TOKEN);
+        if let Some(who) = operator {
+            req = req.header("X-Operator", who);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let status = r.status();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The open compensation failures a worker lists.
+    pub async fn open_failures(&self, worker: &str) -> Vec<serde_json::Value> {
+        let url = format!("{worker}/v1/ops/compensation/failures?status=open");
+        let (status, list) = self.ops(reqwest::Method::GET, &url, None, None).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{list}");
+        list.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Pauses (`true`) or resumes a job kind through a binary's ops API.
+    pub async fn pause_kind(&self, base: &str, kind: &str, paused: bool) {
+        let method = if paused {
+            reqwest::Method::PUT
+        } else {
+            reqwest::Method::DELETE
+        };
+        let url = format!("{base}/v1/ops/kinds/{kind}/pause");
+        let (status, body) = self.ops(method, &url, None, None).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    }
+
+    /// A binary's `/metrics` page.
+    pub async fn metrics(&self, base: &str) -> String {
+        self.http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// `user` cancels `order` (expects 200).
+    pub async fn cancel(&self, user: &str, order: &str) {
+        let r = self
+            .http
+            .post(format!("{}/v1/orders/{order}/cancel", self.order_api))
+            .bearer_auth(crate::token(user))
+            .send()
+            .await
+            .expect("cancel");
+        assert_eq!(r.status(), reqwest::StatusCode::OK);
+    }
+
     /// The simulator's view of a payment (status, transaction id, callbacks, refunds).
     pub async fn sim_payment(&self, payment_id: &str) -> serde_json::Value {
         self.http

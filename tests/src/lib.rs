@@ -637,3 +637,12 @@ pub fn metric_value(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             .flatten()
     })
 }
+
+/// An order's state.
+pub async fn order_state(db: &PgPool, order: &str) -> String {
+    sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::uuid")
+        .bind(order)
+        .fetch_one(db)
+        .await
+        .expect("order state")
+}
