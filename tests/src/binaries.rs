@@ -284,7 +284,8 @@ impl Services {
     }
 
     /// `user` orders one unit of `sku` (idempotency key `key`) and starts paying at
-    /// `provider`: (order id, payment id, pay URL).
+    /// `provider`: (order id, payment id, pay URL). Like a real client, it retries a 503
+    /// (`Retry-After`): both calls are idempotent.
     pub async fn order_with_payment(
         &self,
         user: &str,
@@ -292,29 +293,24 @@ impl Services {
         (sku, store): (&str, &str),
         provider: &str,
     ) -> (String, String, String) {
-        let r = self
-            .http
-            .post(format!("{}/v1/orders", self.order_api))
-            .bearer_auth(crate::token(user))
-            .header("Idempotency-Key", key)
-            .json(&serde_json::json!({"sku_id": sku, "store_id": store, "quantity": 1}))
-            .send()
-            .await
-            .expect("order");
-        assert_eq!(r.status(), reqwest::StatusCode::CREATED);
-        let order: serde_json::Value = r.json().await.expect("order json");
+        let order = self
+            .retrying_503(reqwest::StatusCode::CREATED, || {
+                self.http
+                    .post(format!("{}/v1/orders", self.order_api))
+                    .bearer_auth(crate::token(user))
+                    .header("Idempotency-Key", key)
+                    .json(&serde_json::json!({"sku_id": sku, "store_id": store, "quantity": 1}))
+            })
+            .await;
         let id = order["order_id"].as_str().expect("order id").to_owned();
-        let started: serde_json::Value = self
-            .http
-            .post(format!("{}/v1/orders/{id}/payments", self.order_api))
-            .bearer_auth(crate::token(user))
-            .json(&serde_json::json!({ "provider": provider }))
-            .send()
-            .await
-            .expect("start payment")
-            .json()
-            .await
-            .expect("payment json");
+        let started = self
+            .retrying_503(reqwest::StatusCode::CREATED, || {
+                self.http
+                    .post(format!("{}/v1/orders/{id}/payments", self.order_api))
+                    .bearer_auth(crate::token(user))
+                    .json(&serde_json::json!({ "provider": provider }))
+            })
+            .await;
         (
             id,
             started["payment_id"]
@@ -323,6 +319,27 @@ impl Services {
                 .to_owned(),
             started["pay_url"].as_str().expect("pay url").to_owned(),
         )
+    }
+
+    /// Sends the request, again after a 503 (up to 50 times, 100 ms apart), and expects
+    /// `want`; the JSON body.
+    async fn retrying_503(
+        &self,
+        want: reqwest::StatusCode,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> serde_json::Value {
+        for _ in 0..50 {
+            let r = request().send().await.expect("request");
+            if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            assert_eq!(status, want, "{body}");
+            return body;
+        }
+        panic!("still 503 after 50 tries");
     }
 
     /// An ops call (ops token; `operator` as `X-Operator`): the status and the JSON body.
@@ -377,16 +394,14 @@ impl Services {
             .expect("metrics text")
     }
 
-    /// `user` cancels `order` (expects 200).
+    /// `user` cancels `order` (expects 200; a 503 is retried).
     pub async fn cancel(&self, user: &str, order: &str) {
-        let r = self
-            .http
-            .post(format!("{}/v1/orders/{order}/cancel", self.order_api))
-            .bearer_auth(crate::token(user))
-            .send()
-            .await
-            .expect("cancel");
-        assert_eq!(r.status(), reqwest::StatusCode::OK);
+        self.retrying_503(reqwest::StatusCode::OK, || {
+            self.http
+                .post(format!("{}/v1/orders/{order}/cancel", self.order_api))
+                .bearer_auth(crate::token(user))
+        })
+        .await;
     }
 
     /// The simulator's view of a payment (status, transaction id, callbacks, refunds).
