@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Brings the whole local stack up: PostgreSQL and Redis (started if not answering), the
-# database, the binaries (each runs the migrations on start), and prints the URLs.
+# Brings the whole local stack up: PostgreSQL and Redis (started if not answering), a Kafka
+# API (tansu, installed and started if missing), the database, the binaries (each runs the
+# migrations on start), and prints the URLs.
 # Stop it with scripts/dev-down.sh. Logs: .run/logs/, pids: .run/pids/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ echo "building (release)..."
 cargo build --release --bins --locked -q
 scripts/dev-down.sh >/dev/null 2>&1 || true
 mkdir -p .run/logs .run/pids
+# the Kafka API (tansu; installed on first use)
+scripts/kafka.sh
 
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$DB}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -37,13 +40,16 @@ start payment-gateway-sim;  wait_ready payment-gateway-sim http://127.0.0.1:8090
 start order-api;            wait_ready order-api http://127.0.0.1:8080
 start scheduler;            wait_ready scheduler http://127.0.0.1:8082
 start compensation-worker;  wait_ready compensation-worker http://127.0.0.1:8083
+start event-relay;          wait_ready event-relay http://127.0.0.1:8084
 
 cat <<MSG
 bar-fulfillment is up:
   order-api            http://127.0.0.1:8080   (OpenAPI: http://127.0.0.1:8080/openapi.json)
   prelock-service      http://127.0.0.1:8081
   scheduler            http://127.0.0.1:8082   (runs the follow-up jobs: expiry, stock, voucher, notify)
-  compensation-worker  http://127.0.0.1:8083   (finds paid payments whose callback was lost)
+  compensation-worker  http://127.0.0.1:8083   (finds paid payments whose callback was lost; console: /ops/)
+  event-relay          http://127.0.0.1:8084   (outbox -> Kafka bar.order.events.v1; the bar-dashboard projection)
+  kafka (tansu)        127.0.0.1:9092
   payment-gateway-sim  http://127.0.0.1:8090
   metrics              each service's /metrics; health /healthz, /readyz
   database             $DATABASE_URL

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 scripts/services.sh
 scripts/browser.sh
+scripts/kafka.sh
 
 # databases left by earlier runs (each test makes its own, named bft_<uuid>)
 psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc \

@@ -35,6 +35,7 @@ fn compose_brings_up_the_infrastructure_and_the_services() {
         "payment-gateway-sim",
         "scheduler",
         "compensation-worker",
+        "event-relay",
     ] {
         assert!(
             services.contains_key(name),
@@ -77,7 +78,7 @@ fn kubernetes_manifests_parse_and_probe_health() {
             }
         }
     }
-    assert_eq!(deployments, 5);
+    assert_eq!(deployments, 6);
     assert!(repo().join("deploy/Dockerfile").exists());
     let rules = &load("deploy/prometheus/alerts.yml")[0];
     let text = serde_yaml::to_string(rules).unwrap();

@@ -173,6 +173,78 @@ impl Drop for ScratchRedis {
     }
 }
 
+/// A Kafka API of the test's own (tansu on `port`, in memory), for outages: stop it, start it
+/// again on the same port (empty, as a restarted in-memory broker is).
+pub struct ScratchKafka {
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ScratchKafka {
+    pub async fn start(port: u16) -> ScratchKafka {
+        let mut kafka = ScratchKafka {
+            port,
+            child: None,
+            log: log_dir().join(format!(
+                "tansu-{port}-{}.log",
+                uuid::Uuid::new_v4().simple()
+            )),
+        };
+        kafka.resume().await;
+        kafka
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker (again) and waits until it accepts connections.
+    pub async fn resume(&mut self) {
+        let out = File::create(&self.log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("tansu on PATH (scripts/kafka.sh installs it)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tansu did not start; log: {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the broker (as a crash would) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ScratchKafka {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// prelock-service, the payment simulator and order-api as processes on one fresh database
 /// (the stack end-to-end tests run), with schedulers started on demand.
 pub struct Services {
@@ -441,6 +513,12 @@ impl Services {
             .await
             .expect("payment faults");
         assert_eq!(r.status(), reqwest::StatusCode::OK);
+    }
+
+    /// Starts an event relay against this stack (Kafka at 127.0.0.1:9092, `scripts/kafka.sh`),
+    /// like [`Services::scheduler`].
+    pub async fn event_relay(&self, extra: &[(&'static str, String)]) -> (Proc, String) {
+        self.worker("event-relay", "EVENT_RELAY_ADDR", extra).await
     }
 
     /// Starts a compensation worker against this stack, like [`Services::scheduler`].

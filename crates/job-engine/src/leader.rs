@@ -11,13 +11,25 @@ const LEADER_LOCK: i64 = 0x6a6f_625f_6c65_6164; // "job_lead"
 
 pub struct Leadership {
     pool: PgPool,
+    key: i64,
+    role: &'static str,
     /// The connection that holds the lock while this instance leads.
     held: Option<PgConnection>,
 }
 
 impl Leadership {
     pub fn new(pool: PgPool) -> Self {
-        Leadership { pool, held: None }
+        Leadership::with_key(pool, LEADER_LOCK, "job leader")
+    }
+
+    /// Leadership of another role (its own advisory lock key), e.g. the outbox relay.
+    pub fn with_key(pool: PgPool, key: i64, role: &'static str) -> Self {
+        Leadership {
+            pool,
+            key,
+            role,
+            held: None,
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -31,7 +43,10 @@ impl Leadership {
             if conn.ping().await.is_ok() {
                 return true;
             }
-            tracing::warn!("lost the job leader's connection: leadership lost");
+            tracing::warn!(
+                role = self.role,
+                "lost the leader's connection: leadership lost"
+            );
             self.held = None;
         }
         let Ok(conn) = self.pool.acquire().await else {
@@ -40,12 +55,12 @@ impl Leadership {
         // a connection of its own: the lock lives exactly as long as it does
         let mut conn = conn.detach();
         match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-            .bind(LEADER_LOCK)
+            .bind(self.key)
             .fetch_one(&mut conn)
             .await
         {
             Ok(true) => {
-                tracing::info!("became the job leader");
+                tracing::info!(role = self.role, "became the leader");
                 self.held = Some(conn);
                 true
             }

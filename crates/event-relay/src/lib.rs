@@ -1,0 +1,567 @@
+//! event-relay: the outbox to Kafka, and the bar-dashboard projection back from it.
+//!
+//! **Relay.** One relay leads at a time (a Postgres advisory lock on a connection of its own;
+//! any number may run, the others wait to take over). Each round it reads the oldest
+//! unpublished outbox rows (`published_at IS NULL`, in id order), hands them to an
+//! idempotent producer in that order, keyed by the aggregate (the order id), waits for Kafka
+//! to acknowledge them, and stamps those acknowledged. `CompensationFailed` goes to the dead
+//! compensations topic, everything else to the order events topic.
+//! - No cursor, so no skipped rows: a row whose transaction commits after rows with higher ids
+//!   (the classic outbox pitfall with sequence ids) is simply unpublished until then, and the
+//!   next round takes it. One order's rows are written by transactions serialised on the
+//!   order row, so they commit in id order, and are sent in id order, to one partition.
+//! - Kafka down: nothing is stamped, the outbox grows, the relay backs off and retries; the
+//!   order path never talks to Kafka. A relay that dies after Kafka acknowledged a batch but
+//!   before stamping it sends the batch again: a duplicate, harmless to consumers (the event
+//!   id travels in the `event_id` header and the body; consumers keep an inbox).
+//!
+//! **Projection** (`CONSUMER_ENABLED`): a consumer in group `CONSUMER_GROUP` applies order
+//! events to `bar_dashboard` (per store: created, paid, confirmed, ... and money kept). Each
+//! event's inbox row and its effect commit together; the offset is committed after, so a crash
+//! in between redelivers an event whose inbox row says it was applied.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
+use job_engine::leader::Leadership;
+use postgres_store::{PgLimits, PgStore};
+use prometheus::{Gauge, IntCounterVec};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::Message;
+use serde_json::{json, Value};
+use service_kit::config::{env_millis, env_or, env_string};
+use service_kit::telemetry::Metrics;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Key of the relay leader's advisory lock ("outbox_r").
+const RELAY_LOCK: i64 = 0x6f75_7462_6f78_5f72;
+
+/// The event type that goes to the dead compensations topic.
+const COMPENSATION_FAILED: &str = "CompensationFailed";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub pg: PgLimits,
+    pub run_migrations: bool,
+    pub brokers: String,
+    pub order_topic: String,
+    pub dead_topic: String,
+    /// Partitions of the topics when the relay creates them.
+    pub partitions: i32,
+    pub relay: bool,
+    pub batch: i64,
+    /// Wait between rounds that found nothing.
+    pub poll: Duration,
+    /// How long Kafka may take to acknowledge a message before the batch is retried.
+    pub delivery_timeout: Duration,
+    pub consumer: bool,
+    pub group: String,
+}
+
+impl Config {
+    pub fn from_env() -> anyhow::Result<Self> {
+        let c = Config {
+            database_url: env_string(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/bar_fulfillment",
+            ),
+            pg: PgLimits::from_env(8, env_or)?,
+            run_migrations: env_or("RUN_MIGRATIONS", true)?,
+            brokers: env_string("KAFKA_BROKERS", "127.0.0.1:9092"),
+            order_topic: env_string("ORDER_EVENTS_TOPIC", "bar.order.events.v1"),
+            dead_topic: env_string("DEAD_COMPENSATION_TOPIC", "bar.compensation.dead.v1"),
+            partitions: env_or("KAFKA_TOPIC_PARTITIONS", 6)?,
+            relay: env_or("RELAY_ENABLED", true)?,
+            batch: env_or("RELAY_BATCH", 1000)?,
+            poll: env_millis("RELAY_POLL_MS", 100)?,
+            delivery_timeout: env_millis("RELAY_DELIVERY_TIMEOUT_MS", 10_000)?,
+            consumer: env_or("CONSUMER_ENABLED", true)?,
+            group: env_string("CONSUMER_GROUP", "bar-dashboard"),
+        };
+        if !(1..=100_000).contains(&c.batch) {
+            anyhow::bail!("RELAY_BATCH must be 1 to 100000");
+        }
+        if !(1..=1000).contains(&c.partitions) {
+            anyhow::bail!("KAFKA_TOPIC_PARTITIONS must be 1 to 1000");
+        }
+        Ok(c)
+    }
+}
+
+struct RelayMetrics {
+    published: IntCounterVec,
+    errors: IntCounterVec,
+    lag: Gauge,
+    leader: prometheus::IntGauge,
+    consumed: IntCounterVec,
+}
+
+pub struct App {
+    pub config: Config,
+    pub store: PgStore,
+    pub metrics: Metrics,
+    /// Replaced after a fatal producer error (an idempotent producer whose state the broker
+    /// lost, e.g. a broker that came back empty): a new one starts a new producer id.
+    producer: std::sync::RwLock<FutureProducer>,
+    m: RelayMetrics,
+}
+
+/// One outbox row.
+#[derive(sqlx::FromRow)]
+struct OutboxRow {
+    id: i64,
+    event_id: Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    schema_version: i32,
+    payload: Value,
+    traceparent: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+/// The producer every relay uses: idempotent (no duplicates or reordering from its own
+/// retries, acks from all in-sync replicas), so one order's events stay in order.
+pub fn producer(brokers: &str, delivery_timeout: Duration) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().to_string(),
+        )
+        .create()?)
+}
+
+/// Creates the topics if they are missing (an existing topic is left as it is).
+pub async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin.create_topics(&new, &AdminOptions::new()).await? {
+        match result {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, e)) => anyhow::bail!("creating topic {topic}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<Arc<App>> {
+        let store = PgStore::connect_patiently(&config.database_url, &config.pg).await?;
+        if config.run_migrations {
+            store.migrate().await?;
+        }
+        let metrics = Metrics::new("event-relay");
+        let lag = Gauge::new(
+            "outbox_lag_seconds",
+            "Age of the oldest outbox row not yet published to Kafka (0 when none)",
+        )?;
+        metrics.register(Box::new(lag.clone()));
+        let leader = prometheus::IntGauge::new(
+            "relay_leader",
+            "1 while this relay leads (publishes); the others wait",
+        )?;
+        metrics.register(Box::new(leader.clone()));
+        let m = RelayMetrics {
+            published: metrics.counter(
+                "relay_published_total",
+                "Outbox events Kafka acknowledged, by topic",
+                &["topic"],
+            ),
+            errors: metrics.counter(
+                "relay_errors_total",
+                "Relay rounds that failed, by what failed: kafka, postgres",
+                &["what"],
+            ),
+            lag,
+            leader,
+            consumed: metrics.counter(
+                "consumer_events_total",
+                "Events the projection consumer handled: applied, duplicate, undecodable",
+                &["outcome"],
+            ),
+        };
+        let producer = producer(&config.brokers, config.delivery_timeout)?;
+        Ok(Arc::new(App {
+            config,
+            store,
+            metrics,
+            producer: std::sync::RwLock::new(producer),
+            m,
+        }))
+    }
+
+    /// `/healthz`, `/readyz` (Postgres answers), `/metrics`.
+    pub fn router(self: &Arc<App>) -> Router {
+        let app = self.clone();
+        let ready = service_kit::http::ready_check(move || {
+            let app = app.clone();
+            async move { app.store.ping().await.map_err(|e| format!("postgres: {e}")) }
+        });
+        service_kit::http::finish(Router::new(), self.metrics.clone(), ready)
+    }
+
+    /// The relay and the projection, until `stop`.
+    pub async fn run(self: Arc<App>, stop: CancellationToken) {
+        let topics = [
+            self.config.order_topic.as_str(),
+            self.config.dead_topic.as_str(),
+        ];
+        // Kafka may come up after us: keep trying, the outbox waits meanwhile
+        let mut wait = Duration::from_millis(500);
+        while let Err(e) =
+            ensure_topics(&self.config.brokers, &topics, self.config.partitions).await
+        {
+            tracing::warn!(error = %e, "Kafka topics not ready; retrying");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+        let relay = self
+            .config
+            .relay
+            .then(|| tokio::spawn(self.clone().relay(stop.clone())));
+        let consumer = self
+            .config
+            .consumer
+            .then(|| tokio::spawn(self.clone().consume(stop.clone())));
+        for task in [relay, consumer].into_iter().flatten() {
+            let _ = task.await;
+        }
+    }
+
+    async fn relay(self: Arc<App>, stop: CancellationToken) {
+        let mut leadership =
+            Leadership::with_key(self.store.pool.clone(), RELAY_LOCK, "outbox relay");
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let leads = leadership.ensure().await;
+            self.m.leader.set(leads as i64);
+            let pause = if !leads {
+                Duration::from_secs(1)
+            } else {
+                match self.relay_once().await {
+                    Ok(n) => {
+                        backoff = Duration::from_millis(100);
+                        if n > 0 {
+                            continue;
+                        }
+                        self.config.poll
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "relay round failed; the outbox keeps the events");
+                        // a broker that came back empty (or a new cluster) lacks the topics
+                        let topics = [
+                            self.config.order_topic.as_str(),
+                            self.config.dead_topic.as_str(),
+                        ];
+                        if let Err(e) =
+                            ensure_topics(&self.config.brokers, &topics, self.config.partitions)
+                                .await
+                        {
+                            tracing::debug!(error = %e, "topics not checked");
+                        }
+                        let wait = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        wait
+                    }
+                }
+            };
+            self.refresh_lag().await;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        self.m.leader.set(0);
+        leadership.resign().await;
+    }
+
+    async fn refresh_lag(&self) {
+        let oldest: Result<Option<f64>, _> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox
+             WHERE published_at IS NULL ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(&self.store.pool)
+        .await;
+        if let Ok(age) = oldest {
+            self.m.lag.set(age.unwrap_or(0.0).max(0.0));
+        }
+    }
+
+    /// One batch: send, wait for the acknowledgements, stamp what was acknowledged. Returns
+    /// how many were published; an error if Postgres failed or Kafka refused any.
+    pub async fn relay_once(&self) -> anyhow::Result<usize> {
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT id, event_id, aggregate_type, aggregate_id, event_type, schema_version,
+                    payload, traceparent, created_at
+             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(self.config.batch)
+        .fetch_all(&self.store.pool)
+        .await
+        .inspect_err(|_| self.m.errors.with_label_values(&["postgres"]).inc())?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let producer = self
+            .producer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut sent = Vec::with_capacity(rows.len());
+        let mut refused = None;
+        for row in &rows {
+            let topic = self.topic_of(&row.event_type);
+            let (body, headers) = message(row);
+            let record = FutureRecord::to(topic)
+                .key(&row.aggregate_id)
+                .payload(&body)
+                .headers(headers);
+            // enqueued in this order, synchronously: one key's events keep their order
+            match producer.send_result(record) {
+                Ok(delivery) => sent.push((row.id, topic, delivery)),
+                Err((e, _)) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let (meta, deliveries): (Vec<_>, Vec<_>) =
+            sent.into_iter().map(|(id, t, d)| ((id, t), d)).unzip();
+        let results = join_all(deliveries).await;
+        let mut acked = Vec::with_capacity(meta.len());
+        let mut failed = 0;
+        for ((id, topic), result) in meta.into_iter().zip(results) {
+            match result {
+                Ok(Ok(_)) => {
+                    acked.push(id);
+                    self.m.published.with_label_values(&[topic]).inc();
+                }
+                _ => failed += 1,
+            }
+        }
+        if !acked.is_empty() {
+            sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+                .bind(&acked)
+                .execute(&self.store.pool)
+                .await
+                .inspect_err(|_| self.m.errors.with_label_values(&["postgres"]).inc())?;
+        }
+        if failed > 0 || refused.is_some() {
+            self.m.errors.with_label_values(&["kafka"]).inc();
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                tracing::warn!(?code, %reason, "producer failed fatally; starting a new one");
+                let fresh = crate::producer(&self.config.brokers, self.config.delivery_timeout)?;
+                *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+            }
+            anyhow::bail!(
+                "Kafka acknowledged {} of {} events ({failed} failed{})",
+                acked.len(),
+                rows.len(),
+                refused
+                    .map(|e| format!(", queue refused: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(acked.len())
+    }
+
+    fn topic_of(&self, event_type: &str) -> &str {
+        if event_type == COMPENSATION_FAILED {
+            &self.config.dead_topic
+        } else {
+            &self.config.order_topic
+        }
+    }
+
+    async fn consume(self: Arc<App>, stop: CancellationToken) {
+        let consumer: StreamConsumer = match ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", &self.config.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "projection consumer not created");
+                return;
+            }
+        };
+        if let Err(e) = consumer.subscribe(&[&self.config.order_topic]) {
+            tracing::error!(error = %e, "projection consumer cannot subscribe");
+            return;
+        }
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => break,
+                m = consumer.recv() => m,
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            // applied (or known undecodable) before the offset moves past it
+            let outcome = loop {
+                match project(&self.store.pool, &self.config.group, msg.payload()).await {
+                    Ok(o) => break o,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "projection failed; retrying the event");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                    }
+                }
+            };
+            self.m.consumed.with_label_values(&[outcome]).inc();
+            if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
+                tracing::warn!(error = %e, "offset not committed; the event may come again (the inbox absorbs it)");
+            }
+        }
+        let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    }
+}
+
+/// The Kafka message of an outbox row: a JSON envelope, and headers naming the event (so a
+/// consumer can drop a duplicate before decoding the body) and carrying the trace context.
+fn message(row: &OutboxRow) -> (Vec<u8>, OwnedHeaders) {
+    let body = json!({
+        "event_id": row.event_id,
+        "event_type": row.event_type,
+        "schema_version": row.schema_version,
+        "aggregate_type": row.aggregate_type,
+        "aggregate_id": row.aggregate_id,
+        "occurred_at": row.created_at,
+        "data": row.payload,
+    });
+    let event_id = row.event_id.to_string();
+    let version = row.schema_version.to_string();
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "event_id",
+            value: Some(&event_id),
+        })
+        .insert(Header {
+            key: "event_type",
+            value: Some(&row.event_type),
+        })
+        .insert(Header {
+            key: "schema_version",
+            value: Some(&version),
+        });
+    if let Some(tp) = &row.traceparent {
+        headers = headers.insert(Header {
+            key: "traceparent",
+            value: Some(tp),
+        });
+    }
+    (serde_json::to_vec(&body).expect("JSON"), headers)
+}
+
+/// The value of header `key` of a message, if it has one.
+pub fn header<'a>(
+    headers: Option<&'a rdkafka::message::BorrowedHeaders>,
+    key: &str,
+) -> Option<&'a str> {
+    let h = headers?;
+    (0..h.count())
+        .map(|i| h.get(i))
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Applies one order event to the dashboard, once: `applied`, `duplicate` (its inbox row was
+/// there) or `undecodable` (skipped, logged).
+async fn project(
+    pool: &sqlx::PgPool,
+    consumer: &str,
+    payload: Option<&[u8]>,
+) -> Result<&'static str, sqlx::Error> {
+    let Some(event) = payload.and_then(|p| serde_json::from_slice::<Value>(p).ok()) else {
+        tracing::warn!("undecodable event skipped");
+        return Ok("undecodable");
+    };
+    let (Some(event_id), Some(kind)) = (
+        event["event_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok()),
+        event["event_type"].as_str(),
+    ) else {
+        tracing::warn!(%event, "event without an id or a type skipped");
+        return Ok("undecodable");
+    };
+    let data = &event["data"];
+    let mut tx = pool.begin().await?;
+    let fresh = sqlx::query(
+        "INSERT INTO consumer_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(event_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        tx.rollback().await?;
+        return Ok("duplicate");
+    }
+    let column = match kind {
+        "OrderCreated" => Some("created"),
+        "OrderPaid" => Some("paid"),
+        "OrderConfirmed" => Some("confirmed"),
+        "OrderRedeemed" => Some("redeemed"),
+        "OrderCancelled" => Some("cancelled"),
+        "OrderExpired" => Some("expired"),
+        "OrderRefunded" => Some("refunded"),
+        _ => None,
+    };
+    if let (Some(column), Some(store)) = (column, data["store_id"].as_str()) {
+        let cents = if kind == "OrderPaid" {
+            data["amount_cents"].as_i64().unwrap_or(0)
+        } else {
+            0
+        };
+        // the column name comes from the fixed list above, never from the message
+        sqlx::query(&format!(
+            "INSERT INTO bar_dashboard (store_id, {column}, paid_cents, last_event_at)
+             VALUES ($1, 1, $2, now())
+             ON CONFLICT (store_id) DO UPDATE SET {column} = bar_dashboard.{column} + 1,
+                 paid_cents = bar_dashboard.paid_cents + $2, last_event_at = now()"
+        ))
+        .bind(store)
+        .bind(cents)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok("applied")
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Makes sure a Kafka API answers on 127.0.0.1:9092 for the local stack and the tests: tansu
+# (an Apache Kafka-compatible broker from crates.io; Apache Kafka itself is what
+# docker-compose.yml runs), installed with cargo when missing (about 15 minutes the first
+# time on 2 cores) and started when not answering. Its storage is in memory: a restart
+# empties it. Logs: .run/logs/tansu.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port=${KAFKA_PORT:-9092}
+answering() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+
+if answering; then
+  exit 0
+fi
+if ! command -v tansu >/dev/null 2>&1; then
+  echo "kafka: installing tansu 0.6 (cargo install; about 15 minutes the first time)"
+  cargo install tansu --version '^0.6' --locked --features dynostore -q
+fi
+mkdir -p .run/logs .run/pids
+echo "kafka: starting tansu on 127.0.0.1:$port"
+nohup tansu broker \
+  --listener-url "tcp://127.0.0.1:$port" \
+  --advertised-listener-url "tcp://127.0.0.1:$port" \
+  --storage-engine memory://tansu/ >.run/logs/tansu.log 2>&1 &
+echo $! >.run/pids/tansu.pid
+for _ in $(seq 1 100); do
+  answering && exit 0
+  sleep 0.2
+done
+echo "kafka: tansu did not answer on $port; see .run/logs/tansu.log" >&2
+tail -n 20 .run/logs/tansu.log >&2 || true
+exit 1

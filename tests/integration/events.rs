@@ -1,0 +1,415 @@
+//! The outbox to Kafka and back, on the real binaries and the local broker (tansu on
+//! 127.0.0.1:9092, started by `scripts/kafka.sh`; each test uses topics and a consumer group
+//! of its own).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::binaries::{free_port, Proc, ScratchKafka, Services};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+const BROKERS: &str = "127.0.0.1:9092";
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Reads `topic` from the start until `done` says so (or the deadline passes): every message
+/// as (event id, aggregate id), in each partition's order.
+async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    deadline: Duration,
+    mut done: impl FnMut(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("test consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        assert!(
+            started.elapsed() < deadline,
+            "read {} messages of {topic} before the deadline",
+            seen.len()
+        );
+        let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
+        else {
+            continue;
+        };
+        let header_id = event_relay::header(msg.headers(), "event_id").map(str::to_owned);
+        let body: Value = serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap();
+        let id = body["event_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            header_id.as_deref(),
+            Some(id.as_str()),
+            "the event id travels in a header"
+        );
+        let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+        assert_eq!(
+            body["aggregate_id"].as_str(),
+            Some(key.as_str()),
+            "keyed by order"
+        );
+        seen.push((id, key));
+    }
+    seen
+}
+
+/// Every event `written` (event id, order id, in outbox order) is in `seen` (in topic order),
+/// and each order's events first appear in the order they were written. Returns how many
+/// orders and how many duplicate messages there were.
+fn assert_in_order(written: &[(String, String)], seen: &[(String, String)]) -> (usize, usize) {
+    let want: HashSet<&str> = written.iter().map(|(e, _)| e.as_str()).collect();
+    let mut first_seen: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut unique = HashSet::new();
+    for (event, order) in seen {
+        if want.contains(event.as_str()) && unique.insert(event.as_str()) {
+            first_seen
+                .entry(order.as_str())
+                .or_default()
+                .push(event.as_str());
+        }
+    }
+    let mut by_order: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (event, order) in written {
+        by_order
+            .entry(order.as_str())
+            .or_default()
+            .push(event.as_str());
+    }
+    for (order, events) in &by_order {
+        assert_eq!(
+            first_seen.get(order),
+            Some(events),
+            "events of order {order} missing or out of order"
+        );
+    }
+    let repeated = seen
+        .iter()
+        .filter(|(e, _)| want.contains(e.as_str()))
+        .count()
+        - unique.len();
+    (by_order.len(), repeated)
+}
+
+/// Topics and a consumer group of a test's own.
+fn relay_env(tag: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ORDER_EVENTS_TOPIC", format!("bar.order.events.v1.{tag}")),
+        (
+            "DEAD_COMPENSATION_TOPIC",
+            format!("bar.compensation.dead.v1.{tag}"),
+        ),
+        ("CONSUMER_GROUP", format!("bar-dashboard-{tag}")),
+        ("KAFKA_TOPIC_PARTITIONS", "4".to_owned()),
+    ]
+}
+
+/// 10,000 orders through the API (a quarter paid and followed up by the scheduler, a tenth
+/// cancelled), the relay killed with SIGKILL and restarted twice meanwhile: every outbox event
+/// arrives, each order's events arrive in the order they were written, and the projection
+/// consumer applies each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_arrives_in_order_and_is_applied_once_though_the_relay_is_killed_twice() {
+    let orders = env_num("EVENTS_ORDERS", 10_000);
+    let started = Instant::now();
+    let s = Arc::new(
+        Services::start(
+            &[("PG_MAX_CONNECTIONS", "12".to_owned())],
+            &[("PAYMENT_FIRST_CHECK_MS", "600000".to_owned())],
+        )
+        .await,
+    );
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("bar.order.events.v1.{tag}");
+    let relay_env = vec![
+        ("ORDER_EVENTS_TOPIC", topic.clone()),
+        (
+            "DEAD_COMPENSATION_TOPIC",
+            format!("bar.compensation.dead.v1.{tag}"),
+        ),
+        ("CONSUMER_GROUP", format!("bar-dashboard-{tag}")),
+        ("KAFKA_TOPIC_PARTITIONS", "4".to_owned()),
+    ];
+    let (relay, relay_url) = s.event_relay(&relay_env).await;
+    let (_scheduler, _) = s.scheduler(&[]).await;
+    s.put_sku("sku-ev", "bar-ev", 1_200, orders as i64 + 10)
+        .await;
+
+    // the relay dies by SIGKILL twice while orders come in, and comes back each time
+    let killer = {
+        let (s, relay_env) = (s.clone(), relay_env.clone());
+        tokio::spawn(async move {
+            let (mut relay, mut url): (Proc, String) = (relay, relay_url);
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                relay.child.kill().expect("SIGKILL the relay");
+                relay.child.wait().expect("reap the relay");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                (relay, url) = s.event_relay(&relay_env).await;
+            }
+            (relay, url)
+        })
+    };
+
+    let gate = Arc::new(Semaphore::new(32));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..orders {
+        let (s, gate) = (s.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire().await.unwrap();
+            let user = format!("ev-{i}");
+            if i % 4 == 0 {
+                let (_, payment, _) = s
+                    .order_with_payment(&user, "k", ("sku-ev", "bar-ev"), "wechat")
+                    .await;
+                s.pay(&payment).await;
+            } else {
+                let (order, _, _) = s
+                    .order_with_payment(&user, "k", ("sku-ev", "bar-ev"), "alipay")
+                    .await;
+                if i % 10 == 1 {
+                    s.cancel(&user, &order).await;
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let created_in = started.elapsed();
+    let (_relay, relay_url) = killer.await.unwrap();
+
+    // the paid orders confirmed (their follow-ups' events written), then the outbox drained
+    let paid = orders.div_ceil(4) as i64;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (confirmed, unpublished): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM orders WHERE state = 'CONFIRMED'),
+                    (SELECT count(*) FROM outbox WHERE published_at IS NULL)",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        if confirmed == paid && unpublished == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "confirmed {confirmed}/{paid}, unpublished {unpublished}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // every outbox event is on the topic; each order's in the order written
+    let written: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_id::text, aggregate_id FROM outbox
+         WHERE event_type <> 'CompensationFailed' ORDER BY id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let want: HashSet<&str> = written.iter().map(|(e, _)| e.as_str()).collect();
+    let seen = read_topic(BROKERS, &topic, Duration::from_secs(120), |seen| {
+        seen.iter()
+            .filter(|(e, _)| want.contains(e.as_str()))
+            .map(|(e, _)| e)
+            .collect::<HashSet<_>>()
+            .len()
+            == want.len()
+    })
+    .await;
+    let mut first_seen: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut unique = HashSet::new();
+    for (event, order) in &seen {
+        if unique.insert(event.as_str()) {
+            first_seen
+                .entry(order.as_str())
+                .or_default()
+                .push(event.as_str());
+        }
+    }
+    let mut by_order: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (event, order) in &written {
+        by_order
+            .entry(order.as_str())
+            .or_default()
+            .push(event.as_str());
+    }
+    assert_eq!(by_order.len(), orders);
+    for (order, events) in &by_order {
+        assert_eq!(
+            first_seen.get(order),
+            Some(events),
+            "events of order {order} out of order"
+        );
+    }
+    let duplicates = seen.len() - unique.len();
+
+    // the projection applied each event once: it agrees with the outbox
+    let truth: Vec<(String, i64)> =
+        sqlx::query_as("SELECT event_type, count(*) FROM outbox GROUP BY 1")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    let truth: HashMap<String, i64> = truth.into_iter().collect();
+    let count_of = |t: &str| truth.get(t).copied().unwrap_or(0);
+    let want_row = json!([
+        count_of("OrderCreated"),
+        count_of("OrderPaid"),
+        count_of("OrderConfirmed"),
+        count_of("OrderCancelled"),
+        1_200 * count_of("OrderPaid"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT created, paid, confirmed, cancelled, paid_cents FROM bar_dashboard
+             WHERE store_id = 'bar-ev'",
+        )
+        .fetch_optional(&db)
+        .await
+        .unwrap();
+        let got = row.map(|r| json!([r.0, r.1, r.2, r.3, r.4]));
+        if got.as_ref() == Some(&want_row) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dashboard {got:?}, want {want_row}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM consumer_inbox")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(inbox as usize, want.len(), "one inbox row per event");
+    let metrics = s.metrics(&relay_url).await;
+    println!(
+        "events: {orders} orders created in {created_in:.1?}; {} events written, {} messages read ({duplicates} duplicates from the two kills); projection agrees ({want_row}); the last relay published {:?}",
+        written.len(),
+        seen.len(),
+        integration_tests::metric_value(&metrics, "relay_published_total", &[]),
+    );
+}
+
+/// Kafka gone for 30 s while orders come in: every order succeeds without waiting on Kafka,
+/// the outbox grows; once Kafka is back (empty: an in-memory broker restarted) the backlog
+/// drains and every event written meanwhile arrives, each order's in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_keep_succeeding_while_kafka_is_down_and_the_backlog_drains_after() {
+    let outage = Duration::from_secs(env_num("EVENTS_OUTAGE_SECS", 30) as u64);
+    let mut kafka = ScratchKafka::start(free_port()).await;
+    let s = Services::start(&[], &[("PAYMENT_FIRST_CHECK_MS", "600000".to_owned())]).await;
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("bar.order.events.v1.{tag}");
+    let mut env = relay_env(&tag);
+    env.push(("KAFKA_BROKERS", kafka.brokers()));
+    env.push(("CONSUMER_ENABLED", "false".to_owned()));
+    env.push(("RELAY_DELIVERY_TIMEOUT_MS", "3000".to_owned()));
+    let (_relay, relay_url) = s.event_relay(&env).await;
+    s.put_sku("sku-down", "bar-down", 800, 10_000).await;
+    let unpublished = || {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    for i in 0..20 {
+        s.order_with_payment(
+            &format!("before-{i}"),
+            "k",
+            ("sku-down", "bar-down"),
+            "wechat",
+        )
+        .await;
+    }
+    integration_tests::eventually(
+        "the first orders published",
+        Duration::from_secs(30),
+        || async { (unpublished().await == 0).then_some(()) },
+    )
+    .await;
+    let cutoff: i64 = sqlx::query_scalar("SELECT max(id) FROM outbox")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+
+    // Kafka goes away; orders keep coming, and keep succeeding at once
+    kafka.stop();
+    let down = Instant::now();
+    let (mut during, mut slowest) = (0, Duration::ZERO);
+    while down.elapsed() < outage {
+        let t = Instant::now();
+        s.order_with_payment(
+            &format!("during-{during}"),
+            "k",
+            ("sku-down", "bar-down"),
+            "alipay",
+        )
+        .await;
+        slowest = slowest.max(t.elapsed());
+        during += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let backlog = unpublished().await;
+    assert!(
+        backlog >= during as i64,
+        "backlog {backlog} < {during} orders"
+    );
+    let lag =
+        integration_tests::metric_value(&s.metrics(&relay_url).await, "outbox_lag_seconds", &[])
+            .unwrap();
+    assert!(lag >= outage.as_secs_f64() / 2.0, "outbox lag {lag}");
+
+    // Kafka is back: the backlog drains, and every event written meanwhile is on the topic
+    kafka.resume().await;
+    let back = Instant::now();
+    integration_tests::eventually("the backlog drained", Duration::from_secs(120), || async {
+        (unpublished().await == 0).then_some(())
+    })
+    .await;
+    let drained_in = back.elapsed();
+    let written: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_id::text, aggregate_id FROM outbox WHERE id > $1 ORDER BY id")
+            .bind(cutoff)
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    let want: HashSet<String> = written.iter().map(|(e, _)| e.clone()).collect();
+    let seen = read_topic(&kafka.brokers(), &topic, Duration::from_secs(60), |seen| {
+        seen.iter()
+            .filter(|(e, _)| want.contains(e))
+            .map(|(e, _)| e)
+            .collect::<HashSet<_>>()
+            .len()
+            == want.len()
+    })
+    .await;
+    let (per_order, duplicates) = assert_in_order(&written, &seen);
+    assert_eq!(per_order, during);
+    println!(
+        "events: Kafka down {outage:?}: {during} orders succeeded (slowest {slowest:.0?}), backlog {backlog} events (lag {lag:.0} s); drained {} events in {drained_in:.1?} after Kafka came back ({duplicates} duplicates)",
+        written.len()
+    );
+}
