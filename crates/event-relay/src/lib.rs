@@ -105,6 +105,7 @@ struct RelayMetrics {
     lag: Gauge,
     leader: prometheus::IntGauge,
     consumed: IntCounterVec,
+    consumer_lag: prometheus::IntGaugeVec,
 }
 
 pub struct App {
@@ -155,7 +156,10 @@ pub async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> a
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
-    for result in admin.create_topics(&new, &AdminOptions::new()).await? {
+    let options = AdminOptions::new()
+        .request_timeout(Some(Duration::from_secs(5)))
+        .operation_timeout(Some(Duration::from_secs(5)));
+    for result in admin.create_topics(&new, &options).await? {
         match result {
             Ok(_) => {}
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -195,6 +199,11 @@ impl App {
             ),
             lag,
             leader,
+            consumer_lag: metrics.gauge(
+                "consumer_lag_messages",
+                "Messages on the order events topic the projection has not consumed yet, by partition it holds",
+                &["partition"],
+            ),
             consumed: metrics.counter(
                 "consumer_events_total",
                 "Events the projection consumer handled: applied, duplicate, undecodable",
@@ -239,6 +248,7 @@ impl App {
             }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
+        let lag = tokio::spawn(self.clone().watch_lag(stop.clone()));
         let relay = self
             .config
             .relay
@@ -247,7 +257,7 @@ impl App {
             .config
             .consumer
             .then(|| tokio::spawn(self.clone().consume(stop.clone())));
-        for task in [relay, consumer].into_iter().flatten() {
+        for task in [Some(lag), relay, consumer].into_iter().flatten() {
             let _ = task.await;
         }
     }
@@ -289,7 +299,6 @@ impl App {
                     }
                 }
             };
-            self.refresh_lag().await;
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(pause) => {}
@@ -299,15 +308,24 @@ impl App {
         leadership.resign().await;
     }
 
-    async fn refresh_lag(&self) {
-        let oldest: Result<Option<f64>, _> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox
-             WHERE published_at IS NULL ORDER BY id LIMIT 1",
-        )
-        .fetch_optional(&self.store.pool)
-        .await;
-        if let Ok(age) = oldest {
-            self.m.lag.set(age.unwrap_or(0.0).max(0.0));
+    /// Every second, on every instance (leading or not): the age of the oldest unpublished
+    /// row, whatever the relay is waiting for.
+    async fn watch_lag(self: Arc<App>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let oldest: Result<Option<f64>, _> = sqlx::query_scalar(
+                "SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox
+                 WHERE published_at IS NULL ORDER BY id LIMIT 1",
+            )
+            .fetch_optional(&self.store.pool)
+            .await;
+            if let Ok(age) = oldest {
+                self.m.lag.set(age.unwrap_or(0.0).max(0.0));
+            }
         }
     }
 
@@ -354,13 +372,21 @@ impl App {
         let results = join_all(deliveries).await;
         let mut acked = Vec::with_capacity(meta.len());
         let mut failed = 0;
+        let mut first_error = None;
         for ((id, topic), result) in meta.into_iter().zip(results) {
             match result {
                 Ok(Ok(_)) => {
                     acked.push(id);
                     self.m.published.with_label_values(&[topic]).inc();
                 }
-                _ => failed += 1,
+                Ok(Err((e, _))) => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+                Err(_) => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| "delivery report lost".to_owned());
+                }
             }
         }
         if !acked.is_empty() {
@@ -372,17 +398,22 @@ impl App {
         }
         if failed > 0 || refused.is_some() {
             self.m.errors.with_label_values(&["kafka"]).inc();
+            // Nothing is in flight now (every delivery has been reported). A producer whose
+            // state the broker no longer knows (a broker that came back empty answers
+            // UNKNOWN_PRODUCER_ID) fails every message from then on, fatally or not: start a
+            // new one, with a new producer id.
             if let Some((code, reason)) = producer.client().fatal_error() {
-                tracing::warn!(?code, %reason, "producer failed fatally; starting a new one");
-                let fresh = crate::producer(&self.config.brokers, self.config.delivery_timeout)?;
-                *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                tracing::warn!(?code, %reason, "producer failed fatally");
             }
+            let fresh = crate::producer(&self.config.brokers, self.config.delivery_timeout)?;
+            *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
             anyhow::bail!(
-                "Kafka acknowledged {} of {} events ({failed} failed{})",
+                "Kafka acknowledged {} of {} events ({failed} failed, first: {}{})",
                 acked.len(),
                 rows.len(),
+                first_error.unwrap_or_default(),
                 refused
-                    .map(|e| format!(", queue refused: {e}"))
+                    .map(|e| format!("; queue refused: {e}"))
                     .unwrap_or_default()
             );
         }
@@ -403,6 +434,11 @@ impl App {
             .set("group.id", &self.config.group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
+            // a consumer that died gives its partitions up within seconds
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            // do not sit on a fetch waiting for more: events are few and small
+            .set("fetch.wait.max.ms", "50")
             .create()
         {
             Ok(c) => c,
@@ -415,9 +451,15 @@ impl App {
             tracing::error!(error = %e, "projection consumer cannot subscribe");
             return;
         }
+        let mut lag_checked = std::time::Instant::now();
         loop {
+            if lag_checked.elapsed() >= Duration::from_secs(5) {
+                lag_checked = std::time::Instant::now();
+                self.record_consumer_lag(&consumer);
+            }
             let msg = tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
                 m = consumer.recv() => m,
             };
             let msg = match msg {
@@ -447,6 +489,35 @@ impl App {
             }
         }
         let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    }
+}
+
+impl App {
+    /// `consumer_lag_messages{partition}`: the newest offset Kafka has minus where this
+    /// consumer is, for each partition it holds. (librdkafka's calls block: off the runtime.)
+    fn record_consumer_lag(&self, consumer: &StreamConsumer) {
+        let lag = tokio::task::block_in_place(|| {
+            let Ok(position) = consumer.position() else {
+                return Vec::new();
+            };
+            position
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+                        .ok()?;
+                    let at = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
+                    Some((e.partition(), (high - at).max(0)))
+                })
+                .collect::<Vec<_>>()
+        });
+        for (partition, n) in lag {
+            self.m
+                .consumer_lag
+                .with_label_values(&[&partition.to_string()])
+                .set(n);
+        }
     }
 }
 
