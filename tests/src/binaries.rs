@@ -466,14 +466,33 @@ impl Services {
             .expect("metrics text")
     }
 
-    /// `user` cancels `order` (expects 200; a 503 is retried).
+    /// `user` cancels `order` (expects 200). A 503 is retried; a 503 may come after the cancel
+    /// committed (its answer was what failed), so on a retry "already cancelled" is success.
     pub async fn cancel(&self, user: &str, order: &str) {
-        self.retrying_503(reqwest::StatusCode::OK, || {
-            self.http
+        for attempt in 0..50 {
+            let r = self
+                .http
                 .post(format!("{}/v1/orders/{order}/cancel", self.order_api))
                 .bearer_auth(crate::token(user))
-        })
-        .await;
+                .send()
+                .await
+                .expect("cancel");
+            let status = r.status();
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            let cancelled_before = attempt > 0
+                && status == reqwest::StatusCode::CONFLICT
+                && body["message"] == "order is CANCELLED";
+            assert!(
+                status == reqwest::StatusCode::OK || cancelled_before,
+                "{status} {body}"
+            );
+            return;
+        }
+        panic!("cancel still 503 after 50 tries");
     }
 
     /// The simulator's view of a payment (status, transaction id, callbacks, refunds).
