@@ -120,17 +120,21 @@ pub struct App {
 
 /// One outbox row.
 #[derive(sqlx::FromRow)]
-struct OutboxRow {
-    id: i64,
-    event_id: Uuid,
-    aggregate_type: String,
-    aggregate_id: String,
-    event_type: String,
-    schema_version: i32,
-    payload: Value,
-    traceparent: Option<String>,
-    created_at: DateTime<Utc>,
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: Value,
+    pub traceparent: Option<String>,
+    pub created_at: DateTime<Utc>,
 }
+
+/// The columns of [`OutboxRow`], for queries.
+pub const OUTBOX_COLUMNS: &str = "id, event_id, aggregate_type, aggregate_id, event_type,
+    schema_version, payload, traceparent, created_at";
 
 /// The producer every relay uses: idempotent (no duplicates or reordering from its own
 /// retries, acks from all in-sync replicas), so one order's events stay in order.
@@ -332,11 +336,9 @@ impl App {
     /// One batch: send, wait for the acknowledgements, stamp what was acknowledged. Returns
     /// how many were published; an error if Postgres failed or Kafka refused any.
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, event_id, aggregate_type, aggregate_id, event_type, schema_version,
-                    payload, traceparent, created_at
-             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
-        )
+        let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1"
+        ))
         .bind(self.config.batch)
         .fetch_all(&self.store.pool)
         .await
@@ -353,7 +355,7 @@ impl App {
         let mut refused = None;
         for row in &rows {
             let topic = self.topic_of(&row.event_type);
-            let (body, headers) = message(row);
+            let (body, headers) = kafka_message(row);
             let record = FutureRecord::to(topic)
                 .key(&row.aggregate_id)
                 .payload(&body)
@@ -420,7 +422,7 @@ impl App {
         Ok(acked.len())
     }
 
-    fn topic_of(&self, event_type: &str) -> &str {
+    pub fn topic_of(&self, event_type: &str) -> &str {
         if event_type == COMPENSATION_FAILED {
             &self.config.dead_topic
         } else {
@@ -523,7 +525,7 @@ impl App {
 
 /// The Kafka message of an outbox row: a JSON envelope, and headers naming the event (so a
 /// consumer can drop a duplicate before decoding the body) and carrying the trace context.
-fn message(row: &OutboxRow) -> (Vec<u8>, OwnedHeaders) {
+pub fn kafka_message(row: &OutboxRow) -> (Vec<u8>, OwnedHeaders) {
     let body = json!({
         "event_id": row.event_id,
         "event_type": row.event_type,
