@@ -27,7 +27,10 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} wants a number")))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} wants a number"))
+        })
         .unwrap_or(default)
 }
 
@@ -55,7 +58,12 @@ async fn main() -> anyhow::Result<()> {
         group: format!("bench-{tag}"),
     };
     let bare_topic = format!("bench.bare.{tag}");
-    event_relay::ensure_topics(&brokers, &[&config.order_topic, &config.dead_topic, &bare_topic], 6).await?;
+    event_relay::ensure_topics(
+        &brokers,
+        &[&config.order_topic, &config.dead_topic, &bare_topic],
+        6,
+    )
+    .await?;
     let app = App::build(config).await?;
     let pool = app.store.pool.clone();
 
@@ -76,7 +84,10 @@ async fn main() -> anyhow::Result<()> {
         sqlx::query_as(&format!("SELECT {OUTBOX_COLUMNS} FROM outbox ORDER BY id"))
             .fetch_all(&pool)
             .await?;
-    let messages: Vec<_> = rows.iter().map(|r| (r.aggregate_id.clone(), kafka_message(r))).collect();
+    let messages: Vec<_> = rows
+        .iter()
+        .map(|r| (r.aggregate_id.clone(), kafka_message(r)))
+        .collect();
 
     eprintln!("== bare producer: the same {events} messages");
     let producer = event_relay::producer(&brokers, Duration::from_secs(30))?;
@@ -104,7 +115,11 @@ async fn main() -> anyhow::Result<()> {
         .filter(|r| matches!(r, Ok(Ok(_))))
         .count();
     let bare_secs = started.elapsed().as_secs_f64();
-    anyhow::ensure!(acked == messages.len(), "bare producer: {acked} of {} acknowledged", messages.len());
+    anyhow::ensure!(
+        acked == messages.len(),
+        "bare producer: {acked} of {} acknowledged",
+        messages.len()
+    );
     let bare_rate = events as f64 / bare_secs;
 
     eprintln!("== relay: the same {events} rows, stamped");
@@ -177,7 +192,10 @@ async fn main() -> anyhow::Result<()> {
     println!("relay benchmark ({events} events, 6 partitions, local Kafka API at {brokers})");
     println!("  bare rdkafka producer : {bare_rate:>10.0} events/s ({bare_secs:.2} s)");
     println!("  relay (read, send, stamp): {relay_rate:>7.0} events/s ({relay_secs:.2} s)");
-    println!("  relay / bare producer : {:>10.2}x (goal >= 0.8x)", relay_rate / bare_rate);
+    println!(
+        "  relay / bare producer : {:>10.2}x (goal >= 0.8x)",
+        relay_rate / bare_rate
+    );
     println!(
         "  outbox lag with {writers} writers inserting {insert_rate:.0} events/s: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} samples)",
         pct(0.5),
