@@ -12,5 +12,5 @@ cargo build --release -p event-relay --locked -q
 admin=postgres://postgres@127.0.0.1:5432/postgres
 db=bench_events
 psql -q "$admin" -c "drop database if exists $db with (force)" -c "create database $db"
-DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db PG_MAX_CONNECTIONS=24 \
+DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db PG_MAX_CONNECTIONS=24 PG_STATEMENT_TIMEOUT_MS=300000 \
   target/release/relay-bench "$@"
