@@ -15,7 +15,7 @@ if answering; then
 fi
 if ! command -v tansu >/dev/null 2>&1; then
   echo "kafka: installing tansu 0.6 (cargo install; about 15 minutes the first time)"
-  cargo install tansu --version '^0.6' --locked --features dynostore -q
+  cargo install tansu --version '^0.6' --locked --features dynostore
 fi
 mkdir -p .run/logs .run/pids
 echo "kafka: starting tansu on 127.0.0.1:$port"
