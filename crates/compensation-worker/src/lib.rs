@@ -130,6 +130,10 @@ impl Config {
                 EngineConfig {
                     lease: Duration::from_secs(6),
                     maintenance_interval: Duration::from_secs(1),
+                    // a refund (or a check) that failed for a reason of ours (the database,
+                    // prelock-service) is retried within 30 s, not minutes
+                    backoff_base: Duration::from_secs(1),
+                    backoff_cap: Duration::from_secs(30),
                     ..EngineConfig::default()
                 },
             )
