@@ -460,9 +460,7 @@ impl Checker {
                 "paid without an event id or a time".into(),
             ));
         };
-        if let Ok(missing) =
-            records::missing_events(&self.store.pool, payment.order_id, payment_id).await
-        {
+        if let Ok(missing) = records::missing_events(&self.store.pool, payment.order_id).await {
             let now = self.now_ms();
             self.sla
                 .lock()

@@ -418,26 +418,23 @@ pub async fn callback_latencies(
     .await
 }
 
-/// How many of a paid order's events are missing: its callback and the events that follow
-/// payment (`OrderPaid`, `StockDeducted`, `VoucherIssued`, `OrderConfirmed`).
-pub async fn missing_events(
-    pool: &PgPool,
-    order_id: Uuid,
-    payment_id: Uuid,
-) -> Result<u32, sqlx::Error> {
-    let seen: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(DISTINCT event_type) FROM outbox
-                  WHERE aggregate_id = $1::text
-                    AND event_type IN ('OrderPaid', 'StockDeducted', 'VoucherIssued',
-                                       'OrderConfirmed'))
-              + (SELECT count(*) FROM payment_events
-                  WHERE payment_id = $2 AND source = 'webhook')::bigint",
-    )
-    .bind(order_id)
-    .bind(payment_id)
-    .fetch_one(pool)
-    .await?;
-    Ok((5 - seen.min(5)) as u32)
+/// How many of a paid payment's events are missing when a check finds it paid at the provider
+/// and still open here: its callback (still open: no webhook applied it), and of those that
+/// follow payment (`OrderPaid`, `StockDeducted`, `VoucherIssued`, `OrderConfirmed`) what the
+/// order's state says cannot be there yet. Read from the order's row (one primary-key
+/// lookup), not the outbox, which has no index by order and only grows.
+pub async fn missing_events(pool: &PgPool, order_id: Uuid) -> Result<u32, sqlx::Error> {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM orders WHERE id = $1")
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await?;
+    let after_payment = match state.as_deref() {
+        Some("PENDING" | "EXPIRED" | "CANCELLED") | None => 4,
+        // OrderPaid is there; the follow-ups may not be, OrderConfirmed is not
+        Some("PAID") => 3,
+        _ => 0,
+    };
+    Ok(1 + after_payment)
 }
 
 /// Brings scheduled checks due later than `within` from now forward to then (the SLA
