@@ -285,11 +285,7 @@ impl App {
     /// The ops API and console, `/openapi.json`, `/healthz`, `/readyz` (Postgres answers),
     /// `/metrics`.
     pub fn router(self: &Arc<App>) -> Router {
-        let app = self.clone();
-        let ready = service_kit::http::ready_check(move || {
-            let app = app.clone();
-            async move { app.store.ping().await.map_err(|e| format!("postgres: {e}")) }
-        });
+        let ready = service_kit::http::ready_check(self.store.ready_probe());
         service_kit::http::finish(ops::router(self.clone()), self.metrics.clone(), ready)
     }
 

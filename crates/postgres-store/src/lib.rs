@@ -150,6 +150,22 @@ impl PgStore {
         Ok(())
     }
 
+    /// A readiness probe for a binary whose only dependency is Postgres: answers when the
+    /// database does (wrap it with `service_kit::http::ready_check`).
+    #[allow(clippy::type_complexity)]
+    pub fn ready_probe(
+        &self,
+    ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+           + Send
+           + Sync
+           + 'static {
+        let store = self.clone();
+        move || {
+            let store = store.clone();
+            Box::pin(async move { store.ping().await.map_err(|e| format!("postgres: {e}")) })
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
