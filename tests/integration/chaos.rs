@@ -283,4 +283,18 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
         .map_or(0, |r| r.1);
     assert!(compensated > 0, "no payment was compensated: {by_source:?}");
     assert!(kills == 5);
+    integration_tests::assert_emitted_events_match_schemas(
+        &db,
+        &[
+            "OrderCreated",
+            "OrderCancelled",
+            "OrderPaid",
+            "RefundRequested",
+            "OrderRefunded",
+            "StockDeducted",
+            "VoucherIssued",
+            "OrderConfirmed",
+        ],
+    )
+    .await;
 }

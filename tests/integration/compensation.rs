@@ -525,4 +525,9 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
     );
     // c keeps the unit it holds
     assert_eq!(state(c).await, "PENDING");
+    integration_tests::assert_emitted_events_match_schemas(
+        &db,
+        &["OrderExpired", "RefundRequested", "OrderRefunded", "OrderPaid"],
+    )
+    .await;
 }

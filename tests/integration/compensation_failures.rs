@@ -269,6 +269,7 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
         (metric_value(&m, "compensation_open_failures", &[]) == Some(3.0)).then_some(())
     })
     .await;
+    integration_tests::assert_emitted_events_match_schemas(&db, &["CompensationFailed"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,6 +194,20 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         Some("1"),
         "{metrics}"
     );
+    let pg = sqlx::PgPool::connect(&s.db).await.unwrap();
+    integration_tests::assert_emitted_events_match_schemas(
+        &pg,
+        &[
+            "OrderCreated",
+            "OrderPaid",
+            "StockDeducted",
+            "VoucherIssued",
+            "OrderConfirmed",
+            "OrderRedeemed",
+            "OrderExpired",
+        ],
+    )
+    .await;
 
     let status = sch.terminate(Duration::from_secs(15));
     let log = sch.log_text();

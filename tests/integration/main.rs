@@ -8,6 +8,7 @@ mod compensation_failures;
 mod console;
 mod deploy;
 mod end_to_end;
+mod event_schemas;
 mod events;
 mod faults;
 mod follow_ups;

@@ -646,3 +646,34 @@ pub async fn order_state(db: &PgPool, order: &str) -> String {
         .await
         .expect("order state")
 }
+
+/// Validates every outbox row of the database against its Avro schema (`schemas/events`, the
+/// row's `event_type` and `schema_version`), failing on the first that does not fit; returns the
+/// event types seen with their counts.
+pub async fn assert_outbox_matches_schemas(
+    db: &PgPool,
+) -> std::collections::BTreeMap<String, usize> {
+    let schemas = event_schemas::SchemaSet::load(&event_schemas::repo_schemas()).unwrap();
+    let rows: Vec<(String, i32, Value)> =
+        sqlx::query_as("SELECT event_type, schema_version, payload FROM outbox ORDER BY id")
+            .fetch_all(db)
+            .await
+            .unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for (event_type, version, payload) in rows {
+        if let Err(e) = schemas.validate(&event_type, version, &payload) {
+            panic!("an emitted event does not match its schema: {e}\n{payload}");
+        }
+        *seen.entry(event_type).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// [`assert_outbox_matches_schemas`], and every one of `types` was among the rows.
+pub async fn assert_emitted_events_match_schemas(db: &PgPool, types: &[&str]) {
+    let seen = assert_outbox_matches_schemas(db).await;
+    for t in types {
+        assert!(seen.contains_key(*t), "no {t} was emitted: {seen:?}");
+    }
+    println!("schemas: every emitted event matches its schema: {seen:?}");
+}

@@ -23,6 +23,22 @@ pub const ORDER_REFUNDED: &str = "OrderRefunded";
 /// topic).
 pub const COMPENSATION_FAILED: &str = "CompensationFailed";
 
+/// Every event type the code writes to the outbox; each has an Avro schema per version in
+/// `schemas/events` (a test holds the two lists equal).
+pub const EVENT_TYPES: &[&str] = &[
+    ORDER_CREATED,
+    ORDER_CANCELLED,
+    ORDER_PAID,
+    ORDER_EXPIRED,
+    REFUND_REQUESTED,
+    STOCK_DEDUCTED,
+    VOUCHER_ISSUED,
+    ORDER_CONFIRMED,
+    ORDER_REDEEMED,
+    ORDER_REFUNDED,
+    COMPENSATION_FAILED,
+];
+
 pub const JOB_ORDER_EXPIRE: &str = "order.expire";
 pub const JOB_STOCK_DEDUCT: &str = "stock.deduct";
 pub const JOB_VOUCHER_ISSUE: &str = "voucher.issue";
