@@ -527,7 +527,12 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
     assert_eq!(state(c).await, "PENDING");
     integration_tests::assert_emitted_events_match_schemas(
         &db,
-        &["OrderExpired", "RefundRequested", "OrderRefunded", "OrderPaid"],
+        &[
+            "OrderExpired",
+            "RefundRequested",
+            "OrderRefunded",
+            "OrderPaid",
+        ],
     )
     .await;
 }

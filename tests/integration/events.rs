@@ -399,3 +399,132 @@ async fn orders_keep_succeeding_while_kafka_is_down_and_the_backlog_drains_after
         written.len()
     );
 }
+
+/// One trace from "buy now" to the consumer, across five processes and Kafka: every binary
+/// exports its spans over OTLP to an in-memory collector in this test. The order request stores
+/// its context on the order, the outbox rows and the expiry job; the payment and the provider's
+/// callback continue it; the follow-up jobs written by the callback run two seconds later in
+/// the scheduler as spans of it; the relay sends each row's context as the `traceparent` header;
+/// the projection consumer's spans continue it. The JSON logs name the same trace id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_spans_the_order_request_the_callback_the_follow_up_jobs_and_the_consumer() {
+    let collector = integration_tests::otlp::Collector::start().await;
+    let otel = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url.clone()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    let mut s = Services::start(&otel, &[]).await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (_relay, _) = s.event_relay(&relay_env(&tag)).await;
+    let (_scheduler, _) = s.scheduler(&[]).await;
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    s.put_sku("sku-tr", "bar-tr", 9_900, 3).await;
+
+    let (order, payment, _) = s
+        .order_with_payment("trace-user", "trace-1", ("sku-tr", "bar-tr"), "wechat")
+        .await;
+    s.pay(&payment).await; // the buyer pays; the provider calls back
+    integration_tests::eventually(
+        "the consumer saw the order confirmed",
+        Duration::from_secs(60),
+        || {
+            let db = db.clone();
+            async move {
+                let n: Option<i64> = sqlx::query_scalar(
+                    "SELECT confirmed FROM bar_dashboard WHERE store_id = 'bar-tr'",
+                )
+                .fetch_optional(&db)
+                .await
+                .unwrap();
+                (n == Some(1)).then_some(())
+            }
+        },
+    )
+    .await;
+
+    let stored: String = sqlx::query_scalar("SELECT traceparent FROM orders WHERE id = $1::uuid")
+        .bind(&order)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let trace = stored.split('-').nth(1).unwrap().to_owned();
+    let want = [
+        ("order-api", "POST /v1/orders"),
+        (
+            "prelock-service",
+            "PUT /v1/skus/{sku_id}/reservations/{reservation_id}",
+        ),
+        ("order-api", "order.pay"),
+        ("order-api", "payment.callback"),
+        ("scheduler", "job stock.deduct"),
+        ("scheduler", "job voucher.issue"),
+        ("scheduler", "job order.notify"),
+        ("event-relay", "consume OrderCreated"),
+        ("event-relay", "consume OrderPaid"),
+        ("event-relay", "consume OrderConfirmed"),
+    ];
+    let spans =
+        integration_tests::eventually("the spans exported", Duration::from_secs(30), || {
+            let spans = collector.spans();
+            let ours: Vec<_> = spans.into_iter().filter(|s| s.trace_id == trace).collect();
+            let all = want
+                .iter()
+                .all(|(svc, name)| ours.iter().any(|s| s.service == *svc && s.name == *name));
+            async move { all.then_some(ours) }
+        })
+        .await;
+    // every row the order caused carries the trace: its events and its jobs
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT event_type, traceparent FROM outbox WHERE aggregate_id = $1
+         UNION ALL
+         SELECT kind, traceparent FROM delayed_job_archive WHERE payload->>'order_id' = $1",
+    )
+    .bind(&order)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    for kind in [
+        "OrderCreated",
+        "OrderPaid",
+        "OrderConfirmed",
+        "stock.deduct",
+        "voucher.issue",
+        "order.notify",
+    ] {
+        assert!(rows.iter().any(|r| r.0 == kind), "no {kind} row: {rows:?}");
+    }
+    for (what, tp) in &rows {
+        assert!(
+            tp.as_deref().is_some_and(|tp| tp.contains(&trace)),
+            "{what} is not in the order's trace {trace}: {tp:?}"
+        );
+    }
+
+    // one trace, one root: the order request
+    let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    let roots: Vec<_> = spans
+        .iter()
+        .filter(|s| !ids.contains(s.parent_span_id.as_str()))
+        .map(|s| (s.service.as_str(), s.name.as_str()))
+        .collect();
+    assert_eq!(roots, [("order-api", "POST /v1/orders")], "{spans:#?}");
+    let mut services: Vec<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+    services.sort();
+    services.dedup();
+    println!(
+        "trace {trace}: {} spans from {services:?}: {:?}",
+        spans.len(),
+        spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+    );
+
+    // the logs name the trace: the callback's "payment applied" line in order-api's JSON log
+    let log = s.order_proc.log_text();
+    let applied = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "payment applied")
+        .unwrap_or_else(|| panic!("no payment applied line:\n{log}"));
+    assert_eq!(applied["trace_id"], trace.as_str(), "{applied}");
+    assert_eq!(applied["span"], "payment.callback", "{applied}");
+    s.order_proc.terminate(Duration::from_secs(10));
+}

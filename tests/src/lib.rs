@@ -7,6 +7,7 @@
 
 pub mod binaries;
 pub mod fault_proxy;
+pub mod otlp;
 pub mod receiver;
 pub mod webdriver;
 

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging("compensation-worker");
+    let _telemetry = telemetry::init_logging("compensation-worker");
     let config = Config::from_env()?;
     let addr = listen_addr("COMPENSATION_ADDR", "127.0.0.1:8083")?;
     let mut secrets = SecretLoader::from_env();

@@ -41,6 +41,7 @@ use serde_json::{json, Value};
 use service_kit::config::{env_millis, env_or, env_string};
 use service_kit::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Key of the relay leader's advisory lock ("outbox_r").
@@ -468,19 +469,39 @@ impl App {
                     continue;
                 }
             };
+            // handling is a span of the trace that wrote the event (the order's)
+            let span = service_kit::trace::follow(
+                tracing::info_span!(
+                    "consume",
+                    otel.name = format!(
+                        "consume {}",
+                        header(msg.headers(), "event_type").unwrap_or("event")
+                    ),
+                    otel.kind = "consumer",
+                    messaging.destination.name = msg.topic(),
+                    messaging.kafka.offset = msg.offset(),
+                    consumer.group = %self.config.group,
+                ),
+                header(msg.headers(), service_kit::trace::TRACEPARENT),
+            );
             // applied (or known undecodable) before the offset moves past it
-            let outcome = loop {
-                match project(&self.store.pool, &self.config.group, msg.payload()).await {
-                    Ok(o) => break o,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "projection failed; retrying the event");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            let outcome = async {
+                loop {
+                    match project(&self.store.pool, &self.config.group, msg.payload()).await {
+                        Ok(o) => break Some(o),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "projection failed; retrying the event");
+                            tokio::select! {
+                                _ = stop.cancelled() => break None,
+                                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            }
                         }
                     }
                 }
-            };
+            }
+            .instrument(span)
+            .await;
+            let Some(outcome) = outcome else { return };
             self.m.consumed.with_label_values(&[outcome]).inc();
             if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
                 tracing::warn!(error = %e, "offset not committed; the event may come again (the inbox absorbs it)");

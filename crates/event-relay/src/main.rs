@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging("event-relay");
+    let _telemetry = telemetry::init_logging("event-relay");
     let config = Config::from_env()?;
     let addr = listen_addr("EVENT_RELAY_ADDR", "127.0.0.1:8084")?;
     let app = App::build(config).await?;

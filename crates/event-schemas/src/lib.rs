@@ -283,8 +283,9 @@ fn record_datum(
             (None, Some(d)) => to_datum(d, &f.schema)
                 .or_else(|_| match &f.schema {
                     // a union's default is a value of its first branch
-                    Schema::Union(u) => to_datum(d, &u.variants()[0])
-                        .map(|x| Value::Union(0, Box::new(x))),
+                    Schema::Union(u) => {
+                        to_datum(d, &u.variants()[0]).map(|x| Value::Union(0, Box::new(x)))
+                    }
                     _ => Err("bad default".to_owned()),
                 })
                 .map_err(|e| format!("field {:?}: {e}", f.name))?,
@@ -330,7 +331,11 @@ mod tests {
         let broken = set.check_backward_transitive();
         assert_eq!(broken.len(), 1, "{broken:?}");
         assert_eq!(
-            (broken[0].event_type.as_str(), broken[0].reader, broken[0].writer),
+            (
+                broken[0].event_type.as_str(),
+                broken[0].reader,
+                broken[0].writer
+            ),
             ("OrderPaid", 3, 1)
         );
         assert!(broken[0].to_string().contains("channel"), "{}", broken[0]);

@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::leader::Leadership;
@@ -316,7 +317,7 @@ impl Engine {
                 continue; // claimed only registered kinds
             };
             running.spawn(async move {
-                let outcome = (kind.handler)(job.as_handed()).await;
+                let outcome = (kind.handler)(job.as_handed()).instrument(job.span()).await;
                 (job, outcome)
             });
         }
@@ -495,6 +496,19 @@ pub(crate) fn settlement(
 }
 
 impl ClaimedJob {
+    /// The span a run of the job is: a child of the trace that wrote the job (an order's
+    /// follow-ups continue the order's trace).
+    pub(crate) fn span(&self) -> tracing::Span {
+        let span = tracing::info_span!(
+            "job",
+            otel.name = format!("job {}", self.kind),
+            job.id = self.id,
+            job.kind = %self.kind,
+            job.attempt = self.attempts,
+        );
+        service_kit::trace::follow(span, self.traceparent.as_deref())
+    }
+
     pub(crate) fn as_handed(&self) -> Job {
         Job {
             id: self.id,

@@ -28,6 +28,7 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::clock::Clock;
@@ -307,6 +308,7 @@ async fn fire(shared: Arc<Shared>, kind: Kind, mut guard: ReportGuard, stop: Can
         return;
     };
     let (id, run_at) = (job.id, job.run_at);
+    let span = job.span();
     let handed = job.as_handed();
     if let Ok(wait) = (run_at - shared.clock.now()).to_std() {
         tokio::select! {
@@ -327,7 +329,7 @@ async fn fire(shared: Arc<Shared>, kind: Kind, mut guard: ReportGuard, stop: Can
         h.started = true;
     }
     guard.fire_delay = (shared.clock.now() - run_at).to_std().unwrap_or_default();
-    let outcome = (kind.handler)(handed).await;
+    let outcome = (kind.handler)(handed).instrument(span).await;
     guard.send(outcome);
 }
 

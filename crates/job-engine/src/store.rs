@@ -74,8 +74,9 @@ pub async fn wake(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error
 /// names that job.
 pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, sqlx::Error> {
     let id: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO delayed_job (kind, payload, priority, run_at, max_attempts, dedupe_key)
-         VALUES ($1, $2, $3, $4, $5, $6)
+        "INSERT INTO delayed_job (kind, payload, priority, run_at, max_attempts, dedupe_key,
+             traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
          RETURNING id",
     )
@@ -85,6 +86,7 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, s
     .bind(job.run_at)
     .bind(job.max_attempts)
     .bind(&job.dedupe_key)
+    .bind(service_kit::trace::current_traceparent())
     .fetch_optional(&mut *conn)
     .await?;
     let Some(key) = job.dedupe_key.as_deref() else {
@@ -164,6 +166,8 @@ pub struct ClaimedJob {
     pub max_attempts: i32,
     pub lease_token: Uuid,
     pub lease_expires_at: DateTime<Utc>,
+    /// The trace context of what wrote the job: its run is a span of that trace.
+    pub traceparent: Option<String>,
 }
 
 /// Claims up to `limit` jobs of `kinds` due by `horizon` (`now`, or later to claim ahead and
@@ -190,7 +194,7 @@ pub async fn claim(
                FOR UPDATE SKIP LOCKED) due
          WHERE j.id = due.id
          RETURNING j.id, j.kind, j.payload, j.priority, j.run_at, j.attempts, j.max_attempts,
-                   j.lease_token, j.lease_expires_at",
+                   j.lease_token, j.lease_expires_at, j.traceparent",
     )
     .bind(owner)
     .bind(kinds)

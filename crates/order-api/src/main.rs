@@ -7,7 +7,7 @@ use service_kit::{auth::AuthConfig, http, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging("order-api");
+    let _telemetry = telemetry::init_logging("order-api");
     let config = Config::from_env()?;
     let addr = listen_addr("ORDER_API_ADDR", "127.0.0.1:8080")?;
     let mut secrets = SecretLoader::from_env();

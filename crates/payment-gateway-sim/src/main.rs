@@ -7,7 +7,7 @@ use service_kit::{http, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging("payment-gateway-sim");
+    let _telemetry = telemetry::init_logging("payment-gateway-sim");
     let addr = listen_addr("GATEWAY_SIM_ADDR", "127.0.0.1:8090")?;
     let public_url = env_string("GATEWAY_PUBLIC_URL", &format!("http://{addr}"));
     // the simulator signs "payment succeeded": public secrets would let anyone do the same

@@ -5,7 +5,8 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-/// A domain event for the outbox. `payload` is the versioned wire form (the Kafka message).
+/// A domain event for the outbox. `payload` is the versioned wire form (the Kafka message); the
+/// row keeps the current trace context, which the relay sends on as the `traceparent` header.
 pub struct OutboxEvent<'a> {
     pub aggregate_type: &'a str,
     pub aggregate_id: String,
@@ -21,8 +22,8 @@ pub async fn append_event(
     let event_id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,
-             schema_version, payload)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+             schema_version, payload, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(event_id)
     .bind(e.aggregate_type)
@@ -30,6 +31,7 @@ pub async fn append_event(
     .bind(e.event_type)
     .bind(e.schema_version)
     .bind(&e.payload)
+    .bind(service_kit::trace::current_traceparent())
     .execute(conn)
     .await?;
     Ok(event_id)

@@ -24,6 +24,8 @@ pub struct OrderRow {
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The trace context of the request that created the order (see `service_kit::trace`).
+    pub traceparent: Option<String>,
 }
 
 impl OrderRow {
@@ -50,6 +52,7 @@ struct RawOrder {
     expires_at: DateTime<Utc>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    traceparent: Option<String>,
 }
 
 impl TryFrom<RawOrder> for OrderRow {
@@ -73,12 +76,14 @@ impl TryFrom<RawOrder> for OrderRow {
             expires_at: r.expires_at,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            traceparent: r.traceparent,
         })
     }
 }
 
 const ORDER_COLUMNS: &str = "id, user_id, sku_id, store_id, quantity, unit_price_cents, \
-    amount_cents, state, version, request_fingerprint, expires_at, created_at, updated_at";
+    amount_cents, state, version, request_fingerprint, expires_at, created_at, updated_at, \
+    traceparent";
 
 pub async fn find_order(
     ex: impl PgExecutor<'_>,
@@ -196,19 +201,21 @@ pub async fn insert_new_order(
     let raw: RawOrder = sqlx::query_as(&format!(
         "WITH o AS (
              INSERT INTO orders (id, user_id, sku_id, store_id, quantity, unit_price_cents,
-                 amount_cents, state, version, idempotency_key, request_fingerprint, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'PENDING', 1, $8, $9, $10)
+                 amount_cents, state, version, idempotency_key, request_fingerprint, expires_at,
+                 traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'PENDING', 1, $8, $9, $10, $22)
              RETURNING {ORDER_COLUMNS}),
          r AS (
              INSERT INTO reservations (order_id, sku_id, quantity, status, expires_at)
              SELECT id, sku_id, quantity, 'ACTIVE', expires_at FROM o),
          e AS (
              INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,
-                 schema_version, payload)
-             SELECT $11, $12, id::text, $13, $14, $15 FROM o),
+                 schema_version, payload, traceparent)
+             SELECT $11, $12, id::text, $13, $14, $15, traceparent FROM o),
          j AS (
-             INSERT INTO delayed_job (kind, payload, priority, run_at, dedupe_key, max_attempts)
-             SELECT $16, $17, $18, $19, $20, $21 FROM o
+             INSERT INTO delayed_job (kind, payload, priority, run_at, dedupe_key, max_attempts,
+                 traceparent)
+             SELECT $16, $17, $18, $19, $20, $21, traceparent FROM o
              ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING)
          SELECT * FROM o"
     ))
@@ -233,6 +240,7 @@ pub async fn insert_new_order(
     .bind(expiry.run_at)
     .bind(&expiry.dedupe_key)
     .bind(expiry.max_attempts)
+    .bind(service_kit::trace::current_traceparent())
     .fetch_one(conn)
     .await?;
     raw.try_into()

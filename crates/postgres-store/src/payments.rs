@@ -67,6 +67,22 @@ pub async fn insert_payment_or_open(
     }
 }
 
+/// The trace context of the order `payment_id` pays (`None` for an unknown payment or an order
+/// created before traces were kept).
+pub async fn order_traceparent(
+    ex: impl PgExecutor<'_>,
+    payment_id: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    let tp: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT o.traceparent FROM payments p JOIN orders o ON o.id = p.order_id
+         WHERE p.id = $1",
+    )
+    .bind(payment_id)
+    .fetch_optional(ex)
+    .await?;
+    Ok(tp.flatten())
+}
+
 /// The order's open (CREATED) payment at `provider`, if any: starting a payment twice at one
 /// provider returns the first.
 pub async fn open_payment(

@@ -322,6 +322,11 @@ impl PrelockClient {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, PrelockError> {
+        // the pre-lock service's span joins the caller's trace
+        let req = match service_kit::trace::current_traceparent() {
+            Some(tp) => req.header(service_kit::trace::TRACEPARENT, tp),
+            None => req,
+        };
         let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
             // a refused (or timed-out) connect never sent the request: nothing was done
             if e.is_connect() {

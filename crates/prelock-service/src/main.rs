@@ -6,7 +6,7 @@ use service_kit::{auth::AuthConfig, http, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging("prelock-service");
+    let _telemetry = telemetry::init_logging("prelock-service");
     let config = Config::from_env()?;
     let addr = listen_addr("PRELOCK_ADDR", "127.0.0.1:8081")?;
     let mut secrets = SecretLoader::from_env();

@@ -13,7 +13,7 @@ const DEV_NOTIFY_SECRET: &str = "dev-notify-secret";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging("scheduler");
+    let _telemetry = telemetry::init_logging("scheduler");
     let config = Config::from_env()?;
     let addr = listen_addr("SCHEDULER_ADDR", "127.0.0.1:8082")?;
     let mut secrets = SecretLoader::from_env();

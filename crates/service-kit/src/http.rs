@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::telemetry::Metrics;
@@ -150,7 +151,9 @@ async fn render_metrics(State(s): State<OpsState>) -> Response {
         .into_response()
 }
 
-/// Middleware: counts and times every request by method, route template and status.
+/// Middleware: counts and times every request by method, route template and status, and runs
+/// it in a server span (`POST /v1/orders`) that continues the caller's `traceparent`. The
+/// probes and `/metrics` are not traced.
 pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_owned();
@@ -159,7 +162,26 @@ pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> 
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let resp = next.run(req).await;
+    let resp = if matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") {
+        next.run(req).await
+    } else {
+        let span = tracing::info_span!(
+            "http.request",
+            otel.name = format!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+        );
+        let caller = req
+            .headers()
+            .get(crate::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok());
+        let span = crate::trace::follow(span, caller);
+        let resp = next.run(req).instrument(span.clone()).await;
+        span.record("http.response.status_code", resp.status().as_u16());
+        resp
+    };
     let status = resp.status().as_u16().to_string();
     metrics
         .http_requests

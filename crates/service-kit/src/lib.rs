@@ -17,5 +17,6 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod telemetry;
+pub mod trace;
 
 pub use error::{ApiError, ErrorCode};

@@ -1,31 +1,94 @@
-//! Logs and metrics.
+//! Logs, traces and metrics.
 //!
 //! Logs: `tracing` events, JSON lines by default (`LOG_FORMAT=pretty` for humans), filtered by
-//! `RUST_LOG` (default `info`). Metrics: one Prometheus registry per app instance (not the
-//! global default), so several apps in one test process do not collide.
+//! `RUST_LOG` (default `info`); each line inside a span names its `trace_id` and `span_id`.
+//!
+//! Traces: every `tracing` span is an OpenTelemetry span (`tracing-opentelemetry`), so ids
+//! exist and travel (rows, headers) even when nothing is exported. Export is OTLP over HTTP
+//! (protobuf; Jaeger takes it on :4318), on only when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set; batching follows the standard `OTEL_BSP_*`
+//! variables. See [`crate::trace`] for carrying a trace across rows and processes.
+//!
+//! Metrics: one Prometheus registry per app instance (not the global default), so several apps
+//! in one test process do not collide.
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global log subscriber. Safe to call more than once (later calls do nothing).
-pub fn init_logging(service: &str) {
+/// Flushes and stops trace export when dropped: keep it alive until `main` returns.
+#[must_use = "traces stop being exported when the guard is dropped"]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("trace export did not shut down cleanly: {e}");
+        }
+    }
+}
+
+/// Whether traces are exported: an OTLP endpoint is configured.
+pub fn export_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|e| !e.is_empty()))
+}
+
+/// Installs the global log and trace subscriber. Later calls install nothing (their guard only
+/// owns an idle provider).
+pub fn init_logging(service: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let pretty = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "pretty");
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service.to_owned())
+        .build();
+    let mut provider = SdkTracerProvider::builder().with_resource(resource);
+    let mut export_error = None;
+    if export_configured() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => provider = provider.with_batch_exporter(exporter),
+            Err(e) => export_error = Some(e.to_string()),
+        }
+    }
+    let provider = provider.build();
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned()));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if pretty {
-        tracing_subscriber::fmt().with_env_filter(filter).try_init()
+        registry.with(tracing_subscriber::fmt::layer()).try_init()
     } else {
-        tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_env_filter(filter)
+        registry
+            .with(tracing_subscriber::fmt::layer().event_format(crate::trace::JsonLines))
             .try_init()
     };
     if result.is_ok() {
-        tracing::info!(service, version = env!("CARGO_PKG_VERSION"), "starting");
+        tracing::info!(
+            service,
+            version = env!("CARGO_PKG_VERSION"),
+            traces_exported = export_configured() && export_error.is_none(),
+            "starting"
+        );
+        if let Some(e) = export_error {
+            tracing::error!(
+                error = e,
+                "trace export is off: the OTLP exporter did not start"
+            );
+        }
     }
+    Telemetry { provider }
 }
 
 /// Latency buckets (seconds) for request and Redis/Postgres timings: fine-grained below the

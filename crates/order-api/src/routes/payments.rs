@@ -15,7 +15,8 @@ use postgres_store::payments as pay_store;
 use service_kit::auth::AuthUser;
 use service_kit::error::ErrorBody;
 use service_kit::http::ApiJson;
-use service_kit::{ApiError, ErrorCode};
+use service_kit::{trace, ApiError, ErrorCode};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::orders::user_id;
@@ -67,6 +68,21 @@ pub async fn start_payment(
     if order.expires_at <= Utc::now() {
         return Err(api_error(FulfillmentError::OrderExpired));
     }
+    // the payment is part of the order's trace: its rows (the check job) carry that context
+    let span = trace::follow(
+        tracing::info_span!("order.pay", order_id = %order.id, %provider),
+        order.traceparent.as_deref(),
+    );
+    start_at_gateway(app, &order, provider)
+        .instrument(span)
+        .await
+}
+
+async fn start_at_gateway(
+    app: &crate::App,
+    order: &postgres_store::orders::OrderRow,
+    provider: Provider,
+) -> Result<(StatusCode, Json<PaymentStarted>), ApiError> {
     let pool = &app.fulfillment.store.pool;
     let started = |p: pay_store::PaymentRow| PaymentStarted {
         payment_id: p.id.to_string(),
@@ -208,7 +224,20 @@ pub async fn payment_callback(
         amount_cents: note.amount_cents,
         paid_at: note.paid_at,
     };
-    match app.fulfillment.apply_payment(&conf, Source::Webhook).await {
+    // the callback continues the trace of the order it pays
+    let order_trace = pay_store::order_traceparent(&app.fulfillment.store.pool, payment_id)
+        .await
+        .map_err(db_error)?;
+    let span = trace::follow(
+        tracing::info_span!("payment.callback", %payment_id, %provider),
+        order_trace.as_deref(),
+    );
+    let applied = app
+        .fulfillment
+        .apply_payment(&conf, Source::Webhook)
+        .instrument(span)
+        .await;
+    match applied {
         Ok(outcome) => {
             let result = match outcome {
                 ApplyOutcome::Paid => "PAID",
