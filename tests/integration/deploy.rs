@@ -124,3 +124,270 @@ fn the_dashboard_parses_and_charts_the_slas() {
         );
     }
 }
+
+/// Every `.rs` file under `crates/*/src`, with its path.
+fn sources() -> Vec<(PathBuf, String)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                out.push((path, text));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for krate in std::fs::read_dir(repo().join("crates")).unwrap() {
+        let src = krate.unwrap().path().join("src");
+        if src.is_dir() {
+            walk(&src, &mut out);
+        }
+    }
+    out
+}
+
+/// The quoted strings of `text` that look like environment variables (`"FOO_BAR"`), each with
+/// the identifier just before its opening parenthesis (`env_string`, `listen_addr`, ...).
+fn quoted_vars(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('"') {
+        let after = &rest[i + 1..];
+        let Some(end) = after.find('"') else { break };
+        let word = &after[..end];
+        let is_var = word.len() > 2
+            && word.starts_with(|c: char| c.is_ascii_uppercase())
+            && word
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if is_var {
+            let before = rest[..i].trim_end();
+            let call = before
+                .strip_suffix('(')
+                .map(|b| {
+                    b.rsplit(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .unwrap_or_default();
+            out.push((call, word.to_owned()));
+            rest = &after[end + 1..];
+        } else {
+            rest = after;
+        }
+    }
+    out
+}
+
+/// The services: each binary that listens, with its address variable and default port
+/// (`listen_addr("ORDER_API_ADDR", "127.0.0.1:8080")` in its `main.rs`).
+fn services() -> std::collections::BTreeMap<String, (String, u16)> {
+    let mut out = std::collections::BTreeMap::new();
+    for krate in std::fs::read_dir(repo().join("crates")).unwrap() {
+        let dir = krate.unwrap().path();
+        let Ok(main) = std::fs::read_to_string(dir.join("src/main.rs")) else {
+            continue;
+        };
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(i) = main.find("listen_addr(\"") else {
+            assert!(
+                ["loadgen", "job-bench"].contains(&name.as_str()),
+                "{name} has a main.rs but listens nowhere: a service the deploy files would miss, or a new tool to list here"
+            );
+            continue;
+        };
+        let call = &main[i + "listen_addr(\"".len()..];
+        let var = call[..call.find('"').unwrap()].to_owned();
+        let default = call.split('"').nth(2).unwrap();
+        let port: u16 = default.rsplit(':').next().unwrap().parse().unwrap();
+        out.insert(name, (var, port));
+    }
+    out
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn deploy_files_and_code_agree_on_services_ports_and_variables() {
+    let services = services();
+    assert_eq!(services.len(), 6, "{services:?}");
+    let code = sources();
+    // every variable the code names in a string, and the ones it reads through a config call
+    let named: std::collections::BTreeSet<String> = code
+        .iter()
+        .flat_map(|(_, t)| quoted_vars(t))
+        .map(|(_, v)| v)
+        .collect();
+    let readers = [
+        "env_string",
+        "env_millis",
+        "env_or",
+        "ms",
+        "var",
+        "env",
+        "listen_addr",
+        "std::env::var",
+        "require",
+    ];
+    let read: std::collections::BTreeSet<String> = code
+        .iter()
+        .flat_map(|(_, t)| quoted_vars(t))
+        .filter(|(call, _)| readers.iter().any(|r| call.ends_with(r)))
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        read.contains("DATABASE_URL") && read.contains("JOB_LEASE_MS"),
+        "{read:?}"
+    );
+    let in_code = |var: &str, whose: &str| {
+        assert!(
+            named.contains(var),
+            "{whose} sets {var}, which no code reads (a typo, or a setting that was removed)"
+        );
+    };
+
+    // docker-compose.yml: one service per binary, on its port, healthy when /readyz answers
+    let mut compose = load("docker-compose.yml").remove(0);
+    compose.apply_merge().unwrap();
+    let declared = compose["services"].as_mapping().unwrap();
+    let built: std::collections::BTreeSet<String> = declared
+        .iter()
+        .filter(|(_, s)| !s["build"].is_null())
+        .map(|(k, _)| k.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        built,
+        services.keys().cloned().collect(),
+        "compose builds exactly the services"
+    );
+    for (name, (addr_var, port)) in &services {
+        let mut svc = declared[name.as_str()].clone();
+        svc.apply_merge().unwrap();
+        assert_eq!(svc["command"][0], name.as_str(), "compose {name}");
+        assert!(
+            svc["ports"][0] == format!("{port}:{port}").as_str(),
+            "compose {name} publishes {port}"
+        );
+        let env = svc["environment"].as_mapping().unwrap();
+        assert_eq!(
+            port_of(env[addr_var.as_str()].as_str().unwrap()),
+            *port,
+            "compose {name} {addr_var}"
+        );
+        for var in env.keys() {
+            in_code(var.as_str().unwrap(), &format!("compose {name}"));
+        }
+        let health = serde_yaml::to_string(&svc["healthcheck"]["test"]).unwrap();
+        assert!(
+            health.contains(&format!("127.0.0.1:{port}/readyz")),
+            "compose {name} has no health check on /readyz: {health}"
+        );
+    }
+
+    // deploy/k8s: a Deployment (probes, resources), a PodDisruptionBudget each
+    let mut deployments = std::collections::BTreeMap::new();
+    let mut budgets = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(repo().join("deploy/k8s")).unwrap() {
+        let path = entry.unwrap().path();
+        let rel = path
+            .strip_prefix(repo())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        for doc in load(&rel) {
+            match doc["kind"].as_str().unwrap() {
+                "Deployment" => {
+                    let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+                    deployments.insert(name, doc);
+                }
+                "PodDisruptionBudget" => {
+                    let app = &doc["spec"]["selector"]["matchLabels"]["app"];
+                    budgets.insert(app.as_str().unwrap().to_owned());
+                }
+                "ConfigMap" => {
+                    for var in doc["data"].as_mapping().unwrap().keys() {
+                        in_code(var.as_str().unwrap(), &rel);
+                    }
+                }
+                "Service" => {
+                    let app = doc["spec"]["selector"]["app"].as_str().unwrap();
+                    let (_, port) = services[app];
+                    let target = &doc["spec"]["ports"][0]["targetPort"];
+                    assert_eq!(target.as_u64(), Some(port as u64), "{rel}");
+                }
+                other => panic!("{rel}: unexpected kind {other}"),
+            }
+        }
+    }
+    assert_eq!(
+        deployments.keys().collect::<Vec<_>>(),
+        services.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        budgets.iter().collect::<Vec<_>>(),
+        services.keys().collect::<Vec<_>>(),
+        "a PodDisruptionBudget per Deployment"
+    );
+    for (name, (addr_var, port)) in &services {
+        let c = &deployments[name]["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["command"][0], name.as_str(), "k8s {name}");
+        assert_eq!(
+            c["ports"][0]["containerPort"].as_u64(),
+            Some(*port as u64),
+            "k8s {name}"
+        );
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                c[probe]["httpGet"]["port"].as_u64(),
+                Some(*port as u64),
+                "k8s {name} {probe}"
+            );
+        }
+        assert!(
+            !c["resources"]["requests"]["cpu"].is_null()
+                && !c["resources"]["requests"]["memory"].is_null()
+                && !c["resources"]["limits"]["memory"].is_null(),
+            "k8s {name} resources"
+        );
+        let mut addr_set = false;
+        for e in c["env"].as_sequence().unwrap() {
+            let var = e["name"].as_str().unwrap();
+            in_code(var, &format!("k8s {name}"));
+            if var == addr_var {
+                addr_set = true;
+                assert_eq!(port_of(e["value"].as_str().unwrap()), *port, "k8s {name}");
+            }
+        }
+        assert!(addr_set, "k8s {name} does not set {addr_var}");
+    }
+
+    // Prometheus scrapes each service on its port; the image carries each binary
+    let prom = serde_yaml::to_string(&load("deploy/prometheus/prometheus.yml")[0]).unwrap();
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    for (name, (_, port)) in &services {
+        assert!(
+            prom.contains(&format!("{name}:{port}")),
+            "prometheus misses {name}:{port}"
+        );
+        assert!(
+            dockerfile.contains(&format!("target/release/{name} ")),
+            "the image lacks {name}"
+        );
+    }
+
+    // the other way round: every variable the code reads is documented
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let undocumented: Vec<&String> = read
+        .iter()
+        .filter(|v| *v != "HOSTNAME" && !readme.contains(v.as_str()))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "read by the code, documented nowhere in README.md: {undocumented:?}"
+    );
+}

@@ -48,7 +48,7 @@ pub fn export_configured() -> bool {
 /// Installs the global log and trace subscriber. Later calls install nothing (their guard only
 /// owns an idle provider).
 pub fn init_logging(service: &str) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let pretty = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "pretty");
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service.to_owned())
