@@ -88,6 +88,10 @@ fn kubernetes_manifests_parse_and_probe_health() {
         "compensation_success_rate",
         "compensation_open_failures",
         "payment_paid_latency_seconds_bucket",
+        "outbox_lag_seconds",
+        "relay_leader",
+        "relay_errors_total",
+        "consumer_lag_messages",
     ] {
         assert!(text.contains(metric), "no alert on {metric}");
     }
@@ -117,6 +121,10 @@ fn the_dashboard_parses_and_charts_the_slas() {
         "payment_paid_latency_seconds_bucket",
         "compensation_attempts_total",
         "compensation_open_failures",
+        "outbox_lag_seconds",
+        "relay_published_total",
+        "relay_errors_total",
+        "consumer_lag_messages",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(metric)),
