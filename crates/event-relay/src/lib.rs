@@ -1,15 +1,18 @@
 //! event-relay: the outbox to Kafka, and the bar-dashboard projection back from it.
 //!
 //! **Relay.** One relay leads at a time (a Postgres advisory lock on a connection of its own;
-//! any number may run, the others wait to take over). Each round it reads the oldest
-//! unpublished outbox rows (`published_at IS NULL`, in id order), hands them to an
-//! idempotent producer in that order, keyed by the aggregate (the order id), waits for Kafka
-//! to acknowledge them, and stamps those acknowledged. `CompensationFailed` goes to the dead
-//! compensations topic, everything else to the order events topic.
-//! - No cursor, so no skipped rows: a row whose transaction commits after rows with higher ids
-//!   (the classic outbox pitfall with sequence ids) is simply unpublished until then, and the
-//!   next round takes it. One order's rows are written by transactions serialised on the
-//!   order row, so they commit in id order, and are sent in id order, to one partition.
+//! any number may run, the others wait to take over). It reads unpublished outbox rows
+//! (`published_at IS NULL`, in id order; Postgres builds each message's body as it reads),
+//! hands them to an idempotent producer in that order, keyed by the aggregate (the order id),
+//! and stamps what Kafka acknowledged. Rounds are pipelined: the next batch is read and
+//! enqueued while Kafka acknowledges up to three earlier ones, and a task of its own stamps.
+//! `CompensationFailed` goes to the dead compensations topic, everything else to the order
+//! events topic.
+//! - No cursor kept, so no skipped rows: each burst of rounds starts from the oldest
+//!   unpublished row, so a row whose transaction commits after rows with higher ids (the
+//!   classic outbox pitfall with sequence ids) is simply unpublished until then, and a later
+//!   burst takes it. One order's rows are written by transactions serialised on the order row,
+//!   so they commit in id order, and are sent in id order, to one partition.
 //! - Kafka down: nothing is stamped, the outbox grows, the relay backs off and retries; the
 //!   order path never talks to Kafka. A relay that dies after Kafka acknowledged a batch but
 //!   before stamping it sends the batch again: a duplicate, harmless to consumers (the event
@@ -24,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use job_engine::leader::Leadership;
 use postgres_store::{PgLimits, PgStore};
@@ -37,7 +39,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Message;
-use serde_json::{json, Value};
+use serde_json::Value;
 use service_kit::config::{env_millis, env_or, env_string};
 use service_kit::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -119,23 +121,37 @@ pub struct App {
     m: RelayMetrics,
 }
 
-/// One outbox row.
+/// One unpublished outbox row as the Kafka message it becomes. Postgres builds the body
+/// (the JSON envelope) as it reads the row, so the relay never parses or re-serialises the
+/// payload: the relay's CPU goes to Kafka, and the envelope's work to the database's core.
 #[derive(sqlx::FromRow)]
-pub struct OutboxRow {
+pub struct OutboxMessage {
     pub id: i64,
-    pub event_id: Uuid,
-    pub aggregate_type: String,
+    pub event_id: String,
     pub aggregate_id: String,
     pub event_type: String,
     pub schema_version: i32,
-    pub payload: Value,
     pub traceparent: Option<String>,
-    pub created_at: DateTime<Utc>,
+    /// `{"event_id","event_type","schema_version","aggregate_type","aggregate_id",
+    /// "occurred_at","data"}`
+    pub body: String,
 }
 
-/// The columns of [`OutboxRow`], for queries.
-pub const OUTBOX_COLUMNS: &str = "id, event_id, aggregate_type, aggregate_id, event_type,
-    schema_version, payload, traceparent, created_at";
+/// Reads up to `limit` unpublished rows with ids above `after`, oldest first, as messages.
+pub const SELECT_MESSAGES: &str = "SELECT id, event_id::text AS event_id, aggregate_id, event_type,
+        schema_version, traceparent,
+        json_build_object('event_id', event_id, 'event_type', event_type,
+            'schema_version', schema_version, 'aggregate_type', aggregate_type,
+            'aggregate_id', aggregate_id, 'occurred_at', created_at, 'data', payload)::text AS body
+    FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
+
+/// Rounds a relay keeps in flight at once (each of `RELAY_BATCH` events): the next round is
+/// read and enqueued while Kafka acknowledges the earlier ones.
+const PIPELINE_DEPTH: usize = 4;
+
+/// How long one pipelined burst runs before the relay checks its leadership again and reads
+/// from the oldest unpublished row (no cursor) once more.
+const BURST: Duration = Duration::from_secs(1);
 
 /// The producer every relay uses: idempotent (no duplicates or reordering from its own
 /// retries, acks from all in-sync replicas), so one order's events stay in order.
@@ -330,72 +346,89 @@ impl App {
         }
     }
 
-    /// One batch: send, wait for the acknowledgements, stamp what was acknowledged. Returns
-    /// how many were published; an error if Postgres failed or Kafka refused any.
+    /// One burst of pipelined rounds. Each round reads the next `RELAY_BATCH` unpublished
+    /// rows and enqueues them in id order on the idempotent producer; up to
+    /// [`PIPELINE_DEPTH`] rounds wait for Kafka's acknowledgements at once, and a task of its
+    /// own stamps what Kafka acknowledged. The burst ends when it has caught up (a short read),
+    /// after [`BURST`], or at the first failure, and always with nothing in flight.
+    ///
+    /// Within a burst, rounds read above the last id read: that skips rows whose transactions
+    /// had not committed yet, never loses them. The next burst reads from the oldest
+    /// unpublished row again (no cursor), so a late row goes out at most a burst later, and
+    /// never ahead of a row of its order: an order's rows are written by transactions
+    /// serialised on the order row, so a row that commits late has no later sibling out yet.
+    ///
+    /// Returns how many events Kafka acknowledged; an error if Postgres failed or Kafka
+    /// refused any (what was acknowledged is stamped first).
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
-        let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
-            "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1"
-        ))
-        .bind(self.config.batch)
-        .fetch_all(&self.store.pool)
-        .await
-        .inspect_err(|_| self.m.errors.with_label_values(&["postgres"]).inc())?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
         let producer = self
             .producer
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut sent = Vec::with_capacity(rows.len());
-        let mut refused = None;
-        for row in &rows {
-            let topic = self.topic_of(&row.event_type);
-            let (body, headers) = kafka_message(row);
-            let record = FutureRecord::to(topic)
-                .key(&row.aggregate_id)
-                .payload(&body)
-                .headers(headers);
-            // enqueued in this order, synchronously: one key's events keep their order
-            match producer.send_result(record) {
-                Ok(delivery) => sent.push((row.id, topic, delivery)),
-                Err((e, _)) => {
-                    refused = Some(e);
+        let (stamp_tx, stamp_rx) = tokio::sync::mpsc::unbounded_channel();
+        let stamper = tokio::spawn(stamp(self.store.pool.clone(), stamp_rx));
+        let started = std::time::Instant::now();
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut after = 0i64;
+        let mut round = Round::default();
+        let mut read_error = None;
+        loop {
+            let rows: Vec<OutboxMessage> = match sqlx::query_as(SELECT_MESSAGES)
+                .bind(after)
+                .bind(self.config.batch)
+                .fetch_all(&self.store.pool)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    read_error = Some(e);
                     break;
                 }
+            };
+            let caught_up = (rows.len() as i64) < self.config.batch;
+            if let Some(last) = rows.last() {
+                after = last.id;
             }
-        }
-        let (meta, deliveries): (Vec<_>, Vec<_>) =
-            sent.into_iter().map(|(id, t, d)| ((id, t), d)).unzip();
-        let results = join_all(deliveries).await;
-        let mut acked = Vec::with_capacity(meta.len());
-        let mut failed = 0;
-        let mut first_error = None;
-        for ((id, topic), result) in meta.into_iter().zip(results) {
-            match result {
-                Ok(Ok(_)) => {
-                    acked.push(id);
-                    self.m.published.with_label_values(&[topic]).inc();
-                }
-                Ok(Err((e, _))) => {
-                    failed += 1;
-                    first_error.get_or_insert_with(|| e.to_string());
-                }
-                Err(_) => {
-                    failed += 1;
-                    first_error.get_or_insert_with(|| "delivery report lost".to_owned());
+            let mut sent = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let topic = self.topic_of(&row.event_type);
+                let record = FutureRecord::to(topic)
+                    .key(&row.aggregate_id)
+                    .payload(&row.body)
+                    .headers(row.headers());
+                // enqueued in this order, synchronously: one key's events keep their order
+                match producer.send_result(record) {
+                    Ok(delivery) => sent.push(((row.id, topic == self.config.dead_topic), delivery)),
+                    Err((e, _)) => {
+                        round.refused = Some(e.to_string());
+                        break;
+                    }
                 }
             }
+            if !sent.is_empty() {
+                let (meta, deliveries): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
+                in_flight.push_back((meta, join_all(deliveries)));
+            }
+            while in_flight.len() >= PIPELINE_DEPTH {
+                let (meta, acks) = in_flight.pop_front().expect("in flight");
+                round.settle(self, &stamp_tx, meta, acks.await);
+            }
+            if caught_up || round.failed() || started.elapsed() >= BURST {
+                break;
+            }
         }
-        if !acked.is_empty() {
-            sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
-                .bind(&acked)
-                .execute(&self.store.pool)
-                .await
-                .inspect_err(|_| self.m.errors.with_label_values(&["postgres"]).inc())?;
+        // nothing stays in flight past a burst: a failure retries from what was stamped
+        while let Some((meta, acks)) = in_flight.pop_front() {
+            round.settle(self, &stamp_tx, meta, acks.await);
         }
-        if failed > 0 || refused.is_some() {
+        drop(stamp_tx);
+        let stamped = stamper.await.unwrap_or_else(|e| Err(sqlx::Error::Protocol(e.to_string())));
+        if let Err(e) = stamped.and(read_error.map_or(Ok(()), Err)) {
+            self.m.errors.with_label_values(&["postgres"]).inc();
+            return Err(e.into());
+        }
+        if round.failed() {
             self.m.errors.with_label_values(&["kafka"]).inc();
             // Nothing is in flight now (every delivery has been reported). A producer whose
             // state the broker no longer knows (a broker that came back empty answers
@@ -407,16 +440,17 @@ impl App {
             let fresh = crate::producer(&self.config.brokers, self.config.delivery_timeout)?;
             *self.producer.write().unwrap_or_else(|p| p.into_inner()) = fresh;
             anyhow::bail!(
-                "Kafka acknowledged {} of {} events ({failed} failed, first: {}{})",
-                acked.len(),
-                rows.len(),
-                first_error.unwrap_or_default(),
-                refused
+                "Kafka acknowledged {} events, failed {} (first: {}){}",
+                round.acked,
+                round.failed,
+                round.first_error.unwrap_or_default(),
+                round
+                    .refused
                     .map(|e| format!("; queue refused: {e}"))
                     .unwrap_or_default()
             );
         }
-        Ok(acked.len())
+        Ok(round.acked)
     }
 
     pub fn topic_of(&self, event_type: &str) -> &str {
@@ -511,6 +545,78 @@ impl App {
     }
 }
 
+/// What a burst's rounds came to.
+#[derive(Default)]
+struct Round {
+    acked: usize,
+    failed: usize,
+    first_error: Option<String>,
+    refused: Option<String>,
+}
+
+type Acks = Vec<<rdkafka::producer::DeliveryFuture as std::future::Future>::Output>;
+
+impl Round {
+    fn failed(&self) -> bool {
+        self.failed > 0 || self.refused.is_some()
+    }
+
+    /// Counts a round's acknowledgements and hands the acknowledged ids to the stamper.
+    fn settle(
+        &mut self,
+        app: &App,
+        stamp: &tokio::sync::mpsc::UnboundedSender<Vec<i64>>,
+        meta: Vec<(i64, bool)>,
+        acks: Acks,
+    ) {
+        let mut ids = Vec::with_capacity(meta.len());
+        for ((id, dead), ack) in meta.into_iter().zip(acks) {
+            match ack {
+                Ok(Ok(_)) => {
+                    ids.push(id);
+                    let topic = if dead {
+                        &app.config.dead_topic
+                    } else {
+                        &app.config.order_topic
+                    };
+                    app.m.published.with_label_values(&[topic]).inc();
+                }
+                Ok(Err((e, _))) => {
+                    self.failed += 1;
+                    self.first_error.get_or_insert_with(|| e.to_string());
+                }
+                Err(_) => {
+                    self.failed += 1;
+                    self.first_error
+                        .get_or_insert_with(|| "delivery report lost".to_owned());
+                }
+            }
+        }
+        self.acked += ids.len();
+        if !ids.is_empty() {
+            let _ = stamp.send(ids); // the stamper outlives the burst's rounds
+        }
+    }
+}
+
+/// Stamps `published_at` on what Kafka acknowledged, taking whatever has queued up since its
+/// last statement in one `UPDATE`.
+async fn stamp(
+    pool: sqlx::PgPool,
+    mut acked: tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>,
+) -> Result<(), sqlx::Error> {
+    while let Some(mut ids) = acked.recv().await {
+        while let Ok(more) = acked.try_recv() {
+            ids.extend(more);
+        }
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&pool)
+            .await?;
+    }
+    Ok(())
+}
+
 impl App {
     /// `consumer_lag_messages{partition}`: the newest offset Kafka has minus where this
     /// consumer is, for each partition it holds. (librdkafka's calls block: off the runtime.)
@@ -540,40 +646,32 @@ impl App {
     }
 }
 
-/// The Kafka message of an outbox row: a JSON envelope, and headers naming the event (so a
-/// consumer can drop a duplicate before decoding the body) and carrying the trace context.
-pub fn kafka_message(row: &OutboxRow) -> (Vec<u8>, OwnedHeaders) {
-    let body = json!({
-        "event_id": row.event_id,
-        "event_type": row.event_type,
-        "schema_version": row.schema_version,
-        "aggregate_type": row.aggregate_type,
-        "aggregate_id": row.aggregate_id,
-        "occurred_at": row.created_at,
-        "data": row.payload,
-    });
-    let event_id = row.event_id.to_string();
-    let version = row.schema_version.to_string();
-    let mut headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "event_id",
-            value: Some(&event_id),
-        })
-        .insert(Header {
-            key: "event_type",
-            value: Some(&row.event_type),
-        })
-        .insert(Header {
-            key: "schema_version",
-            value: Some(&version),
-        });
-    if let Some(tp) = &row.traceparent {
-        headers = headers.insert(Header {
-            key: "traceparent",
-            value: Some(tp),
-        });
+impl OutboxMessage {
+    /// Headers naming the event (so a consumer can drop a duplicate before decoding the body)
+    /// and carrying the trace context.
+    pub fn headers(&self) -> OwnedHeaders {
+        let version = self.schema_version.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(4)
+            .insert(Header {
+                key: "event_id",
+                value: Some(&self.event_id),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some(&self.event_type),
+            })
+            .insert(Header {
+                key: "schema_version",
+                value: Some(&version),
+            });
+        if let Some(tp) = &self.traceparent {
+            headers = headers.insert(Header {
+                key: service_kit::trace::TRACEPARENT,
+                value: Some(tp),
+            });
+        }
+        headers
     }
-    (serde_json::to_vec(&body).expect("JSON"), headers)
 }
 
 /// The value of header `key` of a message, if it has one.
