@@ -114,6 +114,22 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         (2, 2, 0),
         "the unit left the real stock; nothing is reserved for the order any more"
     );
+    // every binary with a database exports the outbox lag (no relay runs here: it grows)
+    for base in [&order_api, &prelock, &scheduler] {
+        let page = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let lag = integration_tests::metric_value(&page, "outbox_lag_seconds", &[]);
+        assert!(
+            lag.is_some_and(|l| l >= 0.0),
+            "{base}: no outbox_lag_seconds in\n{page}"
+        );
+    }
     // every fire is measured: the paper's job_fire_delay, by kind and priority
     let page = http
         .get(format!("{scheduler}/metrics"))

@@ -528,3 +528,92 @@ async fn one_trace_spans_the_order_request_the_callback_the_follow_up_jobs_and_t
     assert_eq!(applied["span"], "payment.callback", "{applied}");
     s.order_proc.terminate(Duration::from_secs(10));
 }
+
+/// The projection consumer stopped (SIGTERM: a rolling deploy) and replaced twice while
+/// events flow: the new consumer takes the partitions over from the last committed offset,
+/// events handled but not yet committed come again and the inbox absorbs them, and the
+/// dashboard ends equal to the outbox with one inbox row per event. (A consumer SIGKILLed
+/// instead is left to Kafka's session timeout; tansu, the local broker, does not expire such
+/// a member, so that case is not exercised here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_resumes_from_its_committed_offsets_and_applies_each_event_once() {
+    let orders = env_num("CONSUMER_RESTART_ORDERS", 600);
+    let s =
+        Arc::new(Services::start(&[], &[("PAYMENT_FIRST_CHECK_MS", "600000".to_owned())]).await);
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let mut relay_only = relay_env(&tag);
+    let mut consumer_only = relay_only.clone();
+    relay_only.push(("CONSUMER_ENABLED", "false".to_owned()));
+    consumer_only.push(("RELAY_ENABLED", "false".to_owned()));
+    let (_relay, _) = s.event_relay(&relay_only).await;
+    let (first, _) = s.event_relay(&consumer_only).await;
+    s.put_sku("sku-cr", "bar-cr", 1_500, orders as i64 + 10)
+        .await;
+
+    let replacer = {
+        let (s, env) = (s.clone(), consumer_only.clone());
+        tokio::spawn(async move {
+            let mut consumer = first;
+            let mut replaced = 0;
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                let status = consumer.terminate(Duration::from_secs(20));
+                assert!(status.success(), "{status}: {}", consumer.log_text());
+                (consumer, _) = s.event_relay(&env).await;
+                replaced += 1;
+            }
+            (consumer, replaced)
+        })
+    };
+    let gate = Arc::new(Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..orders {
+        let (s, gate) = (s.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire().await.unwrap();
+            // spread over the replacements: about 12 s of traffic
+            tokio::time::sleep(Duration::from_millis(20 * i as u64)).await;
+            let user = format!("cr-{i}");
+            let (order, _, _) = s
+                .order_with_payment(&user, "k", ("sku-cr", "bar-cr"), "alipay")
+                .await;
+            if i % 3 == 0 {
+                s.cancel(&user, &order).await;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let (consumer, replaced) = replacer.await.unwrap();
+    assert_eq!(replaced, 2);
+    let want = json!([orders, orders.div_ceil(3)]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT created, cancelled FROM bar_dashboard WHERE store_id = 'bar-cr'",
+        )
+        .fetch_optional(&db)
+        .await
+        .unwrap();
+        let got = row.map(|r| json!([r.0, r.1]));
+        if got.as_ref() == Some(&want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dashboard {got:?}, want {want}; consumer log: {}",
+            consumer.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (events, inbox): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM consumer_inbox)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(inbox, events, "one inbox row per event");
+    println!("consumer restarts: {orders} orders, {events} events, consumer replaced twice; dashboard {want}, one inbox row per event");
+}

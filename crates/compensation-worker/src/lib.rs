@@ -200,6 +200,7 @@ impl App {
             .await
             .map_err(|e| anyhow::anyhow!("redis at {}: {e}", config.redis_url))?;
         let metrics = Metrics::new("compensation-worker");
+        store.export_outbox_lag(&metrics);
         let (alerts_tx, alerts_rx) = mpsc::unbounded_channel();
         let checker = Arc::new(Checker {
             store: store.clone(),

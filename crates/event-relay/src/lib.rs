@@ -30,7 +30,7 @@ use axum::Router;
 use futures_util::future::join_all;
 use job_engine::leader::Leadership;
 use postgres_store::{PgLimits, PgStore};
-use prometheus::{Gauge, IntCounterVec};
+use prometheus::IntCounterVec;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -105,7 +105,6 @@ impl Config {
 struct RelayMetrics {
     published: IntCounterVec,
     errors: IntCounterVec,
-    lag: Gauge,
     leader: prometheus::IntGauge,
     consumed: IntCounterVec,
     consumer_lag: prometheus::IntGaugeVec,
@@ -197,11 +196,7 @@ impl App {
             store.migrate().await?;
         }
         let metrics = Metrics::new("event-relay");
-        let lag = Gauge::new(
-            "outbox_lag_seconds",
-            "Age of the oldest outbox row not yet published to Kafka (0 when none)",
-        )?;
-        metrics.register(Box::new(lag.clone()));
+        store.export_outbox_lag(&metrics);
         let leader = prometheus::IntGauge::new(
             "relay_leader",
             "1 while this relay leads (publishes); the others wait",
@@ -218,7 +213,6 @@ impl App {
                 "Relay rounds that failed, by what failed: kafka, postgres",
                 &["what"],
             ),
-            lag,
             leader,
             consumer_lag: metrics.gauge(
                 "consumer_lag_messages",
@@ -265,7 +259,6 @@ impl App {
             }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
-        let lag = tokio::spawn(self.clone().watch_lag(stop.clone()));
         let relay = self
             .config
             .relay
@@ -274,7 +267,7 @@ impl App {
             .config
             .consumer
             .then(|| tokio::spawn(self.clone().consume(stop.clone())));
-        for task in [Some(lag), relay, consumer].into_iter().flatten() {
+        for task in [relay, consumer].into_iter().flatten() {
             let _ = task.await;
         }
     }
@@ -323,27 +316,6 @@ impl App {
         }
         self.m.leader.set(0);
         leadership.resign().await;
-    }
-
-    /// Every second, on every instance (leading or not): the age of the oldest unpublished
-    /// row, whatever the relay is waiting for.
-    async fn watch_lag(self: Arc<App>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let oldest: Result<Option<f64>, _> = sqlx::query_scalar(
-                "SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox
-                 WHERE published_at IS NULL ORDER BY id LIMIT 1",
-            )
-            .fetch_optional(&self.store.pool)
-            .await;
-            if let Ok(age) = oldest {
-                self.m.lag.set(age.unwrap_or(0.0).max(0.0));
-            }
-        }
     }
 
     /// One burst of pipelined rounds. Each round reads the next `RELAY_BATCH` unpublished
@@ -399,7 +371,9 @@ impl App {
                     .headers(row.headers());
                 // enqueued in this order, synchronously: one key's events keep their order
                 match producer.send_result(record) {
-                    Ok(delivery) => sent.push(((row.id, topic == self.config.dead_topic), delivery)),
+                    Ok(delivery) => {
+                        sent.push(((row.id, topic == self.config.dead_topic), delivery))
+                    }
                     Err((e, _)) => {
                         round.refused = Some(e.to_string());
                         break;
@@ -423,7 +397,9 @@ impl App {
             round.settle(self, &stamp_tx, meta, acks.await);
         }
         drop(stamp_tx);
-        let stamped = stamper.await.unwrap_or_else(|e| Err(sqlx::Error::Protocol(e.to_string())));
+        let stamped = stamper
+            .await
+            .unwrap_or_else(|e| Err(sqlx::Error::Protocol(e.to_string())));
         if let Err(e) = stamped.and(read_error.map_or(Ok(()), Err)) {
             self.m.errors.with_label_values(&["postgres"]).inc();
             return Err(e.into());

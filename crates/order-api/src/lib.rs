@@ -129,6 +129,7 @@ impl App {
             PrelockClient::new(&config.prelock_url, &auth.ops_token, config.prelock_timeout)?;
         let gateway = GatewayClient::new(&config.gateway_url, config.gateway_timeout)?;
         let metrics = Metrics::new("order-api");
+        store.export_outbox_lag(&metrics);
         let api_metrics = ApiMetrics {
             orders: metrics.counter(
                 "orders_created_total",

@@ -166,6 +166,35 @@ impl PgStore {
         }
     }
 
+    /// Exports `outbox_lag_seconds` (the age of the oldest unpublished outbox row, 0 when none)
+    /// on `metrics`, refreshed every second by a task that lives as long as the runtime. Every
+    /// binary with a database exports it, so the lag stays visible, and alertable, when no relay
+    /// runs at all.
+    pub fn export_outbox_lag(&self, metrics: &service_kit::telemetry::Metrics) {
+        let lag = prometheus::Gauge::new(
+            "outbox_lag_seconds",
+            "Age of the oldest outbox event not yet published to Kafka",
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(lag.clone()));
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let oldest: Result<Option<f64>, _> = sqlx::query_scalar(
+                    "SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox
+                     WHERE published_at IS NULL ORDER BY id LIMIT 1",
+                )
+                .fetch_optional(&pool)
+                .await;
+                if let Ok(age) = oldest {
+                    lag.set(age.unwrap_or(0.0).max(0.0));
+                }
+            }
+        });
+    }
+
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

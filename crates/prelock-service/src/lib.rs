@@ -115,6 +115,7 @@ impl App {
         )
         .await?;
         let metrics = Metrics::new("prelock-service");
+        store.export_outbox_lag(&metrics);
         let prelock_metrics = PrelockMetrics {
             requests: metrics.counter(
                 "prelock_requests_total",

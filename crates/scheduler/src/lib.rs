@@ -158,6 +158,7 @@ impl App {
         }
         seed_schedules(&store, &config).await?;
         let metrics = Metrics::new("scheduler");
+        store.export_outbox_lag(&metrics);
         let fire_delay = metrics.histogram(
             "job_fire_delay_seconds",
             "How late each job started: claimed at minus due at",
