@@ -2,10 +2,10 @@
 //!
 //! **Relay.** One relay leads at a time (a Postgres advisory lock on a connection of its own;
 //! any number may run, the others wait to take over). It reads unpublished outbox rows
-//! (`published_at IS NULL`, in id order; Postgres builds each message's body as it reads),
+//! (`published_at IS NULL`, in id order; each payload's JSON text goes into the envelope unparsed),
 //! hands them to an idempotent producer in that order, keyed by the aggregate (the order id),
 //! and stamps what Kafka acknowledged. Rounds are pipelined: the next batch is read and
-//! enqueued while Kafka acknowledges up to three earlier ones, and a task of its own stamps.
+//! enqueued while Kafka acknowledges up to three earlier ones, and tasks of their own stamp.
 //! `CompensationFailed` goes to the dead compensations topic, everything else to the order
 //! events topic.
 //! - No cursor kept, so no skipped rows: each burst of rounds starts from the oldest
