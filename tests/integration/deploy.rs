@@ -12,6 +12,21 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
+/// Every document of every file in `deploy/k8s`, with the file's path from the repository.
+fn k8s_docs() -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(repo().join("deploy/k8s")).expect("deploy/k8s") {
+        let path = entry.unwrap().path();
+        let rel = path
+            .strip_prefix(repo())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        out.extend(load(&rel).into_iter().map(|d| (rel.clone(), d)));
+    }
+    out
+}
+
 fn load(rel: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
     serde_yaml::Deserializer::from_str(&text)
@@ -60,22 +75,13 @@ fn compose_brings_up_the_infrastructure_and_the_services() {
 
 #[test]
 fn kubernetes_manifests_parse_and_probe_health() {
-    let dir = repo().join("deploy/k8s");
     let mut deployments = 0;
-    for entry in std::fs::read_dir(&dir).expect("deploy/k8s") {
-        let path = entry.unwrap().path();
-        let rel = path
-            .strip_prefix(repo())
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        for doc in load(&rel) {
-            if doc["kind"] == "Deployment" {
-                deployments += 1;
-                let c = &doc["spec"]["template"]["spec"]["containers"][0];
-                assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{rel}");
-                assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{rel}");
-            }
+    for (rel, doc) in k8s_docs() {
+        if doc["kind"] == "Deployment" {
+            deployments += 1;
+            let c = &doc["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{rel}");
+            assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{rel}");
         }
     }
     assert_eq!(deployments, 6);
@@ -300,36 +306,28 @@ fn deploy_files_and_code_agree_on_services_ports_and_variables() {
     // deploy/k8s: a Deployment (probes, resources), a PodDisruptionBudget each
     let mut deployments = std::collections::BTreeMap::new();
     let mut budgets = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(repo().join("deploy/k8s")).unwrap() {
-        let path = entry.unwrap().path();
-        let rel = path
-            .strip_prefix(repo())
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        for doc in load(&rel) {
-            match doc["kind"].as_str().unwrap() {
-                "Deployment" => {
-                    let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
-                    deployments.insert(name, doc);
-                }
-                "PodDisruptionBudget" => {
-                    let app = &doc["spec"]["selector"]["matchLabels"]["app"];
-                    budgets.insert(app.as_str().unwrap().to_owned());
-                }
-                "ConfigMap" => {
-                    for var in doc["data"].as_mapping().unwrap().keys() {
-                        in_code(var.as_str().unwrap(), &rel);
-                    }
-                }
-                "Service" => {
-                    let app = doc["spec"]["selector"]["app"].as_str().unwrap();
-                    let (_, port) = services[app];
-                    let target = &doc["spec"]["ports"][0]["targetPort"];
-                    assert_eq!(target.as_u64(), Some(port as u64), "{rel}");
-                }
-                other => panic!("{rel}: unexpected kind {other}"),
+    for (rel, doc) in k8s_docs() {
+        match doc["kind"].as_str().unwrap() {
+            "Deployment" => {
+                let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+                deployments.insert(name, doc);
             }
+            "PodDisruptionBudget" => {
+                let app = &doc["spec"]["selector"]["matchLabels"]["app"];
+                budgets.insert(app.as_str().unwrap().to_owned());
+            }
+            "ConfigMap" => {
+                for var in doc["data"].as_mapping().unwrap().keys() {
+                    in_code(var.as_str().unwrap(), &rel);
+                }
+            }
+            "Service" => {
+                let app = doc["spec"]["selector"]["app"].as_str().unwrap();
+                let (_, port) = services[app];
+                let target = &doc["spec"]["ports"][0]["targetPort"];
+                assert_eq!(target.as_u64(), Some(port as u64), "{rel}");
+            }
+            other => panic!("{rel}: unexpected kind {other}"),
         }
     }
     assert_eq!(

@@ -114,16 +114,13 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         (2, 2, 0),
         "the unit left the real stock; nothing is reserved for the order any more"
     );
+    let metrics_of = |base: &str| {
+        let req = http.get(format!("{base}/metrics"));
+        async move { req.send().await.unwrap().text().await.unwrap() }
+    };
     // every binary with a database exports the outbox lag (no relay runs here: it grows)
     for base in [&order_api, &prelock, &scheduler] {
-        let page = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = metrics_of(base).await;
         let lag = integration_tests::metric_value(&page, "outbox_lag_seconds", &[]);
         assert!(
             lag.is_some_and(|l| l >= 0.0),
@@ -131,14 +128,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         );
     }
     // every fire is measured: the paper's job_fire_delay, by kind and priority
-    let page = http
-        .get(format!("{scheduler}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = metrics_of(&scheduler).await;
     for series in [
         r#"job_fire_delay_seconds_count{kind="stock.deduct",priority="P0",service="scheduler"} 1"#,
         r#"jobs_total{kind="voucher.issue",outcome="completed",service="scheduler"} 1"#,
