@@ -291,9 +291,6 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
             "OrderPaid",
             "RefundRequested",
             "OrderRefunded",
-            "StockDeducted",
-            "VoucherIssued",
-            "OrderConfirmed",
         ],
     )
     .await;
