@@ -35,6 +35,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -358,22 +359,39 @@ impl App {
         let mut round = Round::default();
         while let Some(rows) = batches.recv().await {
             let mut sent = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let topic = self.topic_of(&row.event_type);
-                let body = row.body();
-                let record = FutureRecord::to(topic)
-                    .key(&row.aggregate_id)
-                    .payload(&body)
-                    .headers(row.headers());
+            for row in rows {
+                let topic = if row.dead {
+                    &self.config.dead_topic
+                } else {
+                    &self.config.order_topic
+                };
+                let mut record = FutureRecord::to(topic)
+                    .key(&row.key)
+                    .payload(&row.body)
+                    .headers(row.headers);
                 // enqueued in this order, synchronously: one key's events keep their order
-                match producer.send_result(record) {
-                    Ok(delivery) => {
-                        sent.push(((row.id, topic == self.config.dead_topic), delivery))
+                let delivery = loop {
+                    match producer.send_result(record) {
+                        Ok(delivery) => break Some(delivery),
+                        // the producer's local queue is full: wait for the oldest round
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            record = r;
+                            match in_flight.pop_front() {
+                                Some((meta, acks)) => {
+                                    round.settle(self, &stamp_tx, meta, acks.await)
+                                }
+                                None => tokio::time::sleep(Duration::from_millis(1)).await,
+                            }
+                        }
+                        Err((e, _)) => {
+                            round.refused = Some(e.to_string());
+                            break None;
+                        }
                     }
-                    Err((e, _)) => {
-                        round.refused = Some(e.to_string());
-                        break;
-                    }
+                };
+                match delivery {
+                    Some(d) => sent.push(((row.id, row.dead), d)),
+                    None => break,
                 }
             }
             if !sent.is_empty() {
@@ -583,13 +601,23 @@ impl Round {
     }
 }
 
+/// An outbox row made into its Kafka message, ready to enqueue.
+struct Ready {
+    id: i64,
+    /// For the dead compensations topic.
+    dead: bool,
+    key: String,
+    body: Vec<u8>,
+    headers: OwnedHeaders,
+}
+
 /// Reads a burst's batches in id order, each above the last id read, into `out`: until a
 /// short batch (caught up), until `burst` has passed, or until the receiver is gone.
 async fn read_batches(
     pool: sqlx::PgPool,
     batch: i64,
     burst: Duration,
-    out: tokio::sync::mpsc::Sender<Vec<OutboxMessage>>,
+    out: tokio::sync::mpsc::Sender<Vec<Ready>>,
 ) -> Result<(), sqlx::Error> {
     let started = std::time::Instant::now();
     let mut after = 0i64;
@@ -604,7 +632,17 @@ async fn read_batches(
             return Ok(());
         };
         after = last.id;
-        if out.send(rows).await.is_err() || caught_up || started.elapsed() >= burst {
+        let ready = rows
+            .into_iter()
+            .map(|row| Ready {
+                id: row.id,
+                dead: row.event_type == COMPENSATION_FAILED,
+                body: row.body(),
+                headers: row.headers(),
+                key: row.aggregate_id,
+            })
+            .collect();
+        if out.send(ready).await.is_err() || caught_up || started.elapsed() >= burst {
             return Ok(());
         }
     }

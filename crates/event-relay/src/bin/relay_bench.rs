@@ -123,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     eprintln!("== bare producer, the relay's window: the same {events} messages");
+    let cpu = MachineCpu::now();
     let window_secs = bare(
         &producer,
         &bare_topic,
@@ -131,16 +132,19 @@ async fn main() -> anyhow::Result<()> {
         event_relay::PIPELINE_DEPTH,
     )
     .await?;
+    let window_cores = cpu.cores_busy();
     let bare_secs = all_secs.min(window_secs);
     let bare_rate = events as f64 / bare_secs;
 
     eprintln!("== relay: the same {events} rows, stamped");
     let started = Instant::now();
+    let cpu = MachineCpu::now();
     let mut published = 0;
     while published < events as usize {
         published += app.relay_once().await?;
     }
     let relay_secs = started.elapsed().as_secs_f64();
+    let relay_cores = cpu.cores_busy();
     let relay_rate = events as f64 / relay_secs;
 
     eprintln!("== outbox lag: {writers} writers at full speed for {secs} s, the relay running");
@@ -211,6 +215,10 @@ async fn main() -> anyhow::Result<()> {
         relay_rate / bare_rate
     );
     println!(
+        "  machine CPU busy meanwhile (all processes: broker, Postgres, this one), of {} cores: bare producer in the window {window_cores:.2}, relay {relay_cores:.2}",
+        MachineCpu::cores()
+    );
+    println!(
         "  apart: reading the {events} rows {read_secs:.2} s, building their messages {build_secs:.2} s (the bare producer's time includes neither; the relay overlaps them with Kafka's acknowledgements)"
     );
     println!(
@@ -268,4 +276,43 @@ async fn bare(
         messages.len()
     );
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// The machine's CPU time from `/proc/stat` (Linux), to show how busy every process together
+/// kept the cores during a phase.
+struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    fn now() -> MachineCpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        let total: u64 = ticks.iter().take(8).sum();
+        MachineCpu {
+            busy: total - idle,
+            total,
+        }
+    }
+
+    fn cores() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Cores kept busy on average since `self` (0 to [`Self::cores`]).
+    fn cores_busy(&self) -> f64 {
+        let now = MachineCpu::now();
+        let total = (now.total - self.total).max(1) as f64;
+        (now.busy - self.busy) as f64 / total * Self::cores() as f64
+    }
 }
