@@ -617,3 +617,111 @@ async fn a_restarted_consumer_resumes_from_its_committed_offsets_and_applies_eac
     assert_eq!(inbox, events, "one inbox row per event");
     println!("consumer restarts: {orders} orders, {events} events, consumer replaced twice; dashboard {want}, one inbox row per event");
 }
+
+/// The classic outbox pitfall: a transaction that took its row id first commits last. The
+/// relay must neither skip that row (a cursor past it would) nor send it before the rows of its
+/// order that came before it. Here row A (the lowest id) stays uncommitted while B and C,
+/// written after it, commit and are published; once A commits, the next burst publishes it.
+/// Also: a burst of many rounds (a batch of 10 rows) publishes every row once, in id order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
+    let db = integration_tests::fresh_database().await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let config = event_relay::Config {
+        database_url: db.clone(),
+        pg: integration_tests::test_pg_limits(4),
+        run_migrations: true,
+        brokers: BROKERS.to_owned(),
+        order_topic: format!("bar.order.events.v1.{tag}"),
+        dead_topic: format!("bar.compensation.dead.v1.{tag}"),
+        partitions: 2,
+        relay: true,
+        batch: 10,
+        poll: Duration::from_millis(20),
+        delivery_timeout: Duration::from_secs(10),
+        consumer: false,
+        group: format!("bar-dashboard-{tag}"),
+    };
+    event_relay::ensure_topics(BROKERS, &[&config.order_topic, &config.dead_topic], 2)
+        .await
+        .unwrap();
+    let topic = config.order_topic.clone();
+    let app = event_relay::App::build(config).await.unwrap();
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let insert = "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,
+                      schema_version, payload)
+                  VALUES (gen_random_uuid(), 'order', $1, 'OrderCreated', 1, '{}')
+                  RETURNING id, event_id::text";
+
+    // A takes the lowest id and stays open; B and C commit after it
+    let mut late = pool.begin().await.unwrap();
+    let (a_id, a_event): (i64, String) = sqlx::query_as(insert)
+        .bind("order-a")
+        .fetch_one(&mut *late)
+        .await
+        .unwrap();
+    let mut early = Vec::new();
+    for order in ["order-b", "order-c"] {
+        let row: (i64, String) = sqlx::query_as(insert)
+            .bind(order)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(row.0 > a_id);
+        early.push(row.1);
+    }
+    assert_eq!(
+        app.relay_once().await.unwrap(),
+        2,
+        "B and C go; A is not visible yet"
+    );
+    let a_published: Option<Option<chrono::DateTime<chrono::Utc>>> =
+        sqlx::query_scalar("SELECT published_at FROM outbox WHERE id = $1")
+            .bind(a_id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+    assert_eq!(a_published, None, "A is not committed: nobody sees it");
+    late.commit().await.unwrap();
+    assert_eq!(app.relay_once().await.unwrap(), 1, "A goes once it commits");
+    let unpublished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unpublished, 0);
+
+    // 95 rows of one order: one burst of ten rounds, each row once, in id order
+    let mut written = Vec::new();
+    for _ in 0..95 {
+        let row: (i64, String) = sqlx::query_as(insert)
+            .bind("order-d")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        written.push(row.1);
+    }
+    let mut published = 0;
+    while published < 95 {
+        published += app.relay_once().await.unwrap();
+    }
+    assert_eq!(published, 95);
+
+    let mut want: HashSet<String> = written.iter().cloned().collect();
+    want.insert(a_event.clone());
+    want.extend(early.iter().cloned());
+    let seen = read_topic(BROKERS, &topic, Duration::from_secs(60), &want).await;
+    let ids: Vec<&str> = seen.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(ids.len(), 98, "each once: {ids:?}");
+    let pos = |e: &str| ids.iter().position(|x| *x == e).unwrap();
+    assert!(
+        early.iter().all(|e| pos(e) < pos(&a_event)),
+        "A went after B and C"
+    );
+    let d_order: Vec<&str> = seen
+        .iter()
+        .filter(|(_, k)| k == "order-d")
+        .map(|(e, _)| e.as_str())
+        .collect();
+    assert_eq!(d_order, written, "one order's rows in the order written");
+}
