@@ -517,6 +517,29 @@ async fn one_trace_spans_the_order_request_the_callback_the_follow_up_jobs_and_t
         spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
     );
 
+    // a cancellation is part of its order's trace too
+    let (cancelled, _, _) = s
+        .order_with_payment("trace-user", "trace-2", ("sku-tr", "bar-tr"), "alipay")
+        .await;
+    s.cancel("trace-user", &cancelled).await;
+    let traces: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT traceparent FROM orders WHERE id = $1::uuid
+         UNION ALL
+         SELECT traceparent FROM outbox WHERE aggregate_id = $1 AND event_type = 'OrderCancelled'",
+    )
+    .bind(&cancelled)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let order_trace = traces[0].as_deref().unwrap().split('-').nth(1).unwrap();
+    assert!(
+        traces.len() == 2
+            && traces[1]
+                .as_deref()
+                .is_some_and(|t| t.contains(order_trace)),
+        "{traces:?}"
+    );
+
     // the logs name the trace: the callback's "payment applied" line in order-api's JSON log
     let log = s.order_proc.log_text();
     let applied = log

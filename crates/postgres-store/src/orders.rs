@@ -85,6 +85,20 @@ const ORDER_COLUMNS: &str = "id, user_id, sku_id, store_id, quantity, unit_price
     amount_cents, state, version, request_fingerprint, expires_at, created_at, updated_at, \
     traceparent";
 
+/// The trace context of order `id` (`None` for an unknown order or one created before traces
+/// were kept).
+pub async fn order_traceparent(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    let tp: Option<Option<String>> =
+        sqlx::query_scalar("SELECT traceparent FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_optional(ex)
+            .await?;
+    Ok(tp.flatten())
+}
+
 pub async fn find_order(
     ex: impl PgExecutor<'_>,
     id: Uuid,

@@ -10,6 +10,7 @@ use service_kit::auth::AuthUser;
 use service_kit::error::ErrorBody;
 use service_kit::http::ApiJson;
 use service_kit::ApiError;
+use tracing::Instrument;
 
 use super::parse_order_id;
 use crate::api::{api_error, outcome_label, CreateOrderRequest, OrderView};
@@ -190,9 +191,18 @@ pub async fn cancel_order(
 ) -> Result<Json<OrderView>, ApiError> {
     let user = user_id(&user)?;
     let id = parse_order_id(&order_id)?;
+    // the cancellation (its release, its event) is part of the order's trace
+    let order_trace = postgres_store::orders::order_traceparent(&s.0.fulfillment.store.pool, id.0)
+        .await
+        .map_err(crate::api::db_error)?;
+    let span = service_kit::trace::follow(
+        tracing::info_span!("order.cancel", order_id = %id),
+        order_trace.as_deref(),
+    );
     let order =
         s.0.fulfillment
             .cancel_order(&user, id)
+            .instrument(span)
             .await
             .map_err(api_error)?;
     Ok(Json(order.into()))
