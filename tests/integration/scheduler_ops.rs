@@ -144,9 +144,13 @@ async fn operators_list_redrive_pause_and_schedule_through_the_ops_api() {
     let names: Vec<&str> = all.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["orders-prune-lost-answers", "stock-reconcile-nightly"]
+        [
+            "orders-prune-lost-answers",
+            "outbox-prune",
+            "stock-reconcile-nightly"
+        ]
     );
-    let nightly = &all[1];
+    let nightly = &all[2];
     assert_eq!(nightly["name"], "stock-reconcile-nightly");
     assert_eq!(nightly["kind"], "stock.reconcile");
     assert_eq!(nightly["time_zone"], "Asia/Shanghai");
@@ -265,4 +269,34 @@ async fn operators_list_redrive_pause_and_schedule_through_the_ops_api() {
     .await
     .unwrap();
     assert_eq!(pruned, 1);
+
+    // what the daily outbox prune deletes: events published before the retention, never one
+    // that was not published, however old
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, schema_version,
+             payload, created_at, published_at)
+         VALUES (gen_random_uuid(), 'order', 'old-published', 'OrderCreated', 1, '{}',
+                 now() - interval '9 days', now() - interval '9 days'),
+                (gen_random_uuid(), 'order', 'old-unpublished', 'OrderCreated', 1, '{}',
+                 now() - interval '9 days', NULL),
+                (gen_random_uuid(), 'order', 'new-published', 'OrderCreated', 1, '{}',
+                 now(), now())",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let pruned = postgres_store::effects::prune_published(
+        &db,
+        chrono::Utc::now() - chrono::Duration::days(7),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pruned, 1);
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT aggregate_id FROM outbox WHERE aggregate_id LIKE '%published' ORDER BY aggregate_id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(left, ["new-published", "old-unpublished"]);
 }

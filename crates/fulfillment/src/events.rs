@@ -48,6 +48,8 @@ pub const JOB_PAYMENT_REFUND: &str = "payment.refund";
 pub const JOB_PAYMENT_CHECK: &str = "payment.check";
 /// Compares Redis with Postgres per SKU and repairs drift (a recurring schedule).
 pub const JOB_STOCK_RECONCILE: &str = "stock.reconcile";
+/// Deletes published outbox events past their retention (a recurring schedule).
+pub const JOB_OUTBOX_PRUNE: &str = "outbox.prune";
 /// Forgets stale lost pre-lock answers (a recurring schedule).
 pub const JOB_PRUNE_LOST_ANSWERS: &str = "orders.prune_lost_answers";
 

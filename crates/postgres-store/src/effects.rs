@@ -36,3 +36,28 @@ pub async fn append_event(
     .await?;
     Ok(event_id)
 }
+
+/// Deletes events published before `before` (Kafka holds them), 10,000 at a time so no
+/// statement runs long; an event never published is kept whatever its age. Returns how many.
+pub async fn prune_published(
+    pool: &sqlx::PgPool,
+    before: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    const BATCH: i64 = 10_000;
+    let mut pruned = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM outbox WHERE id = ANY(ARRAY(
+                 SELECT id FROM outbox WHERE published_at < $1 ORDER BY id LIMIT $2))",
+        )
+        .bind(before)
+        .bind(BATCH)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        pruned += n;
+        if n < BATCH as u64 {
+            return Ok(pruned);
+        }
+    }
+}

@@ -45,6 +45,9 @@ pub struct Config {
     pub reconcile_recurrence: String,
     pub reconcile_time_zone: String,
     pub reconcile_timeout: Duration,
+    /// How long published outbox events are kept (Kafka has them); the daily prune deletes
+    /// older ones.
+    pub outbox_retention: Duration,
 }
 
 impl Config {
@@ -66,6 +69,9 @@ impl Config {
             reconcile_recurrence: env_string("RECONCILE_SCHEDULE", "daily at 03:00"),
             reconcile_time_zone: env_string("RECONCILE_TIME_ZONE", "Asia/Shanghai"),
             reconcile_timeout: env_millis("RECONCILE_TIMEOUT_MS", 600_000)?,
+            outbox_retention: Duration::from_secs(
+                env_or::<u64>("OUTBOX_RETENTION_HOURS", 168)? * 3600,
+            ),
         })
     }
 }
@@ -156,6 +162,26 @@ impl App {
                 }
             });
         }
+        {
+            let (pool, keep) = (store.pool.clone(), config.outbox_retention);
+            engine.register_limited(events::JOB_OUTBOX_PRUNE, 1, move |_job| {
+                let pool = pool.clone();
+                async move {
+                    let before = chrono::Utc::now()
+                        - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+                    match postgres_store::effects::prune_published(&pool, before).await {
+                        Ok(n) => {
+                            tracing::info!(
+                                pruned = n,
+                                "published outbox events past retention deleted"
+                            );
+                            Outcome::Done
+                        }
+                        Err(e) => Outcome::Retry(e.to_string()),
+                    }
+                }
+            });
+        }
         seed_schedules(&store, &config).await?;
         let metrics = Metrics::new("scheduler");
         store.export_outbox_lag(&metrics);
@@ -233,6 +259,8 @@ impl App {
 pub const RECONCILE_SCHEDULE: &str = "stock-reconcile-nightly";
 /// Name of the daily clean-up of lost pre-lock answers older than a day.
 pub const PRUNE_SCHEDULE: &str = "orders-prune-lost-answers";
+/// Deletes published outbox events past `OUTBOX_RETENTION_HOURS`.
+pub const OUTBOX_PRUNE_SCHEDULE: &str = "outbox-prune";
 
 /// Writes the schedules the scheduler ships unless they exist (an operator's edits win).
 async fn seed_schedules(store: &PgStore, config: &Config) -> anyhow::Result<()> {
@@ -251,6 +279,11 @@ async fn seed_schedules(store: &PgStore, config: &Config) -> anyhow::Result<()> 
             PRUNE_SCHEDULE,
             Def::new(events::JOB_PRUNE_LOST_ANSWERS, "daily at 04:30", "UTC"),
             "the prune schedule",
+        ),
+        (
+            OUTBOX_PRUNE_SCHEDULE,
+            Def::new(events::JOB_OUTBOX_PRUNE, "daily at 05:00", "UTC"),
+            "the outbox prune schedule",
         ),
     ];
     for (name, def, what) in defaults {
