@@ -274,6 +274,7 @@ async fn every_event_arrives_in_order_and_is_applied_once_though_the_relay_is_ki
     // the projection applies one event per transaction: on a machine busy with other tests it
     // can trail by a minute or more, so the wait fails only when it stops making progress
     let (mut applied, mut progressed) = (-1i64, Instant::now());
+    let projection_wait = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let row: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(
@@ -307,9 +308,10 @@ async fn every_event_arrives_in_order_and_is_applied_once_though_the_relay_is_ki
         .unwrap();
     assert_eq!(inbox as usize, want.len(), "one inbox row per event");
     println!(
-        "events: {orders} orders created in {created_in:.1?}; {} events written, {} messages read ({duplicates} duplicates from the two kills); projection agrees ({want_row})",
+        "events: {orders} orders created in {created_in:.1?}; {} events written, {} messages read ({duplicates} duplicates from the two kills); projection agrees ({want_row}), {:.1?} after the topic was read",
         written.len(),
         seen.len(),
+        projection_wait.elapsed(),
     );
 }
 

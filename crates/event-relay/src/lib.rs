@@ -20,14 +20,16 @@
 //!
 //! **Projection** (`CONSUMER_ENABLED`): a consumer in group `CONSUMER_GROUP` applies order
 //! events to `bar_dashboard` (per store: created, paid, confirmed, ... and money kept). Each
-//! event's inbox row and its effect commit together; the offset is committed after, so a crash
-//! in between redelivers an event whose inbox row says it was applied.
+//! event's inbox row and its effect commit together (the events that have arrived, up to 500,
+//! share one transaction); the offsets are committed after, so a crash in between redelivers
+//! events whose inbox rows say they were applied.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use futures_util::future::join_all;
+use futures_util::FutureExt;
 use job_engine::leader::Leadership;
 use postgres_store::{PgLimits, PgStore};
 use prometheus::IntCounterVec;
@@ -141,6 +143,9 @@ pub struct OutboxMessage {
 pub const SELECT_MESSAGES: &str = "SELECT id, event_id, aggregate_type, aggregate_id, event_type,
         schema_version, traceparent, created_at, payload::text AS payload
     FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
+
+/// Events the projection applies in one transaction at most (whatever has arrived).
+const CONSUMER_BATCH: usize = 500;
 
 /// Rounds a relay keeps in flight at once (each of `RELAY_BATCH` events): the next round is
 /// read and enqueued while Kafka acknowledges the earlier ones.
@@ -502,42 +507,40 @@ impl App {
                     continue;
                 }
             };
-            // handling is a span of the trace that wrote the event (the order's)
-            let span = service_kit::trace::follow(
-                tracing::info_span!(
-                    "consume",
-                    otel.name = format!(
-                        "consume {}",
-                        header(msg.headers(), "event_type").unwrap_or("event")
-                    ),
-                    otel.kind = "consumer",
-                    messaging.destination.name = msg.topic(),
-                    messaging.kafka.offset = msg.offset(),
-                    consumer.group = %self.config.group,
-                ),
-                header(msg.headers(), service_kit::trace::TRACEPARENT),
-            );
-            // applied (or known undecodable) before the offset moves past it
-            let outcome = async {
-                loop {
-                    match project(&self.store.pool, &self.config.group, msg.payload()).await {
-                        Ok(o) => break Some(o),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "projection failed; retrying the event");
-                            tokio::select! {
-                                _ = stop.cancelled() => break None,
-                                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                            }
+            // what else has arrived joins this transaction: one commit for many events
+            let mut msgs = vec![msg];
+            while msgs.len() < CONSUMER_BATCH {
+                match consumer.recv().now_or_never() {
+                    Some(Ok(m)) => msgs.push(m),
+                    _ => break,
+                }
+            }
+            // applied (or known undecodable) before the offsets move past them
+            let outcomes = loop {
+                match project_batch(&self.store.pool, &self.config.group, &msgs).await {
+                    Ok(o) => break o,
+                    Err(e) => {
+                        tracing::warn!(error = %e, events = msgs.len(), "projection failed; retrying the events");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         }
                     }
                 }
+            };
+            for outcome in outcomes {
+                self.m.consumed.with_label_values(&[outcome]).inc();
             }
-            .instrument(span)
-            .await;
-            let Some(outcome) = outcome else { return };
-            self.m.consumed.with_label_values(&[outcome]).inc();
-            if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
-                tracing::warn!(error = %e, "offset not committed; the event may come again (the inbox absorbs it)");
+            let mut offsets = rdkafka::TopicPartitionList::new();
+            for m in &msgs {
+                // messages come in offset order per partition: the last one's wins
+                let next = rdkafka::Offset::Offset(m.offset() + 1);
+                if let Err(e) = offsets.add_partition_offset(m.topic(), m.partition(), next) {
+                    tracing::warn!(error = %e, "offset not recorded");
+                }
+            }
+            if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+                tracing::warn!(error = %e, "offsets not committed; the events may come again (the inbox absorbs them)");
             }
         }
         let _ = consumer.commit_consumer_state(CommitMode::Sync);
@@ -782,10 +785,43 @@ pub fn header<'a>(
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
-/// Applies one order event to the dashboard, once: `applied`, `duplicate` (its inbox row was
-/// there) or `undecodable` (skipped, logged).
-async fn project(
+/// Applies a batch of order events in one transaction, each once, each in a span of the trace
+/// that wrote it (its `traceparent` header): the outcomes, in order.
+async fn project_batch(
     pool: &sqlx::PgPool,
+    consumer: &str,
+    msgs: &[rdkafka::message::BorrowedMessage<'_>],
+) -> Result<Vec<&'static str>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(msgs.len());
+    for msg in msgs {
+        let span = service_kit::trace::follow(
+            tracing::info_span!(
+                "consume",
+                otel.name = format!(
+                    "consume {}",
+                    header(msg.headers(), "event_type").unwrap_or("event")
+                ),
+                otel.kind = "consumer",
+                messaging.destination.name = msg.topic(),
+                messaging.kafka.offset = msg.offset(),
+                consumer.group = %consumer,
+            ),
+            header(msg.headers(), service_kit::trace::TRACEPARENT),
+        );
+        let outcome = project(&mut tx, consumer, msg.payload())
+            .instrument(span)
+            .await?;
+        outcomes.push(outcome);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Applies one order event to the dashboard, once, in the caller's transaction: `applied`,
+/// `duplicate` (its inbox row was there) or `undecodable` (skipped, logged).
+async fn project(
+    tx: &mut sqlx::PgConnection,
     consumer: &str,
     payload: Option<&[u8]>,
 ) -> Result<&'static str, sqlx::Error> {
@@ -803,7 +839,6 @@ async fn project(
         return Ok("undecodable");
     };
     let data = &event["data"];
-    let mut tx = pool.begin().await?;
     let fresh = sqlx::query(
         "INSERT INTO consumer_inbox (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )
@@ -814,7 +849,6 @@ async fn project(
     .rows_affected()
         == 1;
     if !fresh {
-        tx.rollback().await?;
         return Ok("duplicate");
     }
     let column = match kind {
@@ -845,6 +879,5 @@ async fn project(
         .execute(&mut *tx)
         .await?;
     }
-    tx.commit().await?;
     Ok("applied")
 }
