@@ -52,9 +52,6 @@ use uuid::Uuid;
 /// Key of the relay leader's advisory lock ("outbox_r").
 const RELAY_LOCK: i64 = 0x6f75_7462_6f78_5f72;
 
-/// The event type that goes to the dead compensations topic.
-const COMPENSATION_FAILED: &str = "CompensationFailed";
-
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
@@ -328,8 +325,8 @@ impl App {
 
     /// One burst of pipelined rounds. Each round reads the next `RELAY_BATCH` unpublished
     /// rows and enqueues them in id order on the idempotent producer; up to
-    /// [`PIPELINE_DEPTH`] rounds wait for Kafka's acknowledgements at once, and a task of its
-    /// own stamps what Kafka acknowledged. The burst ends when it has caught up (a short read),
+    /// [`PIPELINE_DEPTH`] rounds wait for Kafka's acknowledgements at once, and [`STAMPERS`]
+    /// tasks of their own stamp what Kafka acknowledged. The burst ends when it has caught up (a short read),
     /// after [`BURST`], or at the first failure, and always with nothing in flight.
     ///
     /// Within a burst, rounds read above the last id read: that skips rows whose transactions
@@ -365,12 +362,7 @@ impl App {
         while let Some(rows) = batches.recv().await {
             let mut sent = Vec::with_capacity(rows.len());
             for row in rows {
-                let topic = if row.dead {
-                    &self.config.dead_topic
-                } else {
-                    &self.config.order_topic
-                };
-                let mut record = FutureRecord::to(topic)
+                let mut record = FutureRecord::to(self.topic(row.dead))
                     .key(&row.key)
                     .payload(&row.body)
                     .headers(row.headers);
@@ -457,8 +449,10 @@ impl App {
         Ok(round.acked)
     }
 
-    pub fn topic_of(&self, event_type: &str) -> &str {
-        if event_type == COMPENSATION_FAILED {
+    /// The dead compensations topic for `CompensationFailed`, the order events topic for the
+    /// rest.
+    fn topic(&self, dead: bool) -> &str {
+        if dead {
             &self.config.dead_topic
         } else {
             &self.config.order_topic
@@ -577,12 +571,7 @@ impl Round {
             match ack {
                 Ok(Ok(_)) => {
                     ids.push(id);
-                    let topic = if dead {
-                        &app.config.dead_topic
-                    } else {
-                        &app.config.order_topic
-                    };
-                    app.m.published.with_label_values(&[topic]).inc();
+                    app.m.published.with_label_values(&[app.topic(dead)]).inc();
                 }
                 Ok(Err((e, _))) => {
                     self.failed += 1;
@@ -639,7 +628,7 @@ async fn read_batches(
             .into_iter()
             .map(|row| Ready {
                 id: row.id,
-                dead: row.event_type == COMPENSATION_FAILED,
+                dead: row.event_type == fulfillment::events::COMPENSATION_FAILED,
                 body: row.body(),
                 headers: row.headers(),
                 key: row.aggregate_id,

@@ -55,7 +55,8 @@ pub fn init_logging(service: &str) -> Telemetry {
         .build();
     let mut provider = SdkTracerProvider::builder().with_resource(resource);
     let mut export_error = None;
-    if export_configured() {
+    let export = export_configured();
+    if export {
         match opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
@@ -78,7 +79,7 @@ pub fn init_logging(service: &str) -> Telemetry {
         tracing::info!(
             service,
             version = env!("CARGO_PKG_VERSION"),
-            traces_exported = export_configured() && export_error.is_none(),
+            traces_exported = export && export_error.is_none(),
             "starting"
         );
         if let Some(e) = export_error {

@@ -65,13 +65,6 @@ pub fn follow(span: tracing::Span, traceparent: Option<&str>) -> tracing::Span {
     span
 }
 
-/// The trace id of `span` (32 hex digits), once it is traced.
-pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
 /// Log lines as JSON objects: `timestamp`, `level`, the event's fields (`message` among them),
 /// `target`, and, inside a traced span, `span`, `trace_id` and `span_id`, so a log search by
 /// trace id finds what the trace's spans logged.
@@ -152,6 +145,13 @@ mod tests {
     use super::*;
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::layer::SubscriberExt;
+
+    /// The trace id of `span` (32 hex digits), once it is traced.
+    fn trace_id_of(span: &tracing::Span) -> Option<String> {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| sc.trace_id().to_string())
+    }
 
     #[test]
     fn traceparent_round_trips_and_rejects_garbage() {
