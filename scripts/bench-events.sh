@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The event relay's benchmark (called as `scripts/bench.sh events`), on the local Postgres and
 # Kafka API (tansu) in one run: a bare rdkafka producer sending the outbox's messages against
-# the relay publishing the same rows (read, send, stamp), and the outbox lag while writers
-# insert outbox rows at full speed. Prints the figures and the ratio.
-#   scripts/bench.sh events [--events 100000] [--writers 8] [--secs 20]
+# the relay publishing the same rows (read, send, record its position), and the outbox lag
+# while writers insert outbox rows at full speed. Prints the figures and the ratio.
+#   scripts/bench.sh events [--events 200000] [--repeat 7] [--writers 8] [--secs 20]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh

@@ -5,7 +5,7 @@
 # The job engine's benchmark (fire delay, burn-down, graphile-worker, the pgbench ceiling):
 #   scripts/bench.sh jobs [--rate 1000] [--secs 60] [--jobs 100000] [--workers 16]
 # The event relay against a bare rdkafka producer, and the outbox lag under load:
-#   scripts/bench.sh events [--events 100000] [--writers 8] [--secs 20]
+#   scripts/bench.sh events [--events 200000] [--repeat 7] [--writers 8] [--secs 20]
 # The compensation chaos run, early first check against the plain 30 s poll:
 #   scripts/bench.sh compensation [--orders 2000]
 set -euo pipefail

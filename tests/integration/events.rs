@@ -204,7 +204,7 @@ async fn every_event_arrives_in_order_and_is_applied_once_though_the_relay_is_ki
     loop {
         let (confirmed, unpublished): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM orders WHERE state = 'CONFIRMED'),
-                    (SELECT count(*) FROM outbox WHERE published_at IS NULL)",
+                    (SELECT count(*) FROM outbox_unpublished)",
         )
         .fetch_one(&db)
         .await
@@ -335,7 +335,7 @@ async fn orders_keep_succeeding_while_kafka_is_down_and_the_backlog_drains_after
     let unpublished = || {
         let db = db.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_unpublished")
                 .fetch_one(&db)
                 .await
                 .unwrap()
@@ -654,10 +654,12 @@ async fn a_restarted_consumer_resumes_from_its_committed_offsets_and_applies_eac
 }
 
 /// The classic outbox pitfall: a transaction that took its row id first commits last. The
-/// relay must neither skip that row (a cursor past it would) nor send it before the rows of its
-/// order that came before it. Here row A (the lowest id) stays uncommitted while B and C,
-/// written after it, commit and are published; once A commits, the next burst publishes it.
-/// Also: a burst of many rounds (a batch of 10 rows) publishes every row once, in id order.
+/// relay must neither skip that row (a plain cursor past it would) nor send it before the rows
+/// of its order that came before it. Here row A (the lowest id) stays uncommitted while B and
+/// C, written after it, commit and are published; the relay's position goes past A, keeping
+/// its id as a gap, and once A commits the next burst publishes it. A rolled-back row's gap is
+/// dropped. Also: a burst of many rounds (a batch of 10 rows) publishes every row once, in id
+/// order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
     let db = integration_tests::fresh_database().await;
@@ -710,21 +712,88 @@ async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
         2,
         "B and C go; A is not visible yet"
     );
-    let a_published: Option<Option<chrono::DateTime<chrono::Utc>>> =
-        sqlx::query_scalar("SELECT published_at FROM outbox WHERE id = $1")
-            .bind(a_id)
-            .fetch_optional(&pool)
-            .await
-            .unwrap();
-    assert_eq!(a_published, None, "A is not committed: nobody sees it");
+    let position = event_relay::load_position(&pool).await.unwrap();
+    assert!(position.through > a_id, "the relay went past A");
+    assert!(
+        position.gaps.iter().any(|g| (g.lo..=g.hi).contains(&a_id)),
+        "A's id is a gap: {position:?}"
+    );
+    assert_eq!(app.relay_once().await.unwrap(), 0, "A is still not visible");
+    let kept = event_relay::load_position(&pool).await.unwrap();
+    assert!(
+        kept.gaps.iter().any(|g| (g.lo..=g.hi).contains(&a_id)),
+        "A's gap stays while its transaction runs, however many rounds pass: {kept:?}"
+    );
     late.commit().await.unwrap();
     assert_eq!(app.relay_once().await.unwrap(), 1, "A goes once it commits");
-    let unpublished: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_unpublished")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(unpublished, 0);
+    assert!(
+        event_relay::load_position(&pool)
+            .await
+            .unwrap()
+            .gaps
+            .is_empty(),
+        "A filled its gap"
+    );
+
+    // a rolled-back row leaves a gap that goes once nothing can fill it
+    let mut rolled_back = pool.begin().await.unwrap();
+    let (r_id, _): (i64, String) = sqlx::query_as(insert)
+        .bind("order-r")
+        .fetch_one(&mut *rolled_back)
+        .await
+        .unwrap();
+    let after: (i64, String) = sqlx::query_as(insert)
+        .bind("order-s")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let s_event = after.1;
+    rolled_back.rollback().await.unwrap();
+    assert_eq!(app.relay_once().await.unwrap(), 1, "S goes, R never will");
+    // a later round sees every transaction older than the gap's horizon ended (in the whole
+    // cluster: a test elsewhere holding a transaction open delays it)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert_eq!(app.relay_once().await.unwrap(), 0);
+        let p = event_relay::load_position(&pool).await.unwrap();
+        if !p.gaps.iter().any(|g| (g.lo..=g.hi).contains(&r_id)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "R's gap is still there: {p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // one transaction's two rows of order E straddle order F's committed row: E1 is a gap
+    // when F goes; once E commits, E1 (the gap's) and E2 (past the position) go together, in
+    // id order
+    let mut straddling = pool.begin().await.unwrap();
+    let (_, e1): (i64, String) = sqlx::query_as(insert)
+        .bind("order-e")
+        .fetch_one(&mut *straddling)
+        .await
+        .unwrap();
+    let (_, f): (i64, String) = sqlx::query_as(insert)
+        .bind("order-f")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (_, e2): (i64, String) = sqlx::query_as(insert)
+        .bind("order-e")
+        .fetch_one(&mut *straddling)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.relay_once().await.unwrap(),
+        1,
+        "F goes; E is not visible"
+    );
+    straddling.commit().await.unwrap();
+    assert_eq!(app.relay_once().await.unwrap(), 2, "E1 and E2 go");
 
     // 95 rows of one order: one burst of ten rounds, each row once, in id order
     let mut written = Vec::new();
@@ -745,9 +814,11 @@ async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
     let mut want: HashSet<String> = written.iter().cloned().collect();
     want.insert(a_event.clone());
     want.extend(early.iter().cloned());
+    want.insert(s_event);
+    want.extend([e1.clone(), e2.clone(), f]);
     let seen = read_topic(BROKERS, &topic, Duration::from_secs(60), &want).await;
     let ids: Vec<&str> = seen.iter().map(|(e, _)| e.as_str()).collect();
-    assert_eq!(ids.len(), 98, "each once: {ids:?}");
+    assert_eq!(ids.len(), 102, "each once: {ids:?}");
     let pos = |e: &str| ids.iter().position(|x| *x == e).unwrap();
     assert!(
         early.iter().all(|e| pos(e) < pos(&a_event)),
@@ -759,4 +830,102 @@ async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
         .map(|(e, _)| e.as_str())
         .collect();
     assert_eq!(d_order, written, "one order's rows in the order written");
+    assert!(pos(&e1) < pos(&e2), "E1 before E2");
+}
+
+/// The message an outbox row becomes, as every consumer reads it: the JSON envelope with the
+/// payload's text as `data` (strings escaped where they need it, the time in RFC 3339 with
+/// microseconds), the aggregate id as the key, the event named in headers with the trace
+/// context. The relay builds it from the bytes Postgres sends, so this pins it to the row.
+#[tokio::test]
+async fn an_outbox_row_becomes_its_envelope_key_and_headers() {
+    use rdkafka::message::Headers;
+    let db = integration_tests::fresh_database().await;
+    let store = postgres_store::PgStore::connect(&db, &integration_tests::test_pg_limits(2))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let rows: Vec<(i64, String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        r#"INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, schema_version,
+               payload, traceparent, created_at)
+           VALUES (gen_random_uuid(), 'order', 'order "quoted" \ tab	é', 'OrderPaid', 3,
+                   '{"store_id": "bar-1", "note": "✓ \"ok\"", "amount_cents": 19800}', $1,
+                   '2026-12-01 15:04:05.123456+00'),
+                  (gen_random_uuid(), 'payment', 'p-1', 'CompensationFailed', 1, '[1, 2]', NULL,
+                   '1999-12-31 23:59:59.999999+00')
+           RETURNING id, event_id::text, created_at"#,
+    )
+    .bind(traceparent)
+    .fetch_all(&store.pool)
+    .await
+    .unwrap();
+    let (batch, ids) = event_relay::read_messages(&store.pool, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids, rows.iter().map(|r| r.0).collect::<Vec<_>>());
+    let want = [
+        (
+            "order \"quoted\" \\ tab\té",
+            json!({
+                "event_id": rows[0].1, "event_type": "OrderPaid", "schema_version": 3,
+                "aggregate_type": "order", "aggregate_id": "order \"quoted\" \\ tab\té",
+                "occurred_at": "2026-12-01T15:04:05.123456Z",
+                "data": {"store_id": "bar-1", "note": "✓ \"ok\"", "amount_cents": 19800}
+            }),
+            vec![
+                ("event_id", rows[0].1.as_str()),
+                ("event_type", "OrderPaid"),
+                ("schema_version", "3"),
+                ("traceparent", traceparent),
+            ],
+            false,
+        ),
+        (
+            "p-1",
+            json!({
+                "event_id": rows[1].1, "event_type": "CompensationFailed", "schema_version": 1,
+                "aggregate_type": "payment", "aggregate_id": "p-1",
+                "occurred_at": "1999-12-31T23:59:59.999999Z", "data": [1, 2]
+            }),
+            vec![
+                ("event_id", rows[1].1.as_str()),
+                ("event_type", "CompensationFailed"),
+                ("schema_version", "1"),
+            ],
+            true,
+        ),
+    ];
+    assert_eq!(batch.len(), want.len());
+    for (m, (key, body, headers, dead)) in batch.messages.iter().zip(want) {
+        let (k, b) = batch.key_and_body(m);
+        assert_eq!(std::str::from_utf8(k).unwrap(), key);
+        let got: Value = serde_json::from_slice(b).unwrap();
+        assert_eq!(got, body);
+        assert_eq!(
+            got["occurred_at"],
+            json!(rows
+                .iter()
+                .find(|r| r.1 == body["event_id"])
+                .unwrap()
+                .2
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+            "the row's own time"
+        );
+        let got_headers: Vec<(String, String)> = (0..m.headers.count())
+            .map(|i| {
+                let h = m.headers.get(i);
+                (
+                    h.key.to_owned(),
+                    String::from_utf8(h.value.unwrap().to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        let want_headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(got_headers, want_headers);
+        assert_eq!(m.dead, dead, "CompensationFailed goes to the dead topic");
+    }
 }

@@ -270,18 +270,27 @@ async fn operators_list_redrive_pause_and_schedule_through_the_ops_api() {
     .unwrap();
     assert_eq!(pruned, 1);
 
-    // what the daily outbox prune deletes: events published before the retention, never one
-    // that was not published, however old
-    sqlx::query(
+    // what the daily outbox prune deletes: published events written before the retention,
+    // never one not yet published (in a gap of the relay's position, or past it), however old
+    let ids: Vec<i64> = sqlx::query_scalar(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, schema_version,
-             payload, created_at, published_at)
-         VALUES (gen_random_uuid(), 'order', 'old-published', 'OrderCreated', 1, '{}',
-                 now() - interval '9 days', now() - interval '9 days'),
-                (gen_random_uuid(), 'order', 'old-unpublished', 'OrderCreated', 1, '{}',
-                 now() - interval '9 days', NULL),
-                (gen_random_uuid(), 'order', 'new-published', 'OrderCreated', 1, '{}',
-                 now(), now())",
+             payload, created_at)
+         SELECT gen_random_uuid(), 'order', a, 'OrderCreated', 1, '{}', now() - age
+         FROM unnest(ARRAY['old-published', 'old-unpublished', 'new-published', 'old-past'],
+                     ARRAY[interval '9 days', interval '9 days', interval '0', interval '9 days'])
+              WITH ORDINALITY AS t(a, age, n)
+         ORDER BY n
+         RETURNING id",
     )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE outbox_relay SET published_through = $1, gap_lo = ARRAY[$2], gap_hi = ARRAY[$2],
+             gap_horizon = ARRAY[0::bigint]",
+    )
+    .bind(ids[2])
+    .bind(ids[1])
     .execute(&db)
     .await
     .unwrap();
@@ -293,10 +302,11 @@ async fn operators_list_redrive_pause_and_schedule_through_the_ops_api() {
     .unwrap();
     assert_eq!(pruned, 1);
     let left: Vec<String> = sqlx::query_scalar(
-        "SELECT aggregate_id FROM outbox WHERE aggregate_id LIKE '%published' ORDER BY aggregate_id",
+        "SELECT aggregate_id FROM outbox WHERE aggregate_id LIKE 'old-%' OR aggregate_id LIKE 'new-%'
+         ORDER BY aggregate_id",
     )
     .fetch_all(&db)
     .await
     .unwrap();
-    assert_eq!(left, ["new-published", "old-unpublished"]);
+    assert_eq!(left, ["new-published", "old-past", "old-unpublished"]);
 }

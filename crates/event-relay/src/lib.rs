@@ -1,22 +1,26 @@
 //! event-relay: the outbox to Kafka, and the bar-dashboard projection back from it.
 //!
 //! **Relay.** One relay leads at a time (a Postgres advisory lock on a connection of its own;
-//! any number may run, the others wait to take over). It reads unpublished outbox rows
-//! (`published_at IS NULL`, in id order; each payload's JSON text goes into the envelope unparsed),
-//! hands them to an idempotent producer in that order, keyed by the aggregate (the order id),
-//! and stamps what Kafka acknowledged. Rounds are pipelined: the next batch is read and
-//! enqueued while Kafka acknowledges up to three earlier ones, and tasks of their own stamp.
+//! any number may run, the others wait to take over). It reads the outbox rows past its
+//! position (the `outbox_relay` row; see [`position`]) in id order, each payload's JSON text
+//! going into the envelope unparsed, hands them to an idempotent producer in that order,
+//! keyed by the aggregate (the order id), and records its new position once Kafka has
+//! acknowledged them: one small row per round, not a stamp per event. Rounds are pipelined:
+//! the next batch is read and enqueued while Kafka acknowledges up to three earlier ones.
 //! `CompensationFailed` goes to the dead compensations topic, everything else to the order
 //! events topic.
-//! - No cursor kept, so no skipped rows: each burst of rounds starts from the oldest
-//!   unpublished row, so a row whose transaction commits after rows with higher ids (the
-//!   classic outbox pitfall with sequence ids) is simply unpublished until then, and a later
-//!   burst takes it. One order's rows are written by transactions serialised on the order row,
-//!   so they commit in id order, and are sent in id order, to one partition.
-//! - Kafka down: nothing is stamped, the outbox grows, the relay backs off and retries; the
+//! - No skipped rows: ids the relay goes past while no row with them is visible (a
+//!   transaction that took its id before rows that committed first: the classic outbox
+//!   pitfall with sequence ids) are the position's gaps. Every round looks them up and sends
+//!   what has filled them; a gap is dropped only once every transaction that could fill it has
+//!   ended. One order's rows are written by transactions serialised on the order row, so they
+//!   commit in id order (a row that fills a gap has no later sibling out yet); a round reads
+//!   its gaps and the rows past its position from one snapshot (`SELECT_ROUND`), and sends
+//!   them in id order, to one partition.
+//! - Kafka down: the position stays, the outbox grows, the relay backs off and retries; the
 //!   order path never talks to Kafka. A relay that dies after Kafka acknowledged a batch but
-//!   before stamping it sends the batch again: a duplicate, harmless to consumers (the event
-//!   id travels in the `event_id` header and the body; consumers keep an inbox).
+//!   before recording its position sends the batch again: a duplicate, harmless to consumers
+//!   (the event id travels in the `event_id` header and the body; consumers keep an inbox).
 //!
 //! **Projection** (`CONSUMER_ENABLED`): a consumer in group `CONSUMER_GROUP` applies order
 //! events to `bar_dashboard` (per store: created, paid, confirmed, ... and money kept). Each
@@ -24,11 +28,13 @@
 //! share one transaction); the offsets are committed after, so a crash in between redelivers
 //! events whose inbox rows say they were applied.
 
+pub mod message;
+pub mod position;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use futures_util::future::join_all;
 use futures_util::FutureExt;
 use job_engine::leader::Leadership;
 use postgres_store::{PgLimits, PgStore};
@@ -38,7 +44,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Message;
@@ -48,6 +54,9 @@ use service_kit::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
+
+pub use message::Batch;
+pub use position::{Gap, Position};
 
 /// Key of the relay leader's advisory lock ("outbox_r").
 const RELAY_LOCK: i64 = 0x6f75_7462_6f78_5f72;
@@ -86,7 +95,7 @@ impl Config {
             dead_topic: env_string("DEAD_COMPENSATION_TOPIC", "bar.compensation.dead.v1"),
             partitions: env_or("KAFKA_TOPIC_PARTITIONS", 6)?,
             relay: env_or("RELAY_ENABLED", true)?,
-            batch: env_or("RELAY_BATCH", 1000)?,
+            batch: env_or("RELAY_BATCH", 5000)?,
             poll: env_millis("RELAY_POLL_MS", 100)?,
             delivery_timeout: env_millis("RELAY_DELIVERY_TIMEOUT_MS", 10_000)?,
             consumer: env_or("CONSUMER_ENABLED", true)?,
@@ -117,29 +126,39 @@ pub struct App {
     /// Replaced after a fatal producer error (an idempotent producer whose state the broker
     /// lost, e.g. a broker that came back empty): a new one starts a new producer id.
     producer: std::sync::RwLock<FutureProducer>,
+    /// The relay's own connections (a burst's reader and its position recorder), with
+    /// `synchronous_commit` off: the position, and the xids the reader takes, need not wait for
+    /// the WAL flush (a position lost in a crash only sends its events again, which consumers'
+    /// inboxes absorb). The projection's commits stay on the store's durable pool.
+    relay_pool: sqlx::PgPool,
     m: RelayMetrics,
 }
 
-/// One unpublished outbox row, as read for publishing: the payload stays the JSON text
-/// Postgres holds, never parsed, and goes into the envelope as it is.
-#[derive(sqlx::FromRow)]
-pub struct OutboxMessage {
-    pub id: i64,
-    pub event_id: Uuid,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub event_type: String,
-    pub schema_version: i32,
-    pub traceparent: Option<String>,
-    pub created_at: chrono::DateTime<chrono::Utc>,
-    /// The payload's JSON text.
-    pub payload: String,
-}
+/// Reads up to `$2` rows past the position `$1`, oldest first.
+pub const SELECT_MESSAGES: &str = concat!(
+    "SELECT ",
+    message::message_columns!(),
+    " FROM outbox o WHERE o.id > $1 ORDER BY o.id LIMIT $2"
+);
 
-/// Reads up to `limit` unpublished rows with ids above `after`, oldest first.
-pub const SELECT_MESSAGES: &str = "SELECT id, event_id, aggregate_type, aggregate_id, event_type,
-        schema_version, traceparent, created_at, payload::text AS payload
-    FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
+/// A round while the position has gaps, in one statement: the rows that have filled the gaps
+/// (lows `$3`, highs `$4`) and up to `$2` rows past the position `$1`, oldest first.
+///
+/// One statement is one snapshot, and that is what keeps an order's events in order: a
+/// transaction may write two rows of an order whose ids straddle another's committed row, so
+/// the first becomes a gap while the second is not read yet. Looked up and read in two
+/// statements, the transaction could commit in between, and the second row would go out in
+/// this round and the first only in the next.
+const SELECT_ROUND: &str = concat!(
+    "SELECT * FROM (SELECT ",
+    message::message_columns!(),
+    " FROM outbox o JOIN unnest($3::bigint[], $4::bigint[]) g(lo, hi)
+        ON o.id BETWEEN g.lo AND g.hi
+      UNION ALL
+      (SELECT ",
+    message::message_columns!(),
+    " FROM outbox o WHERE o.id > $1 ORDER BY o.id LIMIT $2)) r ORDER BY id"
+);
 
 /// Events the projection applies in one transaction at most (whatever has arrived).
 const CONSUMER_BATCH: usize = 500;
@@ -148,13 +167,8 @@ const CONSUMER_BATCH: usize = 500;
 /// read and enqueued while Kafka acknowledges the earlier ones.
 pub const PIPELINE_DEPTH: usize = 4;
 
-/// Tasks (each with a connection) stamping what Kafka acknowledged: an `UPDATE` of a row
-/// costs Postgres more than reading it (a new row version, an index entry), and one stamper
-/// falls behind the producer at full speed.
-const STAMPERS: usize = 2;
-
-/// How long one pipelined burst runs before the relay checks its leadership again and reads
-/// from the oldest unpublished row (no cursor) once more.
+/// How long one pipelined burst runs before the relay checks its leadership again and starts
+/// over from its recorded position.
 const BURST: Duration = Duration::from_secs(1);
 
 /// The producer every relay uses: idempotent (no duplicates or reordering from its own
@@ -231,11 +245,19 @@ impl App {
             ),
         };
         let producer = producer(&config.brokers, config.delivery_timeout)?;
+        let relay_pool = store.pool_with(
+            &PgLimits {
+                max_connections: 2,
+                ..config.pg.clone()
+            },
+            &[("synchronous_commit", "off")],
+        );
         Ok(Arc::new(App {
             config,
             store,
             metrics,
             producer: std::sync::RwLock::new(producer),
+            relay_pool,
             m,
         }))
     }
@@ -323,49 +345,54 @@ impl App {
         leadership.resign().await;
     }
 
-    /// One burst of pipelined rounds. Each round reads the next `RELAY_BATCH` unpublished
-    /// rows and enqueues them in id order on the idempotent producer; up to
-    /// [`PIPELINE_DEPTH`] rounds wait for Kafka's acknowledgements at once, and [`STAMPERS`]
-    /// tasks of their own stamp what Kafka acknowledged. The burst ends when it has caught up (a short read),
-    /// after [`BURST`], or at the first failure, and always with nothing in flight.
-    ///
-    /// Within a burst, rounds read above the last id read: that skips rows whose transactions
-    /// had not committed yet, never loses them. The next burst reads from the oldest
-    /// unpublished row again (no cursor), so a late row goes out at most a burst later, and
-    /// never ahead of a row of its order: an order's rows are written by transactions
-    /// serialised on the order row, so a row that commits late has no later sibling out yet.
+    /// One burst of pipelined rounds, from the position recorded in `outbox_relay`. Each
+    /// round sends what has filled the position's gaps and the next `RELAY_BATCH` rows past
+    /// it, enqueued in id order on the idempotent producer; up to [`PIPELINE_DEPTH`] rounds
+    /// wait for Kafka's acknowledgements at once, and a task of its own records the position
+    /// each fully acknowledged round reached (rounds settle in order). The burst ends when it
+    /// has caught up (a short read), after `BURST`, or at the first failure, and always with
+    /// nothing in flight; the next one starts from the recorded position, so a failed round
+    /// and the rounds after it are sent again.
     ///
     /// Returns how many events Kafka acknowledged; an error if Postgres failed or Kafka
-    /// refused any (what was acknowledged is stamped first).
+    /// refused any (the position of the rounds acknowledged before it is recorded first).
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
         let producer = self
             .producer
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let (stamp_tx, stampers): (Vec<_>, Vec<_>) = (0..STAMPERS)
-            .map(|_| {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                (tx, tokio::spawn(stamp(self.store.pool.clone(), rx)))
-            })
-            .unzip();
+        let (start, reader_conn) = match self.burst_start().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.m.errors.with_label_values(&["postgres"]).inc();
+                return Err(e.into());
+            }
+        };
+        let (positions, recorded) = tokio::sync::mpsc::unbounded_channel();
+        let recorder = tokio::spawn(record_positions(self.relay_pool.clone(), recorded));
         // the next batch is read while this one is sent and earlier ones are acknowledged
         let (batch_tx, mut batches) = tokio::sync::mpsc::channel(2);
+        // batches sent go back to the reader to be filled again (their buffers kept)
+        let (spare_tx, spare) = tokio::sync::mpsc::unbounded_channel();
         let reader = tokio::spawn(read_batches(
-            self.store.pool.clone(),
+            reader_conn,
+            start,
             self.config.batch,
             BURST,
-            batch_tx,
+            (batch_tx, spare),
         ));
         let mut in_flight = std::collections::VecDeque::new();
         let mut round = Round::default();
-        while let Some(rows) = batches.recv().await {
-            let mut sent = Vec::with_capacity(rows.len());
-            for row in rows {
-                let mut record = FutureRecord::to(self.topic(row.dead))
-                    .key(&row.key)
-                    .payload(&row.body)
-                    .headers(row.headers);
+        while let Some((mut batch, position)) = batches.recv().await {
+            let mut sent = Vec::with_capacity(batch.len());
+            let mut refused = false;
+            let message::Batch { bytes, messages } = &mut batch;
+            for m in messages.drain(..) {
+                let mut record = FutureRecord::to(self.topic(m.dead))
+                    .key(&bytes[m.key])
+                    .payload(&bytes[m.body])
+                    .headers(m.headers);
                 // enqueued in this order, synchronously: one key's events keep their order
                 let delivery = loop {
                     match producer.send_result(record) {
@@ -374,9 +401,7 @@ impl App {
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                             record = r;
                             match in_flight.pop_front() {
-                                Some((meta, acks)) => {
-                                    round.settle(self, &stamp_tx, meta, acks.await)
-                                }
+                                Some(r) => round.settle(self, &positions, r).await,
                                 None => tokio::time::sleep(Duration::from_millis(1)).await,
                             }
                         }
@@ -387,17 +412,27 @@ impl App {
                     }
                 };
                 match delivery {
-                    Some(d) => sent.push(((row.id, row.dead), d)),
-                    None => break,
+                    Some(d) => sent.push((m.dead, d)),
+                    None => {
+                        refused = true;
+                        break;
+                    }
                 }
             }
-            if !sent.is_empty() {
-                let (meta, deliveries): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
-                in_flight.push_back((meta, join_all(deliveries)));
-            }
+            // librdkafka has its own copies of what it took
+            batch.clear();
+            let _ = spare_tx.send(batch);
+            let (dead, deliveries): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
+            // a round not wholly enqueued never moves the position
+            let position = (!refused).then_some(position);
+            in_flight.push_back(InFlight {
+                dead,
+                position,
+                acks: deliveries,
+            });
             while in_flight.len() >= PIPELINE_DEPTH {
-                let (meta, acks) = in_flight.pop_front().expect("in flight");
-                round.settle(self, &stamp_tx, meta, acks.await);
+                let r = in_flight.pop_front().expect("in flight");
+                round.settle(self, &positions, r).await;
             }
             if round.failed() {
                 break;
@@ -408,19 +443,15 @@ impl App {
             .await
             .unwrap_or_else(|e| Err(sqlx::Error::Protocol(e.to_string())))
             .err();
-        // nothing stays in flight past a burst: a failure retries from what was stamped
-        while let Some((meta, acks)) = in_flight.pop_front() {
-            round.settle(self, &stamp_tx, meta, acks.await);
+        // nothing stays in flight past a burst: a failure retries from the recorded position
+        while let Some(r) = in_flight.pop_front() {
+            round.settle(self, &positions, r).await;
         }
-        drop(stamp_tx);
-        let mut stamped = Ok(());
-        for stamper in stampers {
-            let r = stamper
-                .await
-                .unwrap_or_else(|e| Err(sqlx::Error::Protocol(e.to_string())));
-            stamped = stamped.and(r);
-        }
-        if let Err(e) = stamped.and(read_error.map_or(Ok(()), Err)) {
+        drop(positions);
+        let recorded = recorder
+            .await
+            .unwrap_or_else(|e| Err(sqlx::Error::Protocol(e.to_string())));
+        if let Err(e) = recorded.and(read_error.map_or(Ok(()), Err)) {
             self.m.errors.with_label_values(&["postgres"]).inc();
             return Err(e.into());
         }
@@ -447,6 +478,14 @@ impl App {
             );
         }
         Ok(round.acked)
+    }
+
+    /// The recorded position and the connection the burst's reader keeps.
+    async fn burst_start(
+        &self,
+    ) -> Result<(Position, sqlx::pool::PoolConnection<sqlx::Postgres>), sqlx::Error> {
+        let mut conn = self.relay_pool.acquire().await?;
+        Ok((load_position(&mut *conn).await?, conn))
     }
 
     /// The dead compensations topic for `CompensationFailed`, the order events topic for the
@@ -544,127 +583,217 @@ impl App {
 /// What a burst's rounds came to.
 #[derive(Default)]
 struct Round {
-    rounds: usize,
     acked: usize,
     failed: usize,
     first_error: Option<String>,
     refused: Option<String>,
 }
 
-type Acks = Vec<<rdkafka::producer::DeliveryFuture as std::future::Future>::Output>;
+/// A round waiting for Kafka: the topic of each message (dead compensations or not), the
+/// position it reaches once every message is acknowledged (none if it was not wholly
+/// enqueued), and the acknowledgements.
+struct InFlight {
+    dead: Vec<bool>,
+    position: Option<Position>,
+    acks: Vec<rdkafka::producer::DeliveryFuture>,
+}
 
 impl Round {
     fn failed(&self) -> bool {
         self.failed > 0 || self.refused.is_some()
     }
 
-    /// Counts a round's acknowledgements and hands the acknowledged ids to the stamper.
-    fn settle(
+    /// Waits for a round's acknowledgements and counts them; hands its position to the
+    /// recorder when every message of it, and of every round before it, was acknowledged.
+    async fn settle(
         &mut self,
         app: &App,
-        stamp: &[tokio::sync::mpsc::UnboundedSender<Vec<i64>>],
-        meta: Vec<(i64, bool)>,
-        acks: Acks,
+        positions: &tokio::sync::mpsc::UnboundedSender<Position>,
+        round: InFlight,
     ) {
-        let mut ids = Vec::with_capacity(meta.len());
-        for ((id, dead), ack) in meta.into_iter().zip(acks) {
-            match ack {
-                Ok(Ok(_)) => {
-                    ids.push(id);
-                    app.m.published.with_label_values(&[app.topic(dead)]).inc();
-                }
+        let was_failed = self.failed();
+        let mut failed = 0;
+        // acknowledged, by topic: [order events, dead compensations]
+        let mut acked = [0u64; 2];
+        // in order: by the time a round is settled most of its reports are in, and waiting on
+        // each costs less than a joined set of thousands of futures
+        for (dead, ack) in round.dead.into_iter().zip(round.acks) {
+            match ack.await {
+                Ok(Ok(_)) => acked[dead as usize] += 1,
                 Ok(Err((e, _))) => {
-                    self.failed += 1;
+                    failed += 1;
                     self.first_error.get_or_insert_with(|| e.to_string());
                 }
                 Err(_) => {
-                    self.failed += 1;
+                    failed += 1;
                     self.first_error
                         .get_or_insert_with(|| "delivery report lost".to_owned());
                 }
             }
         }
-        self.acked += ids.len();
-        if !ids.is_empty() {
-            // the stampers outlive the burst's rounds; rounds take turns
-            self.rounds += 1;
-            let _ = stamp[self.rounds % stamp.len()].send(ids);
+        self.failed += failed;
+        for (dead, n) in [(false, acked[0]), (true, acked[1])] {
+            if n > 0 {
+                self.acked += n as usize;
+                app.m
+                    .published
+                    .with_label_values(&[app.topic(dead)])
+                    .inc_by(n);
+            }
+        }
+        if let (false, 0, Some(position)) = (was_failed, failed, round.position) {
+            // the recorder outlives the burst's rounds
+            let _ = positions.send(position);
         }
     }
 }
 
-/// An outbox row made into its Kafka message, ready to enqueue.
-struct Ready {
-    id: i64,
-    /// For the dead compensations topic.
-    dead: bool,
-    key: String,
-    body: Vec<u8>,
-    headers: OwnedHeaders,
+/// The relay's position as `outbox_relay` records it.
+pub async fn load_position(db: impl sqlx::PgExecutor<'_>) -> Result<Position, sqlx::Error> {
+    let (through, lo, hi, horizon): (i64, Vec<i64>, Vec<i64>, Vec<i64>) =
+        sqlx::query_as("SELECT published_through, gap_lo, gap_hi, gap_horizon FROM outbox_relay")
+            .fetch_one(db)
+            .await?;
+    Ok(Position::from_columns(through, &lo, &hi, &horizon))
 }
 
-/// Reads a burst's batches in id order, each above the last id read, into `out`: until a
-/// short batch (caught up), until `burst` has passed, or until the receiver is gone.
+/// Reads a burst's batches into `out`, each with the position it reaches: what has filled
+/// the gaps, then the rows past the position, in id order; a batch comes back through
+/// `spare` once sent, and is filled again. Until a short batch (caught up),
+/// until `burst` has passed, or until the receiver is gone; a round that would change
+/// nothing is not sent.
 async fn read_batches(
-    pool: sqlx::PgPool,
-    batch: i64,
+    mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    mut position: Position,
+    limit: i64,
     burst: Duration,
-    out: tokio::sync::mpsc::Sender<Vec<Ready>>,
+    (out, mut spare): (
+        tokio::sync::mpsc::Sender<(Batch, Position)>,
+        tokio::sync::mpsc::UnboundedReceiver<Batch>,
+    ),
 ) -> Result<(), sqlx::Error> {
     let started = std::time::Instant::now();
-    let mut after = 0i64;
     loop {
-        let rows: Vec<OutboxMessage> = sqlx::query_as(SELECT_MESSAGES)
-            .bind(after)
-            .bind(batch)
-            .fetch_all(&pool)
-            .await?;
-        let caught_up = (rows.len() as i64) < batch;
-        let Some(last) = rows.last() else {
-            return Ok(());
+        let before = position.clone();
+        let mut batch = spare
+            .try_recv()
+            .unwrap_or_else(|_| Batch::with_capacity(limit as usize));
+        let ids = if position.gaps.is_empty() {
+            read_into(
+                &mut batch,
+                sqlx::query(SELECT_MESSAGES)
+                    .bind(position.through)
+                    .bind(limit),
+                &mut conn,
+            )
+            .await?
+        } else {
+            // the oldest running transaction, read before the lookup: a gap with an older
+            // horizon that the lookup does not see filled never will be
+            let xmin: i64 =
+                sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            let (lo, hi, _) = position.gap_columns();
+            let query = sqlx::query(SELECT_ROUND)
+                .bind(position.through)
+                .bind(limit)
+                .bind(lo)
+                .bind(hi);
+            let mut ids = read_into(&mut batch, query, &mut conn).await?;
+            // in id order: what filled the gaps is at or below the position, the rest past it
+            let fresh = ids.partition_point(|&id| id <= position.through);
+            position.fill(&ids[..fresh], xmin);
+            ids.drain(..fresh);
+            ids
         };
-        after = last.id;
-        let ready = rows
-            .into_iter()
-            .map(|row| Ready {
-                id: row.id,
-                dead: row.event_type == fulfillment::events::COMPENSATION_FAILED,
-                body: row.body(),
-                headers: row.headers(),
-                key: row.aggregate_id,
-            })
-            .collect();
-        if out.send(ready).await.is_err() || caught_up || started.elapsed() >= burst {
+        let caught_up = (ids.len() as i64) < limit;
+        let missing = position.missing(&ids);
+        if let Some(&last) = ids.last() {
+            let horizon = if missing.is_empty() {
+                0
+            } else {
+                take_xid(&mut conn).await?
+            };
+            position.advance(last, &missing, horizon);
+        }
+        if batch.is_empty() && position == before {
+            return Ok(());
+        }
+        if out.send((batch, position.clone())).await.is_err()
+            || caught_up
+            || started.elapsed() >= burst
+        {
             return Ok(());
         }
     }
 }
 
-/// Stamps `published_at` on what Kafka acknowledged, taking whatever has queued up since its
-/// last statement in one `UPDATE`.
-async fn stamp(
+/// Up to `limit` rows past `after`, oldest first, made into their messages ([`SELECT_MESSAGES`]);
+/// and their ids.
+pub async fn read_messages(
+    pool: &sqlx::PgPool,
+    after: i64,
+    limit: i64,
+) -> Result<(Batch, Vec<i64>), sqlx::Error> {
+    let mut batch = Batch::with_capacity(limit as usize);
+    let query = sqlx::query(SELECT_MESSAGES).bind(after).bind(limit);
+    let ids = read_into(&mut batch, query, &mut *pool.acquire().await?).await?;
+    Ok((batch, ids))
+}
+
+/// Runs `query` (rows of `message_columns!`) and appends a message per row to
+/// `batch`, as the rows arrive; returns their ids.
+async fn read_into<'q>(
+    batch: &mut Batch,
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    conn: &mut sqlx::PgConnection,
+) -> Result<Vec<i64>, sqlx::Error> {
+    use futures_util::TryStreamExt;
+    let mut rows = query.fetch(conn);
+    let mut ids = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        ids.push(batch.push(&row)?);
+    }
+    Ok(ids)
+}
+
+/// An xid of the relay's own, taken right after a read that skipped ids: the horizon of the
+/// gaps that read found (every transaction still holding one of their ids is older). On the
+/// relay's connection: its commit does not wait for the WAL flush.
+async fn take_xid(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(conn)
+        .await
+}
+
+/// Records the positions acknowledged rounds reached, the newest that has queued up since its
+/// last statement in one `UPDATE` of the one `outbox_relay` row (on the relay's connection:
+/// the commit does not wait for the WAL flush).
+async fn record_positions(
     pool: sqlx::PgPool,
-    mut acked: tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>,
+    mut reached: tokio::sync::mpsc::UnboundedReceiver<Position>,
 ) -> Result<(), sqlx::Error> {
-    while let Some(mut ids) = acked.recv().await {
-        while let Ok(more) = acked.try_recv() {
-            ids.extend(more);
+    let mut conn = None;
+    while let Some(mut position) = reached.recv().await {
+        while let Ok(newer) = reached.try_recv() {
+            position = newer;
         }
-        // A stamp lost in a database crash only sends its events again (a duplicate the
-        // consumers' inboxes absorb): it need not wait for the WAL flush.
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT set_config('synchronous_commit', 'off', true)")
-            .execute(&mut *tx)
-            .await?;
-        // `published_at IS NULL` lets Postgres find the rows through the small partial index
-        // of unpublished rows rather than the primary key (several times cheaper, measured)
+        let conn = match &mut conn {
+            Some(c) => c,
+            None => conn.insert(pool.acquire().await?),
+        };
+        let (lo, hi, horizon) = position.gap_columns();
         sqlx::query(
-            "UPDATE outbox SET published_at = now() WHERE published_at IS NULL AND id = ANY($1)",
+            "UPDATE outbox_relay SET published_through = $1, gap_lo = $2, gap_hi = $3,
+                 gap_horizon = $4, updated_at = now()",
         )
-        .bind(&ids)
-        .execute(&mut *tx)
+        .bind(position.through)
+        .bind(lo)
+        .bind(hi)
+        .bind(horizon)
+        .execute(&mut **conn)
         .await?;
-        tx.commit().await?;
     }
     Ok(())
 }
@@ -695,69 +824,6 @@ impl App {
                 .with_label_values(&[&partition.to_string()])
                 .set(n);
         }
-    }
-}
-
-impl OutboxMessage {
-    /// The message body, a JSON envelope: `{"event_id","event_type","schema_version",
-    /// "aggregate_type","aggregate_id","occurred_at","data"}`, `data` being the payload's text.
-    pub fn body(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(self.payload.len() + 256);
-        let text = |b: &mut Vec<u8>, s: &str| {
-            serde_json::to_writer(&mut *b, s).expect("a string serialises");
-        };
-        b.extend_from_slice(b"{\"event_id\":\"");
-        b.extend_from_slice(
-            self.event_id
-                .hyphenated()
-                .encode_lower(&mut Uuid::encode_buffer())
-                .as_bytes(),
-        );
-        b.extend_from_slice(b"\",\"event_type\":");
-        text(&mut b, &self.event_type);
-        b.extend_from_slice(b",\"schema_version\":");
-        b.extend_from_slice(self.schema_version.to_string().as_bytes());
-        b.extend_from_slice(b",\"aggregate_type\":");
-        text(&mut b, &self.aggregate_type);
-        b.extend_from_slice(b",\"aggregate_id\":");
-        text(&mut b, &self.aggregate_id);
-        b.extend_from_slice(b",\"occurred_at\":\"");
-        b.extend_from_slice(
-            self.created_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                .as_bytes(),
-        );
-        b.extend_from_slice(b"\",\"data\":");
-        b.extend_from_slice(self.payload.as_bytes());
-        b.push(b'}');
-        b
-    }
-
-    /// Headers naming the event (so a consumer can drop a duplicate before decoding the body)
-    /// and carrying the trace context.
-    pub fn headers(&self) -> OwnedHeaders {
-        let version = self.schema_version.to_string();
-        let event_id = self.event_id.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(4)
-            .insert(Header {
-                key: "event_id",
-                value: Some(&event_id),
-            })
-            .insert(Header {
-                key: "event_type",
-                value: Some(&self.event_type),
-            })
-            .insert(Header {
-                key: "schema_version",
-                value: Some(&version),
-            });
-        if let Some(tp) = &self.traceparent {
-            headers = headers.insert(Header {
-                key: service_kit::trace::TRACEPARENT,
-                value: Some(tp),
-            });
-        }
-        headers
     }
 }
 

@@ -33,6 +33,22 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 /// How long [`PgStore::connect`] waits for Postgres to answer at start-up.
 pub const STARTUP_PATIENCE: Duration = Duration::from_secs(10);
 
+/// A pool whose every connection carries `statement_timeout`, `lock_timeout` and `settings`,
+/// half of it opened ahead of time.
+fn pool(options: &PgConnectOptions, limits: &PgLimits, settings: &[(&str, &str)]) -> PgPool {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let mut session = vec![
+        ("statement_timeout", ms(limits.statement_timeout)),
+        ("lock_timeout", ms(limits.lock_timeout)),
+    ];
+    session.extend(settings.iter().map(|&(k, v)| (k, v.to_owned())));
+    PgPoolOptions::new()
+        .max_connections(limits.max_connections)
+        .min_connections((limits.max_connections / 2).max(1))
+        .acquire_timeout(limits.acquire_timeout)
+        .connect_lazy_with(options.clone().options(session))
+}
+
 /// How long the services wait on Postgres before answering 503 (`PG_*_MS`).
 #[derive(Clone, Debug)]
 pub struct PgLimits {
@@ -117,15 +133,7 @@ impl PgStore {
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()?
             .application_name("bar-fulfillment");
-        let ms = |d: Duration| d.as_millis().to_string();
-        let pool = PgPoolOptions::new()
-            .max_connections(limits.max_connections)
-            .min_connections((limits.max_connections / 2).max(1))
-            .acquire_timeout(limits.acquire_timeout)
-            .connect_lazy_with(options.clone().options([
-                ("statement_timeout", ms(limits.statement_timeout)),
-                ("lock_timeout", ms(limits.lock_timeout)),
-            ]));
+        let pool = pool(&options, limits, &[]);
         let store = PgStore { pool, options };
         let started = std::time::Instant::now();
         loop {
@@ -137,6 +145,13 @@ impl PgStore {
                 Err(e) => return Err(anyhow::Error::new(e).context("postgres did not answer")),
             }
         }
+    }
+
+    /// Another pool on the same database, with `limits` and the session `settings` on every
+    /// connection (say `synchronous_commit=off`, for work whose commits may be lost in a
+    /// crash); opened lazily.
+    pub fn pool_with(&self, limits: &PgLimits, settings: &[(&str, &str)]) -> PgPool {
+        pool(&self.options, limits, settings)
     }
 
     /// Applies `migrations/` on a dedicated connection: a long index build must not hit the
@@ -182,12 +197,10 @@ impl PgStore {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                let oldest: Result<Option<f64>, _> = sqlx::query_scalar(
-                    "SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox
-                     WHERE published_at IS NULL ORDER BY id LIMIT 1",
-                )
-                .fetch_optional(&pool)
-                .await;
+                let oldest: Result<Option<f64>, _> =
+                    sqlx::query_scalar(effects::OLDEST_UNPUBLISHED)
+                        .fetch_optional(&pool)
+                        .await;
                 if let Ok(age) = oldest {
                     lag.set(age.unwrap_or(0.0).max(0.0));
                 }

@@ -225,7 +225,7 @@ pub async fn insert_new_order(
          e AS (
              INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,
                  schema_version, payload, traceparent)
-             SELECT $11, $12, id::text, $13, $14, $15, traceparent FROM o),
+             SELECT $11, $12, id::text, $13, $14, $15::json, traceparent FROM o),
          j AS (
              INSERT INTO delayed_job (kind, payload, priority, run_at, dedupe_key, max_attempts,
                  traceparent)
@@ -247,7 +247,7 @@ pub async fn insert_new_order(
     .bind(event.aggregate_type)
     .bind(event.event_type)
     .bind(event.schema_version)
-    .bind(&event.payload)
+    .bind(event.payload.to_string())
     .bind(&expiry.kind)
     .bind(&expiry.payload)
     .bind(expiry.priority as i16)
