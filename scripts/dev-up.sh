@@ -11,11 +11,21 @@ DB=${DB_NAME:-bar_fulfillment}
 psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc "select 1 from pg_database where datname = '$DB'" | grep -q 1 ||
   psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "create database $DB"
 
+mkdir -p .run/logs .run/pids
+# the Kafka API (tansu): its first install builds while the workspace does
+command -v tansu >/dev/null 2>&1 ||
+  echo "installing tansu in the background (15 to 30 minutes the first time; log: .run/logs/tansu-install.log)"
+scripts/kafka.sh --install >.run/logs/tansu-install.log 2>&1 &
+kafka_install=$!
 echo "building (release)..."
 cargo build --release --bins --locked -q
+if ! wait "$kafka_install"; then
+  echo "installing tansu failed:" >&2
+  tail -n 30 .run/logs/tansu-install.log >&2
+  exit 1
+fi
 scripts/dev-down.sh >/dev/null 2>&1 || true
 mkdir -p .run/logs .run/pids
-# the Kafka API (tansu; installed on first use)
 scripts/kafka.sh
 
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$DB}

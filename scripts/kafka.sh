@@ -4,19 +4,23 @@
 # docker-compose.yml runs), installed with cargo when missing (about 15 minutes the first
 # time on 2 cores) and started when not answering. Its storage is in memory: a restart
 # empties it. Logs: .run/logs/tansu.log.
+#   scripts/kafka.sh            installs tansu if missing, starts it if not answering
+#   scripts/kafka.sh --install  only installs it (test.sh and dev-up.sh run this in the
+#                               background while they build the workspace)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 port=${KAFKA_PORT:-9092}
 answering() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
 
-if answering; then
+if [ "${1:-}" != --install ] && answering; then
   exit 0
 fi
 if ! command -v tansu >/dev/null 2>&1; then
-  echo "kafka: installing tansu 0.6 (cargo install; about 15 minutes the first time)"
+  echo "kafka: installing tansu 0.6 (cargo install; 15 to 30 minutes the first time)"
   cargo install tansu --version '^0.6' --locked --features dynostore
 fi
+[ "${1:-}" = --install ] && exit 0
 mkdir -p .run/logs .run/pids
 echo "kafka: starting tansu on 127.0.0.1:$port"
 nohup tansu broker \

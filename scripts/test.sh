@@ -6,7 +6,14 @@ cd "$(dirname "$0")/.."
 
 scripts/services.sh
 scripts/browser.sh
-scripts/kafka.sh
+# The Kafka API: tansu's first install (a cargo build of its own, 15 to 30 minutes on 2 cores)
+# runs while the workspace is checked and built; the tests wait for it.
+mkdir -p .run/logs
+command -v tansu >/dev/null 2>&1 ||
+  echo "== installing tansu in the background (log: .run/logs/tansu-install.log)"
+scripts/kafka.sh --install >.run/logs/tansu-install.log 2>&1 &
+kafka_install=$!
+trap 'kill "$kafka_install" 2>/dev/null || true' EXIT
 
 # databases left by earlier runs (each test makes its own, named bft_<uuid>)
 psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc \
@@ -19,6 +26,20 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build binaries (the end-to-end test runs them)"
 cargo build --workspace --bins --locked
+waited=0
+while kill -0 "$kafka_install" 2>/dev/null; do
+  if [ $((waited % 30)) = 0 ]; then
+    echo "== waiting for tansu's install: $(grep -a Compiling .run/logs/tansu-install.log | tail -n 1 | sed 's/^ *//')"
+  fi
+  sleep 1
+  waited=$((waited + 1))
+done
+if ! wait "$kafka_install"; then
+  echo "kafka: installing tansu failed:" >&2
+  tail -n 30 .run/logs/tansu-install.log >&2
+  exit 1
+fi
+scripts/kafka.sh
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
