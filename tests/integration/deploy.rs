@@ -97,6 +97,7 @@ fn kubernetes_manifests_parse_and_probe_health() {
         "outbox_lag_seconds",
         "relay_leader",
         "relay_errors_total",
+        "relay_position_gaps",
         "consumer_lag_messages",
     ] {
         assert!(text.contains(metric), "no alert on {metric}");
@@ -130,6 +131,7 @@ fn the_dashboard_parses_and_charts_the_slas() {
         "outbox_lag_seconds",
         "relay_published_total",
         "relay_errors_total",
+        "relay_position_gaps",
         "consumer_lag_messages",
     ] {
         assert!(

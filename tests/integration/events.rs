@@ -719,6 +719,11 @@ async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
         "A's id is a gap: {position:?}"
     );
     assert_eq!(app.relay_once().await.unwrap(), 0, "A is still not visible");
+    assert_eq!(
+        integration_tests::metric_value(&app.metrics.render(), "relay_position_gaps", &[]),
+        Some(position.gaps.len() as f64),
+        "the gaps watched are on /metrics"
+    );
     let kept = event_relay::load_position(&pool).await.unwrap();
     assert!(
         kept.gaps.iter().any(|g| (g.lo..=g.hi).contains(&a_id)),

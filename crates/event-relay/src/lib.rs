@@ -115,6 +115,9 @@ struct RelayMetrics {
     published: IntCounterVec,
     errors: IntCounterVec,
     leader: prometheus::IntGauge,
+    /// Ranges of ids the relay went past unseen and still watches: a few in flight at any
+    /// time; many means a transaction somewhere holds the cluster's oldest xid back.
+    gaps: prometheus::IntGauge,
     consumed: IntCounterVec,
     consumer_lag: prometheus::IntGaugeVec,
 }
@@ -221,6 +224,11 @@ impl App {
             "1 while this relay leads (publishes); the others wait",
         )?;
         metrics.register(Box::new(leader.clone()));
+        let gaps = prometheus::IntGauge::new(
+            "relay_position_gaps",
+            "Ranges of outbox ids the leading relay went past while no row held them, still looked up every round",
+        )?;
+        metrics.register(Box::new(gaps.clone()));
         let m = RelayMetrics {
             published: metrics.counter(
                 "relay_published_total",
@@ -233,6 +241,7 @@ impl App {
                 &["what"],
             ),
             leader,
+            gaps,
             consumer_lag: metrics.gauge(
                 "consumer_lag_messages",
                 "Messages on the order events topic the projection has not consumed yet, by partition it holds",
@@ -363,7 +372,10 @@ impl App {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let (start, reader_conn) = match self.burst_start().await {
-            Ok(s) => s,
+            Ok((start, conn)) => {
+                self.m.gaps.set(start.gaps.len() as i64);
+                (start, conn)
+            }
             Err(e) => {
                 self.m.errors.with_label_values(&["postgres"]).inc();
                 return Err(e.into());
