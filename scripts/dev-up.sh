@@ -25,7 +25,6 @@ if ! wait "$kafka_install"; then
   exit 1
 fi
 scripts/dev-down.sh >/dev/null 2>&1 || true
-mkdir -p .run/logs .run/pids
 scripts/kafka.sh
 
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$DB}

@@ -17,7 +17,7 @@ use sqlx::{Row, ValueRef};
 use uuid::Uuid;
 
 /// How many columns `message_columns!` names.
-pub const COLUMNS: usize = 9;
+const COLUMNS: usize = 9;
 
 /// The columns [`Batch::push`] reads, in its order, for a table named `o`.
 macro_rules! message_columns {
@@ -85,7 +85,7 @@ impl Batch {
     /// `message_columns!` (binary format: big-endian integers, a uuid's 16 bytes, a timestamp's
     /// microseconds since 2000, a text's UTF-8; `None` for NULL), which is all the message
     /// needs: no column is converted twice. Returns the row's id.
-    pub fn push_fields(&mut self, f: [Option<&[u8]>; COLUMNS]) -> Result<i64, sqlx::Error> {
+    fn push_fields(&mut self, f: [Option<&[u8]>; COLUMNS]) -> Result<i64, sqlx::Error> {
         let id = i64::from_be_bytes(fixed(&f, 0)?);
         let event_id = Uuid::from_bytes(fixed(&f, 1)?);
         let aggregate_type = f[2].unwrap_or_default();

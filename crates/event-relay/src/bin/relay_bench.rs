@@ -105,13 +105,11 @@ async fn main() -> anyhow::Result<()> {
 
     // The baseline is the better of two ways to drive a bare producer: everything enqueued at
     // once, and the relay's own window (batches of RELAY_BATCH, PIPELINE_DEPTH in flight).
-    // Runs are interleaved (bare, bare, relay; `--repeat` times) so that the machine's other
-    // load falls on both alike, and the medians are compared.
+    // Runs alternate (`--repeat` times) so that the machine's other load falls on both alike,
+    // and each side's median is compared.
     let producer = event_relay::producer(&brokers, Duration::from_secs(30))?;
     bare(&producer, &bare_topic, &messages, 1, 1, 1).await?; // warm-up, as the relay's
-    let start: i64 = sqlx::query_scalar("SELECT published_through FROM outbox_relay")
-        .fetch_one(&pool)
-        .await?;
+    let start = event_relay::load_position(&pool).await?.through;
     let mut runs = Vec::new();
     for run in 1..=repeat {
         // the relay goes last in odd runs and first in even ones: whatever the machine does
