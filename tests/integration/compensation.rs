@@ -65,16 +65,15 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
         "the late payment checked at least twice",
         Duration::from_secs(20),
         || async {
-            let attempts: Option<i32> = sqlx::query_scalar(
-                "SELECT attempts FROM delayed_job_all
-             WHERE kind = 'payment.check' AND payload->>'payment_id' IN
-                   (SELECT id::text FROM payments WHERE order_id = $1::uuid)",
+            let checks: Option<i32> = sqlx::query_scalar(
+                "SELECT checks FROM payment_check_state
+                 WHERE payment_id IN (SELECT id FROM payments WHERE order_id = $1::uuid)",
             )
             .bind(&late_id)
             .fetch_optional(&db)
             .await
             .unwrap();
-            attempts.is_some_and(|a| a >= 2).then_some(())
+            checks.is_some_and(|n| n >= 2).then_some(())
         },
     )
     .await;

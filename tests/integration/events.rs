@@ -678,6 +678,7 @@ async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
         delivery_timeout: Duration::from_secs(10),
         consumer: false,
         group: format!("bar-dashboard-{tag}"),
+        leader_lease: Duration::from_secs(5),
     };
     event_relay::ensure_topics(BROKERS, &[&config.order_topic, &config.dead_topic], 2)
         .await
@@ -933,4 +934,72 @@ async fn an_outbox_row_becomes_its_envelope_key_and_headers() {
         assert_eq!(got_headers, want_headers);
         assert_eq!(m.dead, dead, "CompensationFailed goes to the dead topic");
     }
+}
+
+/// A relay whose lease is not the live one (it was paused and replaced) records no position:
+/// the burst fails as fenced and the position stays where the live leader put it; under the
+/// live lease the same burst records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_relay_leader_records_no_position() {
+    use job_engine::leader::Fence;
+    let db = integration_tests::fresh_database().await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let config = event_relay::Config {
+        database_url: db.clone(),
+        pg: integration_tests::test_pg_limits(4),
+        run_migrations: true,
+        brokers: BROKERS.to_owned(),
+        order_topic: format!("bar.order.events.v1.{tag}"),
+        dead_topic: format!("bar.compensation.dead.v1.{tag}"),
+        partitions: 2,
+        relay: true,
+        batch: 10,
+        poll: Duration::from_millis(20),
+        delivery_timeout: Duration::from_secs(10),
+        consumer: false,
+        group: format!("bar-dashboard-{tag}"),
+        leader_lease: Duration::from_secs(5),
+    };
+    event_relay::ensure_topics(BROKERS, &[&config.order_topic, &config.dead_topic], 2)
+        .await
+        .unwrap();
+    let app = event_relay::App::build(config).await.unwrap();
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,
+             schema_version, payload)
+         VALUES (gen_random_uuid(), 'order', 'o-1', 'OrderCreated', 1, '{}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut live =
+        job_engine::Leadership::new(pool.clone(), "relay", "live", Duration::from_secs(5));
+    assert!(live.ensure().await);
+    let stale = Fence {
+        epoch: live.epoch().unwrap() - 1,
+        ..live.fence().unwrap()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let before = event_relay::load_position(&pool).await.unwrap();
+    let err = app
+        .relay_burst(Some((stale, until)))
+        .await
+        .expect_err("a stale lease records nothing");
+    assert!(err.to_string().contains("no longer"), "{err}");
+    assert_eq!(event_relay::load_position(&pool).await.unwrap(), before);
+    // under the live lease: recorded, with its epoch
+    assert_eq!(
+        app.relay_burst(Some((live.fence().unwrap(), until)))
+            .await
+            .unwrap(),
+        1,
+        "the event is sent again and its position recorded"
+    );
+    assert!(event_relay::load_position(&pool).await.unwrap().through > before.through);
+    let epoch: Option<i64> = sqlx::query_scalar("SELECT leader_epoch FROM outbox_relay")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(epoch, live.epoch());
 }

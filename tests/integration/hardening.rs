@@ -164,14 +164,21 @@ async fn a_rebuild_never_restores_more_than_the_stock() {
 }
 
 /// Item 2: the orphan release checked "no order took this id" and then released, with nothing
-/// holding the two together; a retry that committed in between lost its unit to it.
+/// holding the two together; a retry that committed in between lost its unit to it. The give-
+/// back is now the pre-lock's delayed confirmation, settled by the first attempt's transaction
+/// (rolled back): it withdraws that attempt's claim only, and the retry's order keeps the unit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_orphan_give_back_landing_after_the_retry_committed_takes_nothing() {
-    let s = Stack::start().await;
+    let s = Stack::start_with(StackOptions {
+        // the retry below commits well inside the window
+        confirm_after: Duration::from_secs(4),
+        ..Default::default()
+    })
+    .await;
     s.put_sku("sku-orph", "bar-1", 100, 1).await;
     let proxy = FaultProxy::start(&s.prelock).await;
-    let (api, app) = s
-        .extra_order_app(&proxy.url, Duration::from_millis(150))
+    let api = s
+        .extra_order_api(&proxy.url, Duration::from_millis(150))
         .await;
 
     // ivy's "buy now" reserves the last unit, but the answer comes too late: 503
@@ -180,31 +187,17 @@ async fn an_orphan_give_back_landing_after_the_retry_committed_takes_nothing() {
         .create_order_at(&api, "ivy", "k1", "sku-orph", "bar-1", 1)
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(app.fulfillment.tasks.len(), 1, "one give-back waits");
-
-    // the give-back (sent once it has checked that no order exists) reaches prelock-service
-    // only 1.5 s after it is sent...
     proxy.delay_responses(Duration::ZERO);
-    proxy.delay_requests(Duration::from_millis(1500));
-    eventually(
-        "the give-back to be in flight",
-        Duration::from_secs(10),
-        || async { (proxy.requests_held() > 0).then_some(()) },
-    )
-    .await;
-    // ...and ivy's retry, on another order-api, commits meanwhile
+    // ivy's retry, on another order-api, commits: it claims the reservation it finds
     let (status, ivy) = s.create_order("ivy", "k1", "sku-orph", "bar-1", 1).await;
     assert_eq!(status, StatusCode::CREATED, "{ivy}");
     s.assert_ledger().await;
 
-    // the late give-back lands and is served: it must take nothing from ivy's order
-    eventually("the give-back to land", Duration::from_secs(10), || async {
-        (proxy.requests_delivered_late() > 0).then_some(())
-    })
-    .await;
+    // the first attempt's pending confirmation comes due: its transaction rolled back, so
+    // its claim is withdrawn, and the retry's claim keeps the unit
     let page = eventually(
-        "prelock-service to serve the give-back",
-        Duration::from_secs(10),
+        "the first attempt's confirmation settled",
+        Duration::from_secs(15),
         || async {
             let page = s
                 .http
@@ -215,14 +208,16 @@ async fn an_orphan_give_back_landing_after_the_retry_committed_takes_nothing() {
                 .text()
                 .await
                 .ok()?;
-            page.contains(r#"prelock_requests_total{op="withdraw""#)
+            page.contains(r#"prelock_confirmations_total{outcome="confirmed""#)
                 .then_some(page)
         },
     )
     .await;
     s.assert_ledger().await;
     assert!(
-        page.contains(r#"op="withdraw",outcome="still_claimed""#),
+        page.contains(
+            r#"prelock_confirmations_total{outcome="still_claimed",service="prelock-service"} 1"#
+        ),
         "{page}"
     );
     let (status, body) = s.create_order("joe", "k1", "sku-orph", "bar-1", 1).await;

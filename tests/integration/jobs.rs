@@ -10,7 +10,7 @@ use chrono::Utc;
 use integration_tests::{eventually, fresh_database};
 use job_engine::store::{self, Settle};
 use job_engine::{
-    Clock, Engine, EngineConfig, Inserted, ManualClock, NewJob, Outcome, Priority, SystemClock,
+    Clock, DbClock, Engine, EngineConfig, Inserted, ManualClock, NewJob, Outcome, Priority,
 };
 use serde_json::json;
 use sqlx::PgPool;
@@ -39,10 +39,15 @@ fn job(kind: &str, n: i64, run_at: chrono::DateTime<Utc>) -> NewJob {
         kind: kind.to_owned(),
         payload: json!({ "n": n }),
         priority: Priority::P1,
-        run_at,
+        run_at: run_at.into(),
         max_attempts: 3,
         dedupe_key: None,
     }
+}
+
+/// The engine's leadership as the binaries make it (a 5 s lease).
+fn leadership(pool: &PgPool) -> job_engine::Leadership {
+    job_engine::Leadership::new(pool.clone(), "job", "test", Duration::from_secs(5))
 }
 
 async fn insert_all(pool: &PgPool, jobs: impl IntoIterator<Item = NewJob>) -> Vec<i64> {
@@ -174,13 +179,13 @@ async fn three_instances_run_5000_jobs_exactly_once_though_one_is_killed_mid_run
     let stop = CancellationToken::new();
     let mut running = Vec::new();
     for name in ["a", "b"] {
-        let engine = recording_engine(&own_pool(&pool), Arc::new(SystemClock), name);
+        let engine = recording_engine(&own_pool(&pool), Arc::new(DbClock::new()), name);
         running.push(Instance::start(engine, stop.clone()));
     }
     // instance C takes its share and hangs in every handler: then it is killed
     let mut c = Engine::new(
         own_pool(&pool),
-        Arc::new(SystemClock),
+        Arc::new(DbClock::new()),
         EngineConfig {
             lease: Duration::from_secs(3),
             ..test_config("c")
@@ -273,7 +278,7 @@ async fn a_job_inserted_due_now_wakes_an_engine_long_before_its_next_poll() {
     // a poll interval of a minute: only the NOTIFY can get the job run in time
     let engine = recording_engine_with(
         &own_pool(&pool),
-        Arc::new(SystemClock),
+        Arc::new(DbClock::new()),
         EngineConfig {
             poll_interval: Duration::from_secs(60),
             lookahead: Duration::from_secs(60),
@@ -301,7 +306,7 @@ async fn shutdown_gives_back_waiting_jobs_uncounted_and_running_ones_after_the_d
     let stop = CancellationToken::new();
     let mut engine = recording_engine_with(
         &own_pool(&pool),
-        Arc::new(SystemClock),
+        Arc::new(DbClock::new()),
         EngineConfig {
             lookahead: Duration::from_secs(30),
             lease: Duration::from_secs(60),
@@ -376,7 +381,7 @@ async fn a_starved_low_priority_job_ages_to_the_front_and_a_paused_kind_waits() 
     };
     let ids = insert_all(&pool, [low]).await;
     let low_id = ids[0];
-    let mut leadership = job_engine::Leadership::new(pool.clone());
+    let mut leadership = leadership(&pool);
     // a stream of P0 work: one new P0 job per round, each newer than the P2 job
     let mut order = Vec::new();
     for n in 1..=6 {
@@ -417,7 +422,7 @@ async fn a_starved_low_priority_job_ages_to_the_front_and_a_paused_kind_waits() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kind_with_a_concurrency_limit_never_runs_more_at_once() {
     let pool = database().await;
-    let mut engine = Engine::new(own_pool(&pool), Arc::new(SystemClock), test_config("a"));
+    let mut engine = Engine::new(own_pool(&pool), Arc::new(DbClock::new()), test_config("a"));
     let now_running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (r, m) = (now_running.clone(), most.clone());
@@ -459,8 +464,8 @@ async fn a_dead_instances_jobs_are_rescued_and_run_once_and_its_late_settle_is_r
         "a",
         &kinds,
         100,
-        clock.now(),
-        clock.now(),
+        Some(clock.now()),
+        Duration::ZERO,
         Duration::from_secs(5),
     )
     .await
@@ -661,9 +666,13 @@ async fn retries_back_off_then_die_with_the_last_error_and_a_redrive_runs_again(
 
     // an operator redrives it once the cause is fixed
     failing.store(false, Ordering::SeqCst);
-    assert!(store::redrive(&pool, flaky, clock.now()).await.unwrap());
+    assert!(store::redrive(&pool, flaky, Some(clock.now()))
+        .await
+        .unwrap());
     assert!(
-        !store::redrive(&pool, flaky, clock.now()).await.unwrap(),
+        !store::redrive(&pool, flaky, Some(clock.now()))
+            .await
+            .unwrap(),
         "no longer dead"
     );
     assert_eq!(engine.run_once().await.unwrap().completed, 1);
@@ -703,34 +712,66 @@ async fn a_repeated_dedupe_key_names_the_existing_job_and_kinds_stay_apart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_leader_at_a_time_and_a_lost_leader_is_replaced() {
+async fn one_leader_at_a_time_and_a_paused_leader_is_replaced_and_fenced() {
+    use job_engine::leader;
     let pool = database().await;
-    let mut a = job_engine::Leadership::new(pool.clone());
-    let mut b = job_engine::Leadership::new(pool.clone());
+    let lease = Duration::from_millis(1200);
+    let mut a = job_engine::Leadership::new(pool.clone(), "job", "a", lease);
+    let mut b = job_engine::Leadership::new(pool.clone(), "job", "b", lease);
     assert!(a.ensure().await);
-    assert!(!b.ensure().await, "the lock is held");
-    assert!(
-        a.ensure().await,
-        "leadership is kept while its connection lives"
-    );
-    // A's connection dies (a crash, a network cut): B takes over at its next try, and A,
-    // when it notices, does not lead any more
-    let pid = a.backend_pid().await.expect("a leads");
-    sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(pid)
-        .execute(&pool)
-        .await
-        .unwrap();
+    assert!(!b.ensure().await, "the lease is held");
+    let first = a.epoch().expect("a leads");
+    // A renews while it runs: B never gets in, however often it tries
+    let until = std::time::Instant::now() + 2 * lease;
+    while std::time::Instant::now() < until {
+        assert!(a.ensure().await, "A keeps leading while it renews");
+        assert!(!b.ensure().await, "B takes nothing while A renews");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A pauses (a SIGSTOP: it keeps its connections but renews nothing): once its lease
+    // lapses on the database's clock, B takes over with a higher epoch
+    let fence_a = a.fence().expect("a leads");
+    // until when A trusts its lease: `lease` after it sent its last renewal
+    let a_trusts = a.valid_until().expect("a leads");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !b.ensure().await {
         assert!(std::time::Instant::now() < deadline, "B never took over");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(!a.ensure().await);
-    assert!(!a.is_leader());
-    // B resigns on shutdown: A leads again
+    // never two leaders: B got in only once A could no longer believe it led (the lease
+    // lapses on the database's clock `lease` after the renewal reached it)
+    let early = a_trusts.saturating_duration_since(std::time::Instant::now());
+    assert!(
+        early <= Duration::from_millis(20),
+        "B took over {early:?} before A's lease was over"
+    );
+    assert!(
+        std::time::Instant::now() < a_trusts + lease,
+        "B took over later than a lease after A stopped renewing"
+    );
+    assert!(b.epoch().unwrap() > first, "a take-over bumps the epoch");
+    // A wakes: it knows at once (its own monotonic clock) that it may not lead, and what it
+    // writes under its old lease is fenced
+    assert!(
+        !a.is_leader(),
+        "a leader that slept past its lease does not trust it"
+    );
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        !leader::hold(&mut tx, &fence_a, lease).await.unwrap(),
+        "A's fence no longer holds"
+    );
+    drop(tx);
+    let mut tx = pool.begin().await.unwrap();
+    assert!(leader::hold(&mut tx, &b.fence().unwrap(), lease)
+        .await
+        .unwrap());
+    drop(tx);
+    assert!(!a.ensure().await, "A does not get it back while B renews");
+    // B resigns on shutdown: A takes over at its next try, without waiting for a lapse
     b.resign().await;
     assert!(a.ensure().await);
+    assert!(a.epoch().unwrap() > first + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -794,7 +835,7 @@ async fn finished_jobs_leave_the_hot_table_and_keys_stay_unique_across_the_archi
         0
     );
 
-    let mut leadership = job_engine::Leadership::new(pool.clone());
+    let mut leadership = leadership(&pool);
     // the cancelled job stays for the retention (archive_after: one hour)
     let m = engine.maintain_once(&mut leadership).await.unwrap();
     assert_eq!((m.leader, m.archived), (true, 0));
@@ -820,7 +861,8 @@ async fn finished_jobs_leave_the_hot_table_and_keys_stay_unique_across_the_archi
         "nothing lost on the way"
     );
     // a second instance does not lead, so does no maintenance
-    let mut other = job_engine::Leadership::new(pool.clone());
+    let mut other =
+        job_engine::Leadership::new(pool.clone(), "job", "other", Duration::from_secs(5));
     let m = engine.maintain_once(&mut other).await.unwrap();
     assert_eq!(m, job_engine::Maintenance::default());
 }
@@ -893,7 +935,7 @@ async fn the_leader_writes_schedule_occurrences_ahead_once_and_replays_misfires_
             ..test_config("a")
         },
     );
-    let mut leadership = job_engine::Leadership::new(pool.clone());
+    let mut leadership = leadership(&pool);
     // the horizon is 11 s ahead: nothing due before 10:01:00
     assert_eq!(
         engine
@@ -969,7 +1011,7 @@ async fn a_handler_running_past_its_lease_keeps_it_by_heartbeat_and_runs_once() 
     // a 2 s lease, a leader rescuing expired leases every 100 ms, a handler that takes 4 s
     let mut engine = Engine::new(
         own_pool(&pool),
-        Arc::new(SystemClock),
+        Arc::new(DbClock::new()),
         EngineConfig {
             lease: Duration::from_secs(2),
             lookahead: Duration::from_millis(200),
@@ -1007,4 +1049,90 @@ async fn a_handler_running_past_its_lease_keeps_it_by_heartbeat_and_runs_once() 
             .await
             .unwrap();
     assert_eq!((attempts, error), (1, None));
+}
+
+/// An instance whose lease on a job was rescued claims the job again while its stale run is
+/// still going. The stale run's refused settle must not drop the new run from what the
+/// instance holds: the new run keeps its heartbeat, so it is not rescued and run a third time,
+/// and it settles once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_claimed_again_while_its_stale_run_goes_on_keeps_its_heartbeat() {
+    use std::sync::atomic::AtomicUsize;
+    let pool = database().await;
+    let config = EngineConfig {
+        lease: Duration::from_millis(1500),
+        poll_interval: Duration::from_millis(50),
+        lookahead: Duration::from_millis(100),
+        maintenance_interval: Duration::from_millis(200),
+        ..test_config("a")
+    };
+    let mut engine = Engine::new(own_pool(&pool), Arc::new(DbClock::new()), config);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let released = Arc::new(AtomicUsize::new(0));
+    {
+        let (calls, released) = (calls.clone(), released.clone());
+        engine.register("test.long", move |_job| {
+            let (calls, released) = (calls.clone(), released.clone());
+            async move {
+                let run = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                while released.load(Ordering::SeqCst) < run {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Outcome::Done
+            }
+        });
+    }
+    let id = insert_all(&pool, [job("test.long", 1, Utc::now())]).await[0];
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { engine.run(stop).await }
+    });
+    let runs = |n: usize| {
+        let calls = calls.clone();
+        async move { (calls.load(Ordering::SeqCst) == n).then_some(()) }
+    };
+    eventually("the first run", Duration::from_secs(10), || runs(1)).await;
+    // the lease is rescued (as another instance's rescue would), and this instance, whose
+    // first run is still going, claims the job again
+    sqlx::query(
+        "UPDATE delayed_job SET state = 'scheduled', lease_owner = NULL, lease_token = NULL,
+             lease_expires_at = NULL, run_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    eventually("the second run", Duration::from_secs(10), || runs(2)).await;
+    // the stale run ends: its settle is refused (lease lost)
+    released.store(1, Ordering::SeqCst);
+    // three leases later the second run still holds its lease (heartbeat), and nothing ran
+    // it a third time
+    let until = std::time::Instant::now() + Duration::from_millis(4500);
+    while std::time::Instant::now() < until {
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "rescued and run again");
+        let (state, owner): (String, Option<String>) =
+            sqlx::query_as("SELECT state, lease_owner FROM delayed_job WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!((state.as_str(), owner.as_deref()), ("running", Some("a")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    released.store(2, Ordering::SeqCst);
+    eventually("the job completed", Duration::from_secs(10), || async {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM delayed_job_all WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        (state.as_deref() == Some("completed")).then_some(())
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    stop.cancel();
+    running.await.unwrap();
 }

@@ -18,6 +18,7 @@ mod lifecycle;
 mod openapi;
 mod prelock_scripts;
 mod rebuild;
+mod reliability;
 mod scheduler_ops;
 mod schema;
 mod simulator_refunds;

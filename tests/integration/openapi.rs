@@ -74,6 +74,7 @@ async fn prelock_service_and_the_simulator_document_their_paths() {
                     "/v1/skus/{sku_id}/reservations/{reservation_id}/deduct",
                     "post",
                 ),
+                ("/v1/clock", "get"),
             ],
         ),
         (
@@ -87,6 +88,7 @@ async fn prelock_service_and_the_simulator_document_their_paths() {
                 ("/v1/{provider}/refunds/{refund_id}", "get"),
                 ("/v1/sim/payments/{payment_id}/pay", "post"),
                 ("/v1/sim/payments/{payment_id}", "get"),
+                ("/v1/sim/payments", "get"),
                 ("/v1/sim/payments/{payment_id}/close", "post"),
                 ("/v1/sim/payments/{payment_id}/faults", "put"),
                 ("/v1/sim/faults", "get"),

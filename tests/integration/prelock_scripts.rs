@@ -4,15 +4,25 @@
 
 use std::time::Duration;
 
-use domain::stock::{Claim, PinOutcome, ReserveOutcome, SkuLedger, WithdrawOutcome};
+use domain::stock::{Attempt, Claim, PinOutcome, ReserveOutcome, SkuLedger, WithdrawOutcome};
 use domain::{OrderId, SkuId};
 use integration_tests::{eventually, redis_url, unique_prefix};
 use redis_prelock::RedisPrelock;
 
 async fn prelock() -> RedisPrelock {
-    RedisPrelock::connect(&redis_url(0), &unique_prefix(), Duration::from_secs(2))
-        .await
-        .unwrap()
+    RedisPrelock::connect(
+        &redis_url(0),
+        &unique_prefix(),
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap()
+}
+
+/// A create attempt with no transaction behind it (these tests drive the scripts alone).
+fn attempt_of(id: uuid::Uuid) -> Attempt {
+    Attempt { id, txid: None }
 }
 
 #[tokio::test]
@@ -34,7 +44,7 @@ async fn scripts_agree_with_the_reference_ledger() {
                     let q = (rng() % 3 + 1) as u32;
                     let want = model.reserve(i, q, 0, 3_600_000, Claim::Attempt(a));
                     let got = redis
-                        .reserve(&sku, ids[i], q, Duration::from_secs(3600), a)
+                        .reserve(&sku, ids[i], q, Duration::from_secs(3600), attempt_of(a))
                         .await;
                     match (want, got) {
                         (
@@ -110,7 +120,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     let attempt = uuid::Uuid::new_v4();
     assert!(matches!(
         redis
-            .reserve(&sku, a, 2, Duration::from_secs(900), attempt)
+            .reserve(&sku, a, 2, Duration::from_secs(900), attempt_of(attempt))
             .await
             .unwrap(),
         ReserveOutcome::Reserved { available: 0, .. }
@@ -122,7 +132,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
         || async {
             matches!(
                 redis
-                    .reserve(&sku, b, 1, Duration::from_secs(900), attempt)
+                    .reserve(&sku, b, 1, Duration::from_secs(900), attempt_of(attempt))
                     .await
                     .unwrap(),
                 ReserveOutcome::Reserved { .. }
@@ -180,7 +190,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     let unknown = SkuId::parse("sku-never-loaded").unwrap();
     assert_eq!(
         redis
-            .reserve(&unknown, a, 1, Duration::from_secs(1), attempt)
+            .reserve(&unknown, a, 1, Duration::from_secs(1), attempt_of(attempt))
             .await,
         Err(domain::ports::PrelockError::NotLoaded)
     );

@@ -20,7 +20,7 @@ async fn insert_bad_job(db: &sqlx::PgPool, n: i64) -> i64 {
             kind: "order.expire".into(),
             payload: json!({ "n": n }),
             priority: Priority::P1,
-            run_at: chrono::Utc::now(),
+            run_at: chrono::Utc::now().into(),
             max_attempts: 3,
             dedupe_key: None,
         },

@@ -80,6 +80,42 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {} failed", self.name);
+    }
+
+    /// `SIGKILL`, and waits until the process is gone (a crash).
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Environment that runs a binary with its wall clock `offset` off (libfaketime, from
+/// Debian's `faketime`; `scripts/test.sh` installs it), e.g. `"+60s"` or `"-60s"`. Only
+/// `CLOCK_REALTIME` moves, as when a host's clock is wrong: the monotonic clock, which no
+/// operator sets, keeps counting as it does.
+pub fn skewed_clock(offset: &str) -> Vec<(&'static str, String)> {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("libfaketime (Debian's faketime package; scripts/test.sh installs it)");
+    vec![
+        ("LD_PRELOAD", lib.to_owned()),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+        ("FAKETIME_NO_CACHE", "1".to_owned()),
+    ]
 }
 
 impl Drop for Proc {
@@ -258,6 +294,8 @@ pub struct Services {
     pub http: reqwest::Client,
     /// What every binary gets (the test's overrides applied).
     common: Vec<(&'static str, String)>,
+    /// What order-api got on top (to start it again the same way).
+    order_env: Vec<(&'static str, String)>,
 }
 
 impl Services {
@@ -307,7 +345,8 @@ impl Services {
             ("PUBLIC_URL", url(op)),
         ];
         order_env.extend_from_slice(order_api);
-        let mut order_proc = Proc::spawn("order-api", &with(&order_env));
+        let order_env = with(&order_env);
+        let mut order_proc = Proc::spawn("order-api", &order_env);
         wait_ready(&http, &url(op), &mut order_proc).await;
         Services {
             db,
@@ -319,7 +358,16 @@ impl Services {
             order_proc,
             http,
             common: env,
+            order_env,
         }
+    }
+
+    /// Starts order-api again as it was started (after a crash), on the same port.
+    pub async fn restart_order_api(&mut self) {
+        self.order_proc.crash();
+        let mut proc = Proc::spawn("order-api", &self.order_env);
+        wait_ready(&self.http, &self.order_api, &mut proc).await;
+        self.order_proc = proc;
     }
 
     /// Starts a scheduler against this stack (with `extra` environment); returns it and its

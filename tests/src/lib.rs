@@ -101,6 +101,8 @@ pub struct StackOptions {
     pub max_quantity: u32,
     /// order-api's in-process sold-out marker.
     pub sold_out_ttl: Duration,
+    /// prelock-service's confirmation window (`PRELOCK_CONFIRM_AFTER_MS`).
+    pub confirm_after: Duration,
 }
 
 impl Default for StackOptions {
@@ -111,6 +113,7 @@ impl Default for StackOptions {
             default_ttl: Duration::from_secs(900),
             max_quantity: 20,
             sold_out_ttl: Duration::from_millis(200),
+            confirm_after: Duration::from_millis(1000),
         }
     }
 }
@@ -178,12 +181,20 @@ impl Stack {
                 default_ttl: opts.default_ttl,
                 pg: test_pg_limits(8),
                 run_migrations: true,
+                confirm_after: opts.confirm_after,
+                confirm_poll: Duration::from_millis(200),
             },
             auth(),
         )
         .await
         .expect("prelock-service starts");
         spawn_server(pl, prelock_app.router());
+        // the pre-lock's delayed confirmation, as the binary runs it
+        tokio::spawn(
+            prelock_app
+                .clone()
+                .run(tokio_util::sync::CancellationToken::new()),
+        );
 
         let secrets = gateway_protocol::ProviderSecrets::development();
         let sim = payment_gateway_sim::Sim::new(secrets.clone(), &gateway).expect("sim");
@@ -363,17 +374,16 @@ impl Stack {
         store: &str,
         quantity: i64,
     ) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .post(format!("{base}/v1/orders"))
-            .bearer_auth(token(user))
-            .header("Idempotency-Key", key)
-            .json(&json!({ "sku_id": sku, "store_id": store, "quantity": quantity }))
-            .send()
+        let order = NewOrderRequest {
+            user,
+            key,
+            sku,
+            store,
+            quantity,
+        };
+        create_order(&self.http, base, &order)
             .await
-            .expect("create order");
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
+            .expect("create order")
     }
 
     pub async fn get_order(&self, user: &str, id: &str) -> (StatusCode, Value) {
@@ -569,6 +579,34 @@ impl Stack {
     }
 }
 
+/// A buyer's "buy now".
+#[derive(Debug, Clone, Copy)]
+pub struct NewOrderRequest<'a> {
+    pub user: &'a str,
+    pub key: &'a str,
+    pub sku: &'a str,
+    pub store: &'a str,
+    pub quantity: i64,
+}
+
+/// `POST /v1/orders` on the order-api at `base`: the status and JSON body, or the transport
+/// error (a process that died mid-request).
+pub async fn create_order(
+    http: &reqwest::Client,
+    base: &str,
+    o: &NewOrderRequest<'_>,
+) -> Result<(StatusCode, Value), reqwest::Error> {
+    let r = http
+        .post(format!("{base}/v1/orders"))
+        .bearer_auth(token(o.user))
+        .header("Idempotency-Key", o.key)
+        .json(&json!({ "sku_id": o.sku, "store_id": o.store, "quantity": o.quantity }))
+        .send()
+        .await?;
+    let status = r.status();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
 /// Signs and posts a callback to order-api as `provider` would, returning the status.
 pub async fn post_callback(
     stack: &Stack,
@@ -677,4 +715,126 @@ pub async fn assert_emitted_events_match_schemas(db: &PgPool, types: &[&str]) {
         assert!(seen.contains_key(*t), "no {t} was emitted: {seen:?}");
     }
     println!("schemas: every emitted event matches its schema: {seen:?}");
+}
+
+/// What [`money_invariant`] found, for the test's log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MoneyReport {
+    /// Payments the provider holds as paid.
+    pub paid: usize,
+    /// Of those: kept (the order shows it), refunded in full once, or open failures an
+    /// operator was told of.
+    pub kept: usize,
+    pub refunded: usize,
+    pub told: usize,
+}
+
+/// The money invariant, checked against the provider's own books (the simulator at
+/// `gateway`): for every payment the provider holds as paid,
+/// - the money was kept: the payment `SUCCEEDED`, its order `PAID`, `CONFIRMED` or
+///   `REDEEMED`, and the provider refunded nothing; or
+/// - it went back: the payment `REFUNDED`, exactly one refund of the full amount at the
+///   provider, and its order `REFUNDED` (or kept by another payment of it: paid twice); or
+/// - an operator was told: an open `compensation_failure` for it exists.
+///
+/// And the provider refunded nothing it was not asked to: no refund of an unpaid payment, none
+/// of money the system keeps. `Err` names the first payment that breaks it (callers poll
+/// until the system has settled, then assert).
+pub async fn money_invariant(
+    http: &reqwest::Client,
+    gateway: &str,
+    db: &PgPool,
+) -> Result<MoneyReport, String> {
+    let at_provider: Vec<Value> = http
+        .get(format!("{gateway}/v1/sim/payments"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut report = MoneyReport::default();
+    for p in &at_provider {
+        let id = p["payment_id"].as_str().unwrap_or_default();
+        let refunds = p["refunds"].as_array().cloned().unwrap_or_default();
+        let refunded: i64 = refunds
+            .iter()
+            .filter_map(|r| r["amount_cents"].as_i64())
+            .sum();
+        let amount = p["amount_cents"].as_i64().unwrap_or_default();
+        let ours: Option<(String, String, String, bool)> = sqlx::query_as(
+            "SELECT p.status, o.state, o.id::text,
+                    EXISTS (SELECT 1 FROM compensation_failure f
+                            WHERE f.payment_id = p.id AND f.status = 'open')
+             FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.id = $1::uuid",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await
+        .map_err(|e| e.to_string())?;
+        if p["status"] != "PAID" {
+            if !refunds.is_empty() {
+                return Err(format!("payment {id} was never paid but refunded: {p}"));
+            }
+            continue;
+        }
+        report.paid += 1;
+        let Some((status, order_state, order_id, told)) = ours else {
+            return Err(format!(
+                "payment {id} is paid at the provider and unknown here"
+            ));
+        };
+        let kept = status == "SUCCEEDED"
+            && matches!(order_state.as_str(), "PAID" | "CONFIRMED" | "REDEEMED");
+        let order_kept_by_another: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM payments WHERE order_id = $1::uuid
+                            AND status = 'SUCCEEDED' AND id <> $2::uuid)",
+        )
+        .bind(&order_id)
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .map_err(|e| e.to_string())?;
+        let given_back = status == "REFUNDED"
+            && refunds.len() == 1
+            && refunded == amount
+            && (order_state == "REFUNDED" || order_kept_by_another);
+        if kept && refunds.is_empty() {
+            report.kept += 1;
+        } else if given_back {
+            report.refunded += 1;
+        } else if told {
+            report.told += 1;
+        } else {
+            return Err(format!(
+                "payment {id} paid at the provider ({amount} cents, refunded {refunded} in {} refunds): \
+                 here {status}, order {order_id} {order_state}, and no open failure",
+                refunds.len()
+            ));
+        }
+    }
+    Ok(report)
+}
+
+/// Polls [`money_invariant`] until it holds (the system settles what is in flight), then
+/// returns its report; panics with the last breach after `deadline`.
+pub async fn assert_money_invariant(
+    http: &reqwest::Client,
+    gateway: &str,
+    db: &PgPool,
+    deadline: Duration,
+) -> MoneyReport {
+    let start = std::time::Instant::now();
+    loop {
+        match money_invariant(http, gateway, db).await {
+            Ok(report) => {
+                println!("money invariant: {report:?}");
+                return report;
+            }
+            Err(breach) if start.elapsed() > deadline => {
+                panic!("money invariant broken after {deadline:?}: {breach}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }

@@ -4,16 +4,27 @@
 //! `compensation_attempts_total{outcome}`, kept in `payment_check_state`):
 //! - `paid`: applied through `apply_payment` under the Redis lock (see [`Checker::compensate`]);
 //! - `not_paid`: checked again after the poll interval (shorter in fast mode) while the order
-//!   is payable; once it is not (cancelled, expired), the payment is closed at the provider
-//!   (`order_closed`), so no money can arrive for it unseen; `paid_while_closing` if the buyer
-//!   paid first (checked again at once: applied, and refunded);
+//!   is payable, as a snooze: "not paid yet" spends no attempt, so a check lives as long as
+//!   its order can take money, however long its pre-lock; once it cannot (cancelled, expired;
+//!   the cancel or the expiry brings the check forward), the payment is closed at the
+//!   provider (`order_closed`), so no money can arrive for it unseen; `paid_while_closing` if
+//!   the buyer paid first (checked again at once: applied, and refunded);
 //! - `closed_at_provider`: the provider closed it unpaid: the payment is `CLOSED`, done;
 //! - `gateway_timeout`, `gateway_error` (5xx, unreachable), `unknown_at_provider` (4xx),
 //!   `bad_answer` (paid without an event id, another payment's answer): provider failures,
 //!   retried with exponential backoff and jitter (1 s, 3 s, 9 s ..., cap 30 s); after the last
 //!   of `COMPENSATION_MAX_ATTEMPTS` (5) in a row the payment is archived as a failure;
 //! - `apply_rejected`: the provider's answer cannot be applied (an amount that differs):
-//!   archived at once, retrying cannot help.
+//!   archived at once, retrying cannot help;
+//! - `failed`: an error of ours (the database, the pre-lock): retried with the engine's
+//!   backoff, and the only outcome that spends one of the job's attempts; the last one
+//!   archives the payment (`worker_error`) rather than letting the job die unseen.
+//!
+//! A refund (`payment.refund`) is owed until the provider pays it: a provider that times out
+//! or fails is asked again with the same backoff (capped), for as long as it takes, as a
+//! snooze; after `COMPENSATION_MAX_ATTEMPTS` failures in a row the payment is archived
+//! (`refund_failed`, alerted, replayable) and still retried, and the refund landing resolves
+//! it. A refund the provider refuses (4xx) is archived (`refund_rejected`) and stops.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -152,7 +163,29 @@ impl Checker {
     pub async fn check(&self, job: &Job) -> Outcome {
         let (label, outcome) = self.check_inner(job).await;
         self.attempts.with_label_values(&[label]).inc();
-        outcome
+        self.unless_last(job, outcome).await
+    }
+
+    /// A failure of ours on the job's last attempt: the payment is archived (alerted,
+    /// replayable) instead of the job dying where nobody looks. If even that fails (the
+    /// database is down), the job dies, and the sweep gives the payment a new run later.
+    async fn unless_last(&self, job: &Job, outcome: Outcome) -> Outcome {
+        let error = match &outcome {
+            Outcome::Retry(e) | Outcome::RetryAfter(_, e) if job.attempt >= job.max_attempts => {
+                e.clone()
+            }
+            _ => return outcome,
+        };
+        let Ok((payment_id, payment)) = self.payment_of(job).await else {
+            return outcome;
+        };
+        match self
+            .archive(&payment, payment_id, "worker_error", &error)
+            .await
+        {
+            (_, Outcome::Done) => Outcome::Done,
+            (_, _) => outcome,
+        }
     }
 
     async fn check_inner(&self, job: &Job) -> (&'static str, Outcome) {
@@ -191,11 +224,12 @@ impl Checker {
                         PollMode::Fast => self.fast_interval,
                         PollMode::Normal => self.check_interval,
                     };
+                    // not a failure: no attempt spent, however long the order stays payable
                     return self
                         .noted(
                             payment_id,
                             "not_paid",
-                            Outcome::RetryAfter(wait, "not paid yet".into()),
+                            Outcome::Snooze(wait, "not paid yet".into()),
                         )
                         .await;
                 }
@@ -222,7 +256,7 @@ impl Checker {
                         self.noted(
                             payment_id,
                             "paid_while_closing",
-                            Outcome::RetryAfter(Duration::ZERO, "paid while closing".into()),
+                            Outcome::Snooze(Duration::ZERO, "paid while closing".into()),
                         )
                         .await
                     }
@@ -264,7 +298,7 @@ impl Checker {
             Ok(Compensated::Duplicate) => self.noted(payment_id, "duplicate", Outcome::Done).await,
             Ok(Compensated::Locked) => (
                 "locked",
-                Outcome::RetryAfter(Duration::from_secs(1), "another worker holds it".into()),
+                Outcome::Snooze(Duration::from_secs(1), "another worker holds it".into()),
             ),
             Err(e @ CompensateError::BadAnswer(_)) => {
                 self.provider_failure(&payment, "bad_answer", &e.to_string())
@@ -380,8 +414,9 @@ impl Checker {
                 Err(e) => return (label, Outcome::Retry(e.to_string())),
             };
         if failures < self.retry.max_attempts {
+            // counted here, in a row, not as the job's attempts
             let wait = self.retry.backoff(failures, fastrand::f64());
-            return (label, Outcome::RetryAfter(wait, error.to_owned()));
+            return (label, Outcome::Snooze(wait, error.to_owned()));
         }
         let (_, outcome) = self.archive(payment, payment.id, label, error).await;
         (label, outcome)
@@ -525,10 +560,26 @@ impl Checker {
     }
 
     async fn refund_inner(&self, job: &Job) -> (&'static str, Outcome) {
-        let (payment_id, payment) = match self.payment_of(job).await {
+        let (_, payment) = match self.payment_of(job).await {
             Ok(v) => v,
             Err(failed) => return failed,
         };
+        let amount = job.payload["amount_cents"]
+            .as_i64()
+            .unwrap_or(payment.amount_cents);
+        let (label, outcome) = self.pay_back(&payment, amount).await;
+        (label, self.unless_last(job, outcome).await)
+    }
+
+    /// Pays a payment's money back at the provider (the refund job, and an operator's replay of
+    /// a refund failure). The refund id is derived from the payment, so asking again after a
+    /// timeout or a crash asks for the same refund: the provider pays it once.
+    pub async fn pay_back(
+        &self,
+        payment: &PaymentRow,
+        amount_cents: i64,
+    ) -> (&'static str, Outcome) {
+        let payment_id = payment.id;
         match payment.status {
             PaymentStatus::Refunded => return ("already_refunded", Outcome::Done),
             PaymentStatus::RefundRequired => {}
@@ -543,16 +594,31 @@ impl Checker {
             // one refund per payment, the same id on every attempt: never paid twice
             refund_id: format!("rf-{payment_id}"),
             payment_id: payment_id.to_string(),
-            amount_cents: job.payload["amount_cents"]
-                .as_i64()
-                .unwrap_or(payment.amount_cents),
+            amount_cents,
         };
         let refund = match self.gateway.refund(payment.provider, &request).await {
             Ok(r) => r,
             Err(e @ (GatewayError::Timeout(_) | GatewayError::Unavailable(_))) => {
-                return ("gateway_error", Outcome::Retry(e.to_string()))
+                return self.refund_failure(payment, &e.to_string()).await;
             }
-            Err(GatewayError::Rejected(e)) => return ("rejected", Outcome::Permanent(e)),
+            Err(GatewayError::Rejected(e)) => {
+                // retrying cannot help: an operator must look (replayable from the console)
+                let _ = records::record_check(
+                    &self.store.pool,
+                    payment_id,
+                    "refund_rejected",
+                    Some(&e),
+                    true,
+                )
+                .await;
+                return match self
+                    .archive(payment, payment_id, "refund_rejected", &e)
+                    .await
+                {
+                    (_, Outcome::Done) => ("rejected", Outcome::Done),
+                    (_, retry) => ("rejected", retry),
+                };
+            }
         };
         use FulfillmentError as F;
         match self
@@ -560,10 +626,41 @@ impl Checker {
             .record_refund(payment_id, &refund.refund_id, refund.refunded_at)
             .await
         {
-            Ok(_) => ("refunded", Outcome::Done),
+            Ok(_) => {
+                let _ =
+                    records::record_check(&self.store.pool, payment_id, "refunded", None, false)
+                        .await;
+                ("refunded", Outcome::Done)
+            }
             Err(e @ (F::Db(_) | F::Conflict)) => ("failed", Outcome::Retry(e.to_string())),
             Err(e) => ("failed", Outcome::Permanent(e.to_string())),
         }
+    }
+
+    /// The provider could not take a refund now: asked again after the backoff (capped), for
+    /// as long as the money is owed, without spending an attempt. After
+    /// `COMPENSATION_MAX_ATTEMPTS` failures in a row the payment is archived (alerted once,
+    /// replayable) and still retried: the refund landing resolves it.
+    async fn refund_failure(&self, payment: &PaymentRow, error: &str) -> (&'static str, Outcome) {
+        let failures = match records::record_check(
+            &self.store.pool,
+            payment.id,
+            "refund_gateway_error",
+            Some(error),
+            true,
+        )
+        .await
+        {
+            Ok(n) => n,
+            Err(e) => return ("failed", Outcome::Retry(e.to_string())),
+        };
+        if failures >= self.retry.max_attempts {
+            let _ = self
+                .archive(payment, payment.id, "refund_failed", error)
+                .await;
+        }
+        let wait = self.retry.backoff(failures, fastrand::f64());
+        ("gateway_error", Outcome::Snooze(wait, error.to_owned()))
     }
 
     async fn lock(&self, key: &str, token: &str) -> redis::RedisResult<bool> {

@@ -31,7 +31,7 @@ use domain::sla::SlaTrigger;
 use fulfillment::events;
 use fulfillment::{Fulfillment, FulfillmentConfig};
 use gateway_protocol::GatewayClient;
-use job_engine::{Engine, EngineConfig, Job, SystemClock};
+use job_engine::{Coverage, DbClock, Engine, EngineConfig, Job, RunAt};
 use postgres_store::{PgLimits, PgStore};
 use prelock_api::PrelockClient;
 use prometheus::{Gauge, IntGaugeVec};
@@ -254,7 +254,7 @@ impl App {
         );
         let mut engine = Engine::new(
             store.pool.clone(),
-            Arc::new(SystemClock),
+            Arc::new(DbClock::new()),
             config.engine.clone(),
         );
         {
@@ -374,7 +374,7 @@ impl App {
                     Ok(n) => {
                         tracing::warn!(
                             payments = n,
-                            "open payments without a check job: checks written"
+                            "payments whose check or refund job was missing or dead: given one again"
                         );
                         gauges.swept.with_label_values::<&str>(&[]).inc_by(n as u64);
                     }
@@ -384,22 +384,82 @@ impl App {
         }
     }
 
-    /// Gives every open payment that has no check job one (see [`records::sweep`]).
+    /// Gives every open payment whose check job is missing or dead a check again, and every
+    /// payment whose money is owed and whose refund job is missing or dead a refund again (see
+    /// [`records::sweep`]): nothing the worker owes a payment waits on a job that will never
+    /// run. Returns how many jobs it wrote or revived.
     pub async fn sweep(&self) -> Result<usize, sqlx::Error> {
+        let grace = self.config.sweep_grace;
         let mut tx = self.store.begin().await?;
-        let ids = records::sweep(
+        let checks = records::sweep(
             &mut tx,
-            self.config.sweep_grace,
+            "CREATED",
+            &events::payment_check_key_prefix(),
+            grace,
             500,
-            events::payment_check_key,
         )
         .await?;
-        let now = Utc::now();
-        for id in &ids {
-            job_engine::store::insert(&mut tx, &events::payment_check_job(*id, now)).await?;
+        let keys: Vec<String> = checks
+            .iter()
+            .map(|id| events::payment_check_key(*id))
+            .collect();
+        let covered = job_engine::store::coverage(&mut tx, &keys).await?;
+        let mut swept = 0;
+        for (id, coverage) in checks.iter().zip(covered) {
+            swept += self
+                .revive(&mut tx, coverage, || {
+                    events::payment_check_job(*id, RunAt::In(Duration::ZERO))
+                })
+                .await?;
+        }
+        let owed = records::sweep(
+            &mut tx,
+            "REFUND_REQUIRED",
+            &events::refund_job_key_prefix(),
+            grace,
+            500,
+        )
+        .await?;
+        let keys: Vec<String> = owed.iter().map(|id| events::refund_job_key(*id)).collect();
+        let covered = job_engine::store::coverage(&mut tx, &keys).await?;
+        for (id, coverage) in owed.iter().zip(covered) {
+            let Some(payment) = postgres_store::payments::get_payment(&mut *tx, *id).await? else {
+                continue;
+            };
+            let Some(order) =
+                postgres_store::orders::find_order(&mut *tx, payment.order_id).await?
+            else {
+                continue;
+            };
+            let job = || {
+                events::refund_job(
+                    *id,
+                    &order,
+                    payment.amount_cents,
+                    "owed, and its refund job was gone",
+                )
+            };
+            swept += self.revive(&mut tx, coverage, job).await?;
         }
         tx.commit().await?;
-        Ok(ids.len())
+        Ok(swept)
+    }
+
+    /// A dead job is redriven (a fresh budget), a missing one written.
+    async fn revive(
+        &self,
+        tx: &mut postgres_store::Tx,
+        coverage: Coverage,
+        job: impl FnOnce() -> job_engine::NewJob,
+    ) -> Result<usize, sqlx::Error> {
+        Ok(match coverage {
+            Coverage::Dead(id) => job_engine::store::redrive(&mut **tx, id, None).await? as usize,
+            Coverage::Missing => {
+                job_engine::store::insert(tx, &job()).await?;
+                1
+            }
+            Coverage::Live(_) | Coverage::Ended(_) => 0,
+        })
     }
 }
 
@@ -434,7 +494,7 @@ impl Gauges {
             ),
             swept: metrics.counter(
                 "compensation_swept_total",
-                "Open payments the sweep found without a check job (and gave one)",
+                "Payments the sweep found without a live check or refund job (and gave one again)",
                 &[],
             ),
         }

@@ -227,7 +227,8 @@ async fn not_open(app: &App, id: i64) -> ApiError {
 pub struct ReplayResult {
     /// paid, refund_required, already_settled, not_paid, closed_at_provider, locked, or a
     /// provider failure (gateway_timeout, gateway_error, unknown_at_provider, bad_answer,
-    /// apply_rejected) with its detail after a colon.
+    /// apply_rejected) with its detail after a colon; for a refund: refunded,
+    /// already_refunded, gateway_error or rejected.
     pub outcome: String,
     /// Whether the failure is resolved now.
     pub resolved: bool,
@@ -236,7 +237,7 @@ pub struct ReplayResult {
 }
 
 #[utoipa::path(post, path = "/v1/ops/compensation/failures/{id}/replay", tag = "compensation",
-    description = "Asks the provider again (by the edited transaction id when set, else by payment id) and, if paid, applies it through the same idempotent apply_payment as the webhook (source `replay`). Audited under the `X-Operator` header whatever the outcome. 409 once resolved.",
+    description = "Asks the provider again (by the edited transaction id when set, else by payment id) and, if paid, applies it through the same idempotent apply_payment as the webhook (source `replay`); for money owed (a refund that failed), asks for the refund again (the same refund id, so it is paid once). Audited under the `X-Operator` header whatever the outcome. 409 once resolved.",
     params(("id" = i64, Path), ("X-Operator" = String, Header, description = "who does this")),
     responses((status = 200, body = ReplayResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
@@ -262,6 +263,18 @@ async fn replay(
         .map_err(db)?
         .ok_or_else(|| ApiError::not_found("payment"))?;
     let checker = &app.checker;
+    if payment.status == PaymentStatus::RefundRequired {
+        // money owed: the replay asks for the refund again (the same refund id: paid once)
+        let (label, outcome) = checker.pay_back(&payment, payment.amount_cents).await;
+        let outcome = match outcome {
+            job_engine::Outcome::Done => label.to_owned(),
+            job_engine::Outcome::Retry(e)
+            | job_engine::Outcome::RetryAfter(_, e)
+            | job_engine::Outcome::Snooze(_, e)
+            | job_engine::Outcome::Permanent(e) => format!("{label}: {e}"),
+        };
+        return audited(app, id, &who, &params, outcome).await.map(Json);
+    }
     let lookup = match &params.transaction_id {
         Some(t) => Lookup::Transaction(t.clone()),
         None => Lookup::Payment(failure.payment_id.to_string()),
@@ -301,11 +314,23 @@ async fn replay(
             other => format!("bad_answer: unknown payment status {other:?}"),
         },
     };
-    let used = serde_json::to_value(&params).map_err(ApiError::internal)?;
+    audited(app, id, &who, &params, outcome).await.map(Json)
+}
+
+/// Records a replay's audit row and answers with the failure as it stands now.
+async fn audited(
+    app: &App,
+    id: i64,
+    who: &str,
+    params: &ReplayParams,
+    outcome: String,
+) -> Result<ReplayResult, ApiError> {
+    let pool = &app.store.pool;
+    let used = serde_json::to_value(params).map_err(ApiError::internal)?;
     let audit = records::audit(
         pool,
         id,
-        &who,
+        who,
         "replay",
         &serde_json::json!({ "params": used }),
         &outcome,
@@ -317,12 +342,12 @@ async fn replay(
         .map_err(db)?
         .ok_or_else(|| ApiError::not_found("failure"))?;
     tracing::warn!(failure_id = id, operator = %who, %outcome, "failure replayed");
-    Ok(Json(ReplayResult {
+    Ok(ReplayResult {
         resolved: failure.status == "resolved",
         outcome,
         failure,
         audit,
-    }))
+    })
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -278,50 +278,39 @@ pub async fn audit_of(pool: &PgPool, failure_id: i64) -> Result<Vec<AuditRow>, s
     .await
 }
 
-/// Open payments (CREATED, order PENDING, started at least `grace` ago) with no check job,
-/// hot or archived, and no open failure: given a check job each, in the caller's
-/// transaction. Rows another worker's sweep holds are skipped (`SKIP LOCKED`), so several
-/// workers share the sweep. Returns the payments given a job.
+/// Payments in `status` (last changed at least `grace` ago) whose job (dedupe key
+/// `key_prefix` + payment id) is neither live (scheduled, running) nor ended on purpose
+/// (completed, archived): none was ever written, or it died. Locked for the caller's
+/// transaction (`SKIP LOCKED`: several workers share the sweep); oldest first, at most
+/// `limit`. The sweep gives each a job again: a check for every open payment whatever its
+/// order's state (an order that can no longer take money still needs its payment closed),
+/// a refund for all money owed.
 pub async fn sweep(
     conn: &mut PgConnection,
+    status: &str,
+    key_prefix: &str,
     grace: std::time::Duration,
     limit: i64,
-    check_key: impl Fn(Uuid) -> String,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    let open: Vec<Uuid> = sqlx::query_scalar(
+    sqlx::query_scalar(
         "SELECT p.id FROM payments p
-         JOIN orders o ON o.id = p.order_id
-         WHERE p.status = 'CREATED' AND o.state = 'PENDING'
-           AND p.created_at < now() - make_interval(secs => $1)
-           AND NOT EXISTS (SELECT 1 FROM compensation_failure f
-                           WHERE f.payment_id = p.id AND f.status = 'open')
-         ORDER BY p.created_at
-         LIMIT $2
+         WHERE p.status = $1
+           AND p.updated_at < now() - make_interval(secs => $2)
+           AND NOT EXISTS (SELECT 1 FROM delayed_job j
+                           WHERE j.dedupe_key = $3 || p.id::text
+                             AND j.state IN ('scheduled', 'running'))
+           AND NOT EXISTS (SELECT 1 FROM delayed_job_archive a
+                           WHERE a.dedupe_key = $3 || p.id::text)
+         ORDER BY p.updated_at
+         LIMIT $4
          FOR UPDATE OF p SKIP LOCKED",
     )
+    .bind(status)
     .bind(grace.as_secs_f64())
-    .bind(limit * 4)
+    .bind(key_prefix)
+    .bind(limit)
     .fetch_all(&mut *conn)
-    .await?;
-    if open.is_empty() {
-        return Ok(open);
-    }
-    let keys: Vec<String> = open.iter().map(|id| check_key(*id)).collect();
-    let covered: Vec<String> = sqlx::query_scalar(
-        "SELECT dedupe_key FROM delayed_job WHERE dedupe_key = ANY($1)
-         UNION ALL
-         SELECT dedupe_key FROM delayed_job_archive WHERE dedupe_key = ANY($1)",
-    )
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(open
-        .into_iter()
-        .zip(keys)
-        .filter(|(_, k)| !covered.contains(k))
-        .map(|(id, _)| id)
-        .take(limit as usize)
-        .collect())
+    .await
 }
 
 /// The SLA figures over the last `window`, from the database (so every worker, and the

@@ -7,7 +7,7 @@ use std::future::Future;
 
 use uuid::Uuid;
 
-use crate::stock::{PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome};
+use crate::stock::{Attempt, PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome};
 use crate::{OrderId, SkuId};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,7 +40,9 @@ pub enum PrelockError {
 ///   without changing anything; it never drives the count below zero. It first reclaims
 ///   lapsed reservations of that SKU. The same reservation id twice is a no-op that reports
 ///   the first reservation (`Existing`), or `Mismatch` if the quantity differs. Either way
-///   `attempt` (one id per create attempt) becomes a claimant of the reservation.
+///   `attempt` (one id per create attempt) becomes a claimant of the reservation, and its
+///   pending confirmation is recorded in the same step (see [`Attempt`]): if no order
+///   confirms it, the claim is withdrawn within seconds even if the caller dies.
 /// - `pin` (the payment path) makes the order's reservation permanent, or, when it lapsed or
 ///   is gone, takes the units again and pins them, in one step; it never consults a sold-out
 ///   shortcut. Idempotent.
@@ -53,15 +55,20 @@ pub enum PrelockError {
 ///   reservation is pinned: a late payment that pinned them meanwhile keeps them.
 /// - `deduct` (once the real stock was deducted) drops a pinned reservation without giving its
 ///   units back; `false` when nothing is pinned under the id (already deducted).
-/// - Expiry times come from the pre-lock store's own clock, so every caller agrees on them.
+/// - Expiry times come from the pre-lock store's own clock, so every caller agrees on them;
+///   `clock_ms` reads it (an order expires by the clock that set its expiry, not by the
+///   caller's).
 pub trait StockPrelock: Send + Sync {
     fn reserve(
         &self,
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
-        attempt: Uuid,
+        attempt: Attempt,
     ) -> impl Future<Output = Result<ReserveOutcome, PrelockError>> + Send;
+
+    /// The pre-lock store's clock, in ms since the Unix epoch.
+    fn clock_ms(&self) -> impl Future<Output = Result<i64, PrelockError>> + Send;
 
     fn pin(
         &self,

@@ -42,6 +42,21 @@ impl Claim {
     }
 }
 
+/// One create attempt as the pre-lock store records it: its claim, and the id of the
+/// source-of-truth transaction that is to write the order (`txid`; Postgres' xid). The reserve
+/// records a **pending confirmation** with it in the same atomic step, so a reservation whose
+/// order never commits (the process that made it died, its transaction rolled back) is given
+/// back within seconds by whoever checks the pending confirmations, not at the end of its
+/// lifetime: once that transaction has ended, committed means an order holds the units, and
+/// anything else means the attempt's claim is withdrawn (through the claims, so a retry or an
+/// order that also claims the reservation keeps it). Without a `txid` the check can only look
+/// for the order once the window has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    pub id: Uuid,
+    pub txid: Option<i64>,
+}
+
 /// When a reservation lapses, in milliseconds since the Unix epoch; `None` once confirmed
 /// (a paid reservation never lapses; it waits for the stock-deduction job).
 pub type ExpiresAtMs = Option<i64>;

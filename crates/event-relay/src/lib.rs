@@ -1,7 +1,10 @@
 //! event-relay: the outbox to Kafka, and the bar-dashboard projection back from it.
 //!
-//! **Relay.** One relay leads at a time (a Postgres advisory lock on a connection of its own;
-//! any number may run, the others wait to take over). It reads the outbox rows past its
+//! **Relay.** One relay leads at a time (a lease in Postgres, `job_engine::leader`: renewed
+//! every third of `RELAY_LEADER_LEASE_MS`; a relay that dies or pauses is replaced once its
+//! lease lapses, and the position writes of a replaced one are fenced by its epoch, so one
+//! that wakes from a pause cannot move the position its successor recorded; any number may
+//! run, the others wait to take over). It reads the outbox rows past its
 //! position (the `outbox_relay` row; see [`position`]) in id order, each payload's JSON text
 //! going into the envelope unparsed, hands them to an idempotent producer in that order,
 //! keyed by the aggregate (the order id), and records its new position once Kafka has
@@ -36,7 +39,7 @@ use std::time::Duration;
 
 use axum::Router;
 use futures_util::FutureExt;
-use job_engine::leader::Leadership;
+use job_engine::leader::{Fence, Leadership};
 use postgres_store::{PgLimits, PgStore};
 use prometheus::IntCounterVec;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -58,8 +61,8 @@ use uuid::Uuid;
 pub use message::Batch;
 pub use position::{Gap, Position};
 
-/// Key of the relay leader's advisory lock ("outbox_r").
-const RELAY_LOCK: i64 = 0x6f75_7462_6f78_5f72;
+/// The relay's role in `leader_lease`.
+const RELAY_ROLE: &str = "relay";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -79,6 +82,9 @@ pub struct Config {
     pub delivery_timeout: Duration,
     pub consumer: bool,
     pub group: String,
+    /// The relay leader's lease (renewed every third of it): a leader that dies or pauses is
+    /// replaced within about this long.
+    pub leader_lease: Duration,
 }
 
 impl Config {
@@ -100,7 +106,11 @@ impl Config {
             delivery_timeout: env_millis("RELAY_DELIVERY_TIMEOUT_MS", 10_000)?,
             consumer: env_or("CONSUMER_ENABLED", true)?,
             group: env_string("CONSUMER_GROUP", "bar-dashboard"),
+            leader_lease: env_millis("RELAY_LEADER_LEASE_MS", 5_000)?,
         };
+        if c.leader_lease < Duration::from_secs(1) {
+            anyhow::bail!("RELAY_LEADER_LEASE_MS must be at least 1000");
+        }
         if !(1..=100_000).contains(&c.batch) {
             anyhow::bail!("RELAY_BATCH must be 1 to 100000");
         }
@@ -237,7 +247,7 @@ impl App {
             ),
             errors: metrics.counter(
                 "relay_errors_total",
-                "Relay rounds that failed, by what failed: kafka, postgres",
+                "Relay rounds that failed, by what failed: kafka, postgres, fenced (the lease was no longer this relay's)",
                 &["what"],
             ),
             leader,
@@ -309,16 +319,26 @@ impl App {
     }
 
     async fn relay(self: Arc<App>, stop: CancellationToken) {
-        let mut leadership =
-            Leadership::with_key(self.store.pool.clone(), RELAY_LOCK, "outbox relay");
+        let owner = format!(
+            "event-relay-{}-{}",
+            env_string("HOSTNAME", "local"),
+            std::process::id()
+        );
+        let mut leadership = Leadership::new(
+            self.store.pool.clone(),
+            RELAY_ROLE,
+            &owner,
+            self.config.leader_lease,
+        );
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
             let leads = leadership.ensure().await;
             self.m.leader.set(leads as i64);
-            let pause = if !leads {
-                Duration::from_secs(1)
-            } else {
-                match self.relay_once().await {
+            let lease = leadership.fence().zip(leadership.valid_until());
+            let pause = match lease {
+                // a standby tries again at the leader's renewal pace
+                None => leadership.lease() / 3,
+                Some(lease) => match self.relay_burst(Some(lease)).await {
                     Ok(n) => {
                         backoff = Duration::from_millis(100);
                         if n > 0 {
@@ -343,7 +363,7 @@ impl App {
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         wait
                     }
-                }
+                },
             };
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -365,7 +385,22 @@ impl App {
     ///
     /// Returns how many events Kafka acknowledged; an error if Postgres failed or Kafka
     /// refused any (the position of the rounds acknowledged before it is recorded first).
+    ///
+    /// This is the burst of a relay that is alone (tests, the benchmark); the leading relay's
+    /// bursts are fenced by its lease ([`App::relay_burst`]).
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
+        self.relay_burst(None).await
+    }
+
+    /// [`App::relay_once`] as the leader holding `lease` (its fence, and until when it surely
+    /// leads): no round starts past that instant, and each position is recorded only while
+    /// the lease is the live one, so a leader that was paused past its lease and replaced
+    /// records nothing (it may send a round again: a duplicate consumers absorb).
+    pub async fn relay_burst(
+        &self,
+        lease: Option<(Fence, std::time::Instant)>,
+    ) -> anyhow::Result<usize> {
+        let (fence, until) = lease.unzip();
         let producer = self
             .producer
             .read()
@@ -382,7 +417,7 @@ impl App {
             }
         };
         let (positions, recorded) = tokio::sync::mpsc::unbounded_channel();
-        let recorder = tokio::spawn(record_positions(self.relay_pool.clone(), recorded));
+        let recorder = tokio::spawn(record_positions(self.relay_pool.clone(), recorded, fence));
         // the next batch is read while this one is sent and earlier ones are acknowledged
         let (batch_tx, mut batches) = tokio::sync::mpsc::channel(2);
         // batches sent go back to the reader to be filled again (their buffers kept)
@@ -392,6 +427,7 @@ impl App {
             start,
             self.config.batch,
             BURST,
+            until,
             (batch_tx, spare),
         ));
         let mut in_flight = std::collections::VecDeque::new();
@@ -462,8 +498,19 @@ impl App {
         drop(positions);
         let recorded = recorder
             .await
-            .unwrap_or_else(|e| Err(sqlx::Error::Protocol(e.to_string())));
-        if let Err(e) = recorded.and(read_error.map_or(Ok(()), Err)) {
+            .unwrap_or_else(|e| Err(RecordError::Db(sqlx::Error::Protocol(e.to_string()))));
+        match recorded {
+            Err(RecordError::Fenced) => {
+                self.m.errors.with_label_values(&["fenced"]).inc();
+                anyhow::bail!("the relay lease is no longer this relay's: position not recorded");
+            }
+            Err(RecordError::Db(e)) => {
+                self.m.errors.with_label_values(&["postgres"]).inc();
+                return Err(e.into());
+            }
+            Ok(()) => {}
+        }
+        if let Some(e) = read_error {
             self.m.errors.with_label_values(&["postgres"]).inc();
             return Err(e.into());
         }
@@ -671,21 +718,26 @@ pub async fn load_position(db: impl sqlx::PgExecutor<'_>) -> Result<Position, sq
 
 /// Reads a burst's batches into `out`, each with the position it reaches: what has filled
 /// the gaps, then the rows past the position, in id order; a batch comes back through
-/// `spare` once sent, and is filled again. Until a short batch (caught up),
-/// until `burst` has passed, or until the receiver is gone; a round that would change
-/// nothing is not sent.
+/// `spare` once sent, and is filled again. Until a short batch (caught up), until `burst` has
+/// passed or the instant `until` (the end of the leader's lease as it knows it), or until the
+/// receiver is gone; a round that would change nothing is not sent.
 async fn read_batches(
     mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
     mut position: Position,
     limit: i64,
     burst: Duration,
+    until: Option<std::time::Instant>,
     (out, mut spare): (
         tokio::sync::mpsc::Sender<(Batch, Position)>,
         tokio::sync::mpsc::UnboundedReceiver<Batch>,
     ),
 ) -> Result<(), sqlx::Error> {
     let started = std::time::Instant::now();
+    let stop_at = until.map_or(started + burst, |u| u.min(started + burst));
     loop {
+        if std::time::Instant::now() >= stop_at {
+            return Ok(()); // a leader that woke from a pause past its lease reads nothing more
+        }
         let before = position.clone();
         let mut batch = spare
             .try_recv()
@@ -734,7 +786,7 @@ async fn read_batches(
         }
         if out.send((batch, position.clone())).await.is_err()
             || caught_up
-            || started.elapsed() >= burst
+            || std::time::Instant::now() >= stop_at
         {
             return Ok(());
         }
@@ -779,33 +831,52 @@ async fn take_xid(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
         .await
 }
 
+/// Why a position was not recorded.
+enum RecordError {
+    Db(sqlx::Error),
+    /// The lease the burst ran under is not the live one any more.
+    Fenced,
+}
+
 /// Records the positions acknowledged rounds reached, the newest that has queued up since its
 /// last statement in one `UPDATE` of the one `outbox_relay` row (on the relay's connection:
-/// the commit does not wait for the WAL flush).
+/// the commit does not wait for the WAL flush). With a `fence`, the row changes only while
+/// that lease is the live one (in the same statement, under a share lock of the lease row).
 async fn record_positions(
     pool: sqlx::PgPool,
     mut reached: tokio::sync::mpsc::UnboundedReceiver<Position>,
-) -> Result<(), sqlx::Error> {
+    fence: Option<Fence>,
+) -> Result<(), RecordError> {
     let mut conn = None;
+    let sql = format!(
+        "UPDATE outbox_relay SET published_through = $1, gap_lo = $2, gap_hi = $3,
+             gap_horizon = $4, updated_at = now(), leader_epoch = $7
+         WHERE $5::text IS NULL OR {}",
+        job_engine::leader::fenced(5, 6, 7)
+    );
     while let Some(mut position) = reached.recv().await {
         while let Ok(newer) = reached.try_recv() {
             position = newer;
         }
         let conn = match &mut conn {
             Some(c) => c,
-            None => conn.insert(pool.acquire().await?),
+            None => conn.insert(pool.acquire().await.map_err(RecordError::Db)?),
         };
         let (lo, hi, horizon) = position.gap_columns();
-        sqlx::query(
-            "UPDATE outbox_relay SET published_through = $1, gap_lo = $2, gap_hi = $3,
-                 gap_horizon = $4, updated_at = now()",
-        )
-        .bind(position.through)
-        .bind(lo)
-        .bind(hi)
-        .bind(horizon)
-        .execute(&mut **conn)
-        .await?;
+        let done = sqlx::query(&sql)
+            .bind(position.through)
+            .bind(lo)
+            .bind(hi)
+            .bind(horizon)
+            .bind(fence.as_ref().map(|f| f.role.as_str()))
+            .bind(fence.as_ref().map(|f| f.holder.as_str()))
+            .bind(fence.as_ref().map(|f| f.epoch))
+            .execute(&mut **conn)
+            .await
+            .map_err(RecordError::Db)?;
+        if done.rows_affected() == 0 {
+            return Err(RecordError::Fenced);
+        }
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! version, bumped on any change a consumer could notice.
 
 use chrono::{DateTime, Utc};
-use job_engine::{NewJob, Priority};
+use job_engine::{NewJob, Priority, RunAt};
 use postgres_store::effects::OutboxEvent;
 use postgres_store::orders::OrderRow;
 use serde_json::json;
@@ -124,7 +124,7 @@ pub fn expiry_job(order_id: Uuid, sku_id: &str, expires_at: DateTime<Utc>) -> Ne
         kind: JOB_ORDER_EXPIRE.to_owned(),
         payload: json!({ "order_id": order_id, "sku_id": sku_id }),
         priority: Priority::P0,
-        run_at: expires_at,
+        run_at: RunAt::At(expires_at),
         max_attempts: MAX_ATTEMPTS,
         dedupe_key: Some(expiry_job_key(order_id)),
     }
@@ -136,7 +136,7 @@ pub fn expiry_job_key(order_id: Uuid) -> String {
 
 /// The follow-up actions of a kept payment: deduct real stock, issue the voucher, notify the
 /// buyer and the bar. One job per action, deduplicated by order.
-pub fn follow_up_jobs(order: &OrderRow, due: DateTime<Utc>) -> [NewJob; 3] {
+pub fn follow_up_jobs(order: &OrderRow, due: RunAt) -> [NewJob; 3] {
     let job = |kind: &str, priority: Priority, payload: serde_json::Value| NewJob {
         kind: kind.to_owned(),
         payload,
@@ -164,22 +164,34 @@ pub fn follow_up_jobs(order: &OrderRow, due: DateTime<Utc>) -> [NewJob; 3] {
     ]
 }
 
+/// Attempts of the money jobs (`payment.check`, `payment.refund`) before they are archived as
+/// compensation failures: only errors of our own count (the database, the pre-lock); "not
+/// paid yet" and a provider that cannot take a refund now are snoozes, which spend none, so
+/// these jobs live as long as their payment is open or its money owed.
+pub const MONEY_JOB_ATTEMPTS: i32 = 20;
+
 /// Checks for a started payment at the provider until it is resolved (compensation for a
-/// lost callback). Rescheduled by the worker, not re-inserted: one job per payment, so its
-/// budget counts the checks (at 30 s, 240 checks cover two hours).
-pub fn payment_check_job(payment_id: Uuid, due: DateTime<Utc>) -> NewJob {
+/// lost callback). Rescheduled by the worker, not re-inserted: one job per payment, which
+/// lives as long as the payment is open (see [`MONEY_JOB_ATTEMPTS`]).
+pub fn payment_check_job(payment_id: Uuid, due: RunAt) -> NewJob {
     NewJob {
         kind: JOB_PAYMENT_CHECK.to_owned(),
         payload: json!({ "payment_id": payment_id }),
         priority: Priority::P0,
         run_at: due,
-        max_attempts: 240,
+        max_attempts: MONEY_JOB_ATTEMPTS,
         dedupe_key: Some(payment_check_key(payment_id)),
     }
 }
 
 pub fn payment_check_key(payment_id: Uuid) -> String {
-    format!("{JOB_PAYMENT_CHECK}:{payment_id}")
+    format!("{}{payment_id}", payment_check_key_prefix())
+}
+
+/// What every payment check's key starts with (the payment id follows, as Postgres prints a
+/// uuid): for a sweep that looks jobs up by payment in SQL.
+pub fn payment_check_key_prefix() -> String {
+    format!("{JOB_PAYMENT_CHECK}:")
 }
 
 pub fn refund_job(
@@ -195,8 +207,17 @@ pub fn refund_job(
             "amount_cents": amount_cents, "reason": reason,
         }),
         priority: Priority::P0,
-        run_at: Utc::now(),
-        max_attempts: MAX_ATTEMPTS,
-        dedupe_key: Some(format!("{JOB_PAYMENT_REFUND}:{payment_id}")),
+        run_at: RunAt::In(std::time::Duration::ZERO),
+        max_attempts: MONEY_JOB_ATTEMPTS,
+        dedupe_key: Some(refund_job_key(payment_id)),
     }
+}
+
+pub fn refund_job_key(payment_id: Uuid) -> String {
+    format!("{}{payment_id}", refund_job_key_prefix())
+}
+
+/// What every refund job's key starts with (see [`payment_check_key_prefix`]).
+pub fn refund_job_key_prefix() -> String {
+    format!("{JOB_PAYMENT_REFUND}:")
 }

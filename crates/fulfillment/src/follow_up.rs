@@ -19,7 +19,8 @@ pub enum FollowUp {
     Done,
     /// Nothing to do any more (the order moved on: paid, cancelled, refunded...).
     NotNeeded(&'static str),
-    /// Too early (clocks differ a little): run again at this time.
+    /// Too early by the clock that set the due time (the pre-lock store's, for an expiry):
+    /// run again at this time.
     NotDue(chrono::DateTime<Utc>),
 }
 
@@ -32,7 +33,10 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         };
         let sku = SkuId::parse(&order.sku_id).map_err(|_| FulfillmentError::UnknownSku)?;
         match order.state {
-            OrderState::Pending if order.expires_at > Utc::now() => {
+            // by the clock that set the expiry (the pre-lock store's), never this process's
+            OrderState::Pending
+                if order.expires_at.timestamp_millis() > self.prelock.clock_ms().await? =>
+            {
                 return Ok(FollowUp::NotDue(order.expires_at))
             }
             OrderState::Pending => {

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use domain::ports::{PrelockError, StockPrelock};
-use domain::stock::{ReleaseOutcome, ReserveOutcome, WithdrawOutcome};
+use domain::stock::{Attempt, ReleaseOutcome, ReserveOutcome};
 use domain::{ids, Money, OrderId, OrderState, SkuId, StoreId, UserId};
 use postgres_store::orders::{self, NewOrder, OrderRow};
 use postgres_store::{effects, is_unique_violation, lock_sku_shared, skus};
@@ -27,16 +27,6 @@ impl CreateOrder {
     fn fingerprint(&self) -> String {
         format!("{}|{}|{}", self.sku_id, self.store_id, self.quantity)
     }
-}
-
-/// How a background give-back returns units.
-#[derive(Debug, Clone, Copy)]
-enum GiveBack {
-    /// Withdraw one create attempt's claim (the units go back if nobody else claims them),
-    /// unless an order with this id exists by then.
-    Withdraw(Uuid),
-    /// Release outright: the order's ledger reservation is already released.
-    Release,
 }
 
 #[derive(Debug)]
@@ -114,7 +104,9 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         fingerprint: &str,
     ) -> Result<Created, FulfillmentError> {
         let mut tx = self.store.begin().await?;
-        let sku = skus::get_sku_locked_shared(&mut tx, req.sku_id.as_str())
+        // the transaction's id goes with the reserve: its pending confirmation is settled by
+        // whether this transaction commits, even if this process dies first
+        let (sku, txid) = skus::get_sku_for_create(&mut tx, req.sku_id.as_str())
             .await?
             .ok_or(FulfillmentError::UnknownSku)?;
         if sku.store_id != req.store_id.as_str() {
@@ -135,11 +127,17 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
                 message: "order amount exceeds the allowed maximum".into(),
             })?;
         // This attempt claims the reservation it makes or finds; if it ends without an order
-        // it withdraws only its own claim, so it can never take a retry's units.
+        // its own claim is withdrawn (by this call at once, or by the pre-lock's delayed
+        // confirmation once the transaction is seen to have ended), so it can never take a
+        // retry's units.
         let claim = Uuid::new_v4();
+        let attempt = Attempt {
+            id: claim,
+            txid: Some(txid),
+        };
         let expires_at_ms = match self
             .prelock
-            .reserve(&req.sku_id, id, req.quantity, claim)
+            .reserve(&req.sku_id, id, req.quantity, attempt)
             .await
         {
             Ok(ReserveOutcome::Reserved { expires_at_ms, .. }) => expires_at_ms,
@@ -153,9 +151,10 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
                 return Err(FulfillmentError::Shortage { available });
             }
             Err(e @ PrelockError::Unavailable(_)) => {
-                // The reserve may have run even though its answer never came.
+                // The reserve may have run even though its answer never came: its pending
+                // confirmation finds this transaction rolled back and gives the units back.
                 drop(tx);
-                self.lost_answer(&req.sku_id, id, claim).await;
+                self.lost_answer(&req.sku_id, id).await;
                 return Err(e.into());
             }
             // refused, not loaded, unknown, mismatch: nothing was reserved for this attempt
@@ -203,8 +202,9 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         };
         if let Err(e) = tx.commit().await {
             // The commit's outcome is unknown (the connection may have died after it landed):
-            // give the units back later, and only if no order with this id exists by then.
-            self.lost_answer(&req.sku_id, id, claim).await;
+            // the pending confirmation reads the transaction's fate and keeps the units for a
+            // commit that landed, or gives them back.
+            self.lost_answer(&req.sku_id, id).await;
             return Err(e.into());
         }
         Ok(Created {
@@ -214,55 +214,42 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
     }
 
     /// An attempt that may have reserved lost its answer: remember the id (so its retry is not
-    /// answered from the sold-out mark) before the caller answers 503, and give the units
-    /// back later unless an order took them.
-    async fn lost_answer(&self, sku: &SkuId, id: OrderId, claim: Uuid) {
+    /// answered from the sold-out mark) before the caller answers 503. The units themselves
+    /// are the pending confirmation's business: recorded by the reserve, it gives them back
+    /// once this attempt's transaction is seen to have ended without an order, whether or not
+    /// this process is still alive then.
+    async fn lost_answer(&self, sku: &SkuId, id: OrderId) {
         if let Err(e) = orders::record_lost_answer(&self.store.pool, id.0, sku.as_str()).await {
             tracing::warn!(%sku, order_id = %id, error = %e, "could not record a lost pre-lock answer; a retry may be told sold out");
         }
-        self.give_back_later(sku, id, GiveBack::Withdraw(claim));
     }
 
-    /// Withdraws this attempt's claim after a failed write. Logged, not returned: the caller is
-    /// already answering with the original error. A call that may not have run is retried in
-    /// the background; past that, the reservation lapses on its own (never an oversell).
+    /// Withdraws this attempt's claim after a failed write (the transaction has rolled back).
+    /// Logged, not returned: the caller is already answering with the original error. What
+    /// does not get through now the pending confirmation withdraws within seconds.
     async fn withdraw_quietly(&self, sku: &SkuId, id: OrderId, claim: Uuid) {
         match self.prelock.withdraw(sku, id, claim).await {
             Ok(_) | Err(PrelockError::NotLoaded) => {}
-            Err(PrelockError::Unavailable(_)) => {
-                self.give_back_later(sku, id, GiveBack::Withdraw(claim))
-            }
             Err(e) => {
-                tracing::warn!(%sku, order_id = %id, error = %e, "could not withdraw a pre-lock claim after a failed order write; it lapses on its own")
+                tracing::info!(%sku, order_id = %id, error = %e, "pre-lock claim not withdrawn after a failed order write; its pending confirmation will")
             }
         }
     }
 
-    /// Gives units back in the background, once late answers have had time to land: after a
-    /// pre-lock call whose answer was lost (the reservation may exist with no order behind it,
-    /// holding units for 15 minutes: in a flash sale, stock that looks sold out and is not),
-    /// or after a cancel whose release did not get through. Bounded: at most
-    /// `max_background_give_backs` wait at once, past that the reservation lapses on its own;
-    /// in-process: if this process dies first, the same.
-    fn give_back_later(&self, sku: &SkuId, id: OrderId, how: GiveBack) {
+    /// Releases an order's units in the background after a release that did not get through
+    /// (the order's ledger reservation is already released), once a late answer has had time
+    /// to land. Bounded: at most `max_background_give_backs` wait at once, past that the
+    /// reservation lapses on its own; in-process: if this process dies first, the same.
+    fn release_later(&self, sku: &SkuId, id: OrderId) {
         let Ok(permit) = self.give_back_slots.clone().try_acquire_owned() else {
             tracing::warn!(%sku, order_id = %id, "too many pre-locks waiting to be given back; this one lapses on its own");
             return;
         };
-        let (prelock, store, delay) = (
-            self.prelock.clone(),
-            self.store.clone(),
-            self.config.orphan_release_delay,
-        );
+        let (prelock, delay) = (self.prelock.clone(), self.config.orphan_release_delay);
         let sku = sku.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
-            give_back(&prelock, &store, &sku, id, how, delay).await;
-            if let GiveBack::Withdraw(_) = how {
-                if let Err(e) = orders::forget_lost_answer(&store.pool, id.0).await {
-                    tracing::info!(order_id = %id, error = %e, "could not forget a lost answer");
-                }
-            }
+            release_in_background(&prelock, &sku, id, delay).await;
         });
     }
 
@@ -295,6 +282,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             )
             .await?;
             job_engine::store::cancel(&mut tx, &events::expiry_job_key(order.id)).await?;
+            close_open_payments(&mut tx, order.id).await?;
             tx.commit().await?;
             // Commit first, then release: released first, a commit that failed (or a slow
             // pre-lock that made this request time out and roll back) left a PENDING order
@@ -317,7 +305,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             Ok(ReleaseOutcome::NotFound) | Err(PrelockError::NotLoaded) => {}
             Err(e) => {
                 tracing::warn!(%sku, order_id = %id, error = %e, "release after commit failed; retrying in the background");
-                self.give_back_later(sku, id, GiveBack::Release);
+                self.release_later(sku, id);
             }
         }
     }
@@ -336,54 +324,30 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
     }
 }
 
-/// The background give-back itself: waits, then withdraws the attempt's claim (unless an order
-/// with this id exists by then) or releases outright; a call that fails is retried twice.
-async fn give_back<P: StockPrelock>(
+/// The background release itself: waits, then releases; a call that fails is retried twice.
+async fn release_in_background<P: StockPrelock>(
     prelock: &P,
-    store: &postgres_store::PgStore,
     sku: &SkuId,
     id: OrderId,
-    how: GiveBack,
     delay: Duration,
 ) {
     for round in 1..=3u32 {
         tokio::time::sleep(delay * round).await;
-        let given = match how {
-            GiveBack::Withdraw(claim) => {
-                // our commit may have landed after all: then the order keeps them
-                match orders::find_order(&store.pool, id.0).await {
-                    Ok(Some(_)) => return,
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(order_id = %id, error = %e, "orphan check failed; will retry");
-                        continue;
-                    }
-                }
-                prelock
-                    .withdraw(sku, id, claim)
-                    .await
-                    .map(|o| matches!(o, WithdrawOutcome::Released { .. }))
-            }
-            GiveBack::Release => prelock
-                .release(sku, id)
-                .await
-                .map(|o| matches!(o, ReleaseOutcome::Released { .. })),
-        };
-        match given {
-            Ok(true) => {
-                tracing::warn!(%sku, order_id = %id, "gave back a pre-lock left by a lost answer");
+        match prelock.release(sku, id).await {
+            Ok(ReleaseOutcome::Released { .. }) => {
+                tracing::warn!(%sku, order_id = %id, "released a pre-lock in the background");
                 return;
             }
-            // still claimed by a retry or an order, already gone, or being rebuilt
-            // from the ledger (which holds no units for it)
-            Ok(false) | Err(PrelockError::NotLoaded) => return,
+            // already gone, or being rebuilt from the ledger (which holds no units for it)
+            Ok(ReleaseOutcome::NotFound) | Err(PrelockError::NotLoaded) => return,
             Err(e) => {
-                tracing::info!(%sku, order_id = %id, error = %e, round, "give-back failed; will retry")
+                tracing::info!(%sku, order_id = %id, error = %e, round, "background release failed; will retry")
             }
         }
     }
-    tracing::warn!(%sku, order_id = %id, "could not give back a pre-lock; it lapses on its own");
+    tracing::warn!(%sku, order_id = %id, "could not release a pre-lock; it lapses on its own");
 }
+
 /// Expires a PENDING order whose pre-lock is gone, in the caller's transaction: PENDING ->
 /// EXPIRED by compare-and-set, its reservation RELEASED, `OrderExpired` (with `reason`)
 /// written, its expiry job cancelled. Giving the units back in Redis is the caller's business
@@ -412,7 +376,22 @@ pub async fn expire_pending(
     )
     .await?;
     job_engine::store::cancel(&mut *conn, &events::expiry_job_key(order.id)).await?;
+    close_open_payments(&mut *conn, order.id).await?;
     Ok(Some(order))
+}
+
+/// An order that can no longer take money (cancelled, expired) has its open payments'
+/// checks due now, in the caller's transaction: each closes its payment at the provider
+/// (`order_closed`) so no money can arrive for it unseen; a check that had died (its attempts
+/// spent) is scheduled again for it.
+pub(crate) async fn close_open_payments(
+    conn: &mut postgres_store::sqlx::PgConnection,
+    order_id: Uuid,
+) -> Result<(), FulfillmentError> {
+    let open = postgres_store::payments::open_payments_of_order(&mut *conn, order_id).await?;
+    let keys: Vec<String> = open.into_iter().map(events::payment_check_key).collect();
+    job_engine::store::bring_forward(conn, &keys).await?;
+    Ok(())
 }
 
 fn replay(existing: OrderRow, fingerprint: &str) -> Result<Created, FulfillmentError> {

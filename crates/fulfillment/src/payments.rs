@@ -184,7 +184,8 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
                 ),
             )
             .await?;
-            let due = Utc::now() + self.config.follow_up_delay;
+            // due by the database's clock, whatever this process's own says
+            let due = job_engine::RunAt::In(self.config.follow_up_delay);
             for job in events::follow_up_jobs(&order, due) {
                 job_engine::store::insert(tx, &job).await?;
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use job_engine::store::{self, NewJob};
-use job_engine::{Engine, EngineConfig, Outcome, Priority, SystemClock};
+use job_engine::{DbClock, Engine, EngineConfig, Outcome, Priority};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -64,7 +64,7 @@ fn engine(pool: &PgPool, workers: u64, delays: Arc<Mutex<Vec<f64>>>) -> Engine {
     let workers = workers.max(1) as usize;
     let mut engine = Engine::new(
         pool.clone(),
-        Arc::new(SystemClock),
+        Arc::new(DbClock::new()),
         EngineConfig {
             owner: "bench".into(),
             batch_size: 500,
@@ -122,7 +122,7 @@ async fn fire(
                 kind: KIND.into(),
                 payload: serde_json::json!({}),
                 priority: Priority::P1,
-                run_at: Utc::now() + chrono::Duration::milliseconds(ahead_ms as i64),
+                run_at: (Utc::now() + chrono::Duration::milliseconds(ahead_ms as i64)).into(),
                 max_attempts: 3,
                 dedupe_key: None,
             };
@@ -231,7 +231,7 @@ async fn notify_cost(pool: &PgPool, inserts: u64, clients: u64) -> anyhow::Resul
                         kind: "bench.parked".into(),
                         payload: serde_json::json!({}),
                         priority: Priority::P1,
-                        run_at: Utc::now() + ahead,
+                        run_at: (Utc::now() + ahead).into(),
                         max_attempts: 3,
                         dedupe_key: None,
                     };

@@ -1,26 +1,100 @@
-//! Time as a port. Due times, leases and backoff are computed from a [`Clock`], never from
-//! `Utc::now()` directly, so tests move time instead of sleeping.
+//! Time as a port, and whose time it is.
+//!
+//! Every lease, claim, heartbeat and rescue is decided by the database's clock, in the SQL
+//! (`clock_timestamp()`), never by an instance's own: an instance whose clock is a minute off
+//! changes nothing. A [`Clock`] says which clock the SQL decides by ([`Clock::decide_at`]:
+//! `None` is the database's) and gives the engine an in-process reading for what cannot wait
+//! for a round trip (how long to sleep until a job is due, how late it fired, when to retry).
+//!
+//! - [`DbClock`], the one the binaries use: the SQL decides by the database's clock, and the
+//!   reading is the database's time as last sampled (`SELECT clock_timestamp()`, corrected by
+//!   half the round trip) plus the monotonic time since. The host's wall clock is never read,
+//!   so setting it (or skewing it with libfaketime) moves nothing; a sample is taken at start
+//!   and every maintenance round.
+//! - [`ManualClock`] (tests): both the SQL and the reading use a time that moves only when told
+//!   to, so delayed jobs are tested by moving time instead of sleeping.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 pub trait Clock: Send + Sync + 'static {
+    /// The engine's reading of the deciding clock now.
     fn now(&self) -> DateTime<Utc>;
+
+    /// The time the SQL decides leases, claims and due times by: `None` for the database's
+    /// own clock.
+    fn decide_at(&self) -> Option<DateTime<Utc>> {
+        None
+    }
+
+    /// Learns the database's clock: it read `db` between `sent` and `received`.
+    fn observe(&self, _db: DateTime<Utc>, _sent: Instant, _received: Instant) {}
 }
 
-/// The wall clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+/// The database's clock, read off the monotonic clock between samples (see the module docs).
+#[derive(Debug)]
+pub struct DbClock {
+    /// The last sample: the database's time, the monotonic instant it corresponds to, and
+    /// the round trip it took. `None` until the first sample: the host's clock stands in
+    /// until then.
+    sample: Mutex<Option<(DateTime<Utc>, Instant, Duration)>>,
+}
 
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+impl DbClock {
+    pub fn new() -> Self {
+        DbClock {
+            sample: Mutex::new(None),
+        }
+    }
+
+    /// Takes a sample from the database (the engine calls this at start and every
+    /// maintenance round).
+    pub async fn sync(&self, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+        let sent = Instant::now();
+        let db: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(pool)
+            .await?;
+        self.observe(db, sent, Instant::now());
+        Ok(())
     }
 }
 
-/// A clock that only moves when told to (tests).
+impl Default for DbClock {
+    fn default() -> Self {
+        DbClock::new()
+    }
+}
+
+/// A sample whose round trip took longer than the one we have (and than this) does not
+/// replace it, unless ours is older than [`SAMPLE_KEPT`].
+const SLOW_SAMPLE: Duration = Duration::from_millis(50);
+const SAMPLE_KEPT: Duration = Duration::from_secs(30);
+
+impl Clock for DbClock {
+    fn now(&self) -> DateTime<Utc> {
+        let sample = *self.sample.lock().unwrap_or_else(|p| p.into_inner());
+        match sample {
+            Some((db, at, _)) => db + chrono::Duration::from_std(at.elapsed()).unwrap_or_default(),
+            None => Utc::now(),
+        }
+    }
+
+    fn observe(&self, db: DateTime<Utc>, sent: Instant, received: Instant) {
+        let rtt = received.saturating_duration_since(sent);
+        let mut sample = self.sample.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, at, kept_rtt)) = *sample {
+            if rtt > SLOW_SAMPLE.max(kept_rtt) && at.elapsed() < SAMPLE_KEPT {
+                return; // a slow answer says less than the sample we have
+            }
+        }
+        // the database read its clock somewhere in the round trip: assume the middle
+        *sample = Some((db, sent + rtt / 2, rtt));
+    }
+}
+
+/// A clock that only moves when told to (tests). The SQL decides by it too.
 #[derive(Debug)]
 pub struct ManualClock {
     now: Mutex<DateTime<Utc>>,
@@ -45,5 +119,35 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
         *self.now.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn decide_at(&self) -> Option<DateTime<Utc>> {
+        Some(self.now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_clock_runs_on_from_its_sample_whatever_the_host_says() {
+        let clock = DbClock::new();
+        let db: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        let sent = Instant::now();
+        clock.observe(db, sent, sent + Duration::from_millis(10));
+        let read = clock.now();
+        // the sample is taken as read mid-way (5 ms after `sent`), and runs on from there
+        let since = read - db;
+        assert!(since >= chrono::Duration::zero(), "{since}");
+        assert!(since < chrono::Duration::seconds(5), "{since}");
+        // a slow sample does not replace a good one
+        clock.observe(
+            db + chrono::Duration::hours(1),
+            sent,
+            sent + Duration::from_secs(1),
+        );
+        assert!(clock.now() - db < chrono::Duration::minutes(1));
+        assert_eq!(clock.decide_at(), None, "the SQL decides by the database");
     }
 }

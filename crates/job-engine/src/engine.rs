@@ -24,8 +24,13 @@ pub enum Outcome {
     /// Failed in a way a later attempt may not: retried with exponential backoff and jitter,
     /// dead after its last attempt.
     Retry(String),
-    /// Not yet (e.g. a provider asked to come back later): retried after exactly this long.
+    /// Failed, and another attempt is due after exactly this long (a provider asked to come
+    /// back later); the attempt counts, as with `Retry`.
     RetryAfter(Duration, String),
+    /// Not yet, and not a failure (a payment not paid yet, a provider that cannot take a
+    /// refund now): run again after exactly this long without spending an attempt. A job that
+    /// only ever snoozes lives as long as its business reason does.
+    Snooze(Duration, String),
     /// Retrying cannot help (bad payload, a rule says no): dead at once, kept for redrive.
     Permanent(String),
 }
@@ -52,7 +57,7 @@ pub struct Settled {
     pub priority: i16,
     /// Started at minus due at: how late the job fired (zero if it fired early).
     pub fire_delay: Duration,
-    /// `completed`, `retried`, `dead` or `lease_lost`.
+    /// `completed`, `retried`, `snoozed`, `dead` or `lease_lost`.
     pub outcome: &'static str,
 }
 
@@ -92,6 +97,9 @@ pub struct EngineConfig {
     /// A schedule's occurrence older than this when the leader gets to it was missed (the
     /// leader was down) and follows the schedule's misfire policy.
     pub misfire_grace: Duration,
+    /// The leader's lease (see [`crate::leader`]), renewed every third of it: a leader that
+    /// stops renewing (dead, paused) is replaced within about this long.
+    pub leader_lease: Duration,
 }
 
 impl Default for EngineConfig {
@@ -111,6 +119,7 @@ impl Default for EngineConfig {
             aging_step: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             misfire_grace: Duration::from_secs(60),
+            leader_lease: Duration::from_secs(5),
         }
     }
 }
@@ -144,6 +153,7 @@ impl EngineConfig {
             aging_step: ms("JOB_AGING_STEP_MS", d.aging_step)?,
             drain_timeout: ms("JOB_DRAIN_TIMEOUT_MS", d.drain_timeout)?,
             misfire_grace: ms("JOB_MISFIRE_GRACE_MS", d.misfire_grace)?,
+            leader_lease: ms("JOB_LEADER_LEASE_MS", d.leader_lease)?,
         };
         config.validate()?;
         Ok(config)
@@ -171,6 +181,12 @@ impl EngineConfig {
         }
         if self.concurrency_min == 0 || self.concurrency_min > self.concurrency_max {
             return Err("need 1 <= JOB_CONCURRENCY_MIN <= JOB_CONCURRENCY_MAX".into());
+        }
+        if self.leader_lease < 3 * self.poll_interval || self.leader_lease < Duration::from_secs(1)
+        {
+            return Err(
+                "JOB_LEADER_LEASE_MS must be at least a second and three poll intervals".into(),
+            );
         }
         Ok(())
     }
@@ -296,17 +312,17 @@ impl Engine {
     /// [`Engine::run`] is the pipelined loop built from the same pieces.
     pub async fn run_once(&self) -> Result<RoundReport, EngineError> {
         let kinds = self.claimable(&store::paused_kinds(&self.pool).await?);
-        let now = self.clock.now();
         let claimed = store::claim(
             &self.pool,
             &self.config.owner,
             &kinds,
             self.config.batch_size,
-            now,
-            now,
+            self.clock.decide_at(),
+            Duration::ZERO,
             self.config.lease,
         )
         .await?;
+        let now = self.clock.now();
         let mut report = RoundReport {
             claimed: claimed.len(),
             ..Default::default()
@@ -336,7 +352,7 @@ impl Engine {
         for label in settle_finished(&self.pool, &finished, self.observer.as_deref()).await? {
             match label {
                 "completed" => report.completed += 1,
-                "retried" => report.retried += 1,
+                "retried" | "snoozed" => report.retried += 1,
                 "dead" => report.dead += 1,
                 _ => report.lease_lost += 1,
             }
@@ -355,26 +371,31 @@ impl Engine {
 
     /// Puts jobs whose lease expired back to `scheduled` (their owner died or hung).
     pub async fn rescue_once(&self) -> Result<u64, EngineError> {
-        let n = store::rescue_expired(&self.pool, self.clock.now()).await?;
+        let n = store::rescue_expired(&self.pool, self.clock.decide_at()).await?;
         if n > 0 {
             tracing::warn!(rescued = n, "rescued jobs whose lease expired");
         }
         Ok(n)
     }
 
-    /// Maintenance. On every instance: rescues expired leases. A leader that is paused (a
-    /// SIGSTOP, a frozen VM) keeps its advisory lock, because its connection lives on, so the
-    /// rescue cannot wait for the leader; it is safe anywhere (`SKIP LOCKED`, token-checked
-    /// settles). On the leader only: writes recurring schedules' next jobs, ages priorities,
-    /// moves finished jobs older than `archive_after` to the archive (in bounded batches) and
-    /// counts the queue.
+    /// Maintenance. On every instance: samples the database's clock and rescues expired
+    /// leases. A leader that is paused (a SIGSTOP, a frozen VM) stops renewing its lease and
+    /// is replaced once it lapses, but the rescue need not wait for that; it is safe anywhere
+    /// (`SKIP LOCKED`, token-checked settles). On the leader only: writes recurring
+    /// schedules' next jobs (fenced by the lease: a leader that woke from a pause writes
+    /// nothing once replaced), ages priorities, moves finished jobs older than
+    /// `archive_after` to the archive (in bounded batches) and counts the queue.
     pub async fn maintain_once(
         &self,
         leadership: &mut Leadership,
     ) -> Result<Maintenance, EngineError> {
+        self.sync_clock().await?;
         let rescued = self.rescue_once().await?;
-        let was_leader = leadership.is_leader();
-        if !leadership.ensure().await {
+        let fence = match leadership.ensure().await {
+            true => leadership.fence(),
+            false => None,
+        };
+        let Some(fence) = fence else {
             let m = Maintenance {
                 rescued,
                 ..Default::default()
@@ -383,33 +404,62 @@ impl Engine {
                 observe(&m);
             }
             return Ok(m);
-        }
+        };
         let now = self.clock.now();
+        let at = self.clock.decide_at();
         // schedules are written ahead, past the next maintenance round, so that their jobs
         // are claimed ahead and fire from the timer on time
         let until = now + to_chrono(2 * self.config.maintenance_interval + self.config.lookahead);
         let grace = to_chrono(self.config.misfire_grace);
         let mut m = Maintenance {
             leader: true,
-            became_leader: !was_leader,
-            scheduled: crate::schedule::materialize(&self.pool, now, until, grace).await?,
+            became_leader: leadership.newly_leading(),
+            scheduled: crate::schedule::materialize(
+                &self.pool,
+                now,
+                until,
+                grace,
+                Some((&fence, leadership.lease())),
+            )
+            .await?,
             rescued,
-            aged: store::age_priorities(&self.pool, now, self.config.aging_step).await?,
+            aged: store::age_priorities(&self.pool, at, self.config.aging_step).await?,
             ..Default::default()
         };
-        let before = now - to_chrono(self.config.archive_after);
         for _ in 0..ARCHIVE_BATCHES {
-            let moved = store::archive_finished(&self.pool, before, ARCHIVE_BATCH).await?;
+            let moved =
+                store::archive_finished(&self.pool, at, self.config.archive_after, ARCHIVE_BATCH)
+                    .await?;
             m.archived += moved;
             if moved < ARCHIVE_BATCH as u64 {
                 break;
             }
         }
-        m.depth = store::queue_depth(&self.pool, now).await?;
+        m.depth = store::queue_depth(&self.pool, at).await?;
         if let Some(observe) = &self.maintenance_observer {
             observe(&m);
         }
         Ok(m)
+    }
+
+    /// Gives the clock a fresh sample of the database's (see [`crate::clock`]).
+    pub async fn sync_clock(&self) -> Result<(), EngineError> {
+        let sent = std::time::Instant::now();
+        let db: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await?;
+        self.clock.observe(db, sent, std::time::Instant::now());
+        Ok(())
+    }
+
+    /// This instance's leadership of the engine's maintenance (one leader per database).
+    pub fn leadership(&self) -> Leadership {
+        Leadership::new(
+            self.pool.clone(),
+            "job",
+            &self.config.owner,
+            self.config.leader_lease,
+        )
     }
 }
 
@@ -445,6 +495,7 @@ pub(crate) async fn settle_finished(
             }
             (Settle::Completed, true) => "completed",
             (Settle::Retry { .. }, true) => "retried",
+            (Settle::Snooze { .. }, true) => "snoozed",
             (Settle::Dead { error }, true) => {
                 tracing::error!(job_id = f.job.id, kind = %f.job.kind, attempts = f.job.attempts, error = %error, "job is dead");
                 "dead"
@@ -491,6 +542,10 @@ pub(crate) fn settlement(
         Outcome::RetryAfter(after, error) => Settle::Retry {
             at: now + to_chrono(after),
             error,
+        },
+        Outcome::Snooze(after, note) => Settle::Snooze {
+            at: now + to_chrono(after),
+            note,
         },
     }
 }

@@ -4,7 +4,6 @@
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use service_kit::auth::{AuthConfig, Ops};
 use service_kit::error::ErrorBody;
@@ -116,7 +115,7 @@ async fn redrive_job(
     _ops: Ops,
     Path(id): Path<i64>,
 ) -> Result<Json<JobRow>, ApiError> {
-    if !store::redrive(&s.pool, id, Utc::now()).await.map_err(db)? {
+    if !store::redrive(&s.pool, id, None).await.map_err(db)? {
         return match store::get_job(&s.pool, id).await.map_err(db)? {
             None => Err(ApiError::not_found("job")),
             Some(j) => Err(ApiError::new(

@@ -55,12 +55,12 @@ pub fn next_limit(current: usize, min: usize, max: usize, waiting: usize, busy: 
 /// Rows settled per statement, at most.
 const SETTLE_BATCH: usize = 500;
 
-/// A job this instance holds a lease on, from claim to settle.
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    token: Uuid,
-    started: bool,
-}
+/// Jobs this instance holds a lease on, from claim to settle, by (job id, lease token): an
+/// instance whose lease on a job was rescued may claim the same job again while its stale run
+/// is still going, and the two runs must not share an entry (the stale run's refused settle
+/// would drop the new run's, which would then go without heartbeat or give-back). The value
+/// says whether the handler started.
+type HeldJobs = HashMap<(i64, Uuid), bool>;
 
 /// What a job task tells the settler.
 enum Report {
@@ -75,7 +75,7 @@ struct Shared {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     observer: Option<Arc<Observer>>,
-    held: Mutex<HashMap<i64, Held>>,
+    held: Mutex<HeldJobs>,
     /// The worker limit: permits are workers.
     workers: Arc<Semaphore>,
     limit: AtomicUsize,
@@ -87,7 +87,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HeldJobs> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -180,7 +180,14 @@ impl Engine {
         // the workers can run
         let max_held = 2 * config.batch_size.max(1) as usize + config.concurrency_max * 2;
 
-        let mut leadership = Leadership::new(self.pool.clone());
+        if let Err(e) = self.sync_clock().await {
+            tracing::warn!(error = %e, "the database's clock not sampled yet; will retry");
+        }
+        let mut leadership: Leadership = self.leadership();
+        // the lease is renewed (or, by a standby, tried) every third of it, whatever the
+        // maintenance interval
+        let leader_check = config.leader_lease / 3;
+        let mut last_leader_check: Option<tokio::time::Instant> = None;
         let mut last_maintenance: Option<chrono::DateTime<chrono::Utc>> = None;
         let mut last_heartbeat = self.clock.now();
         // paused kinds, re-read at most every poll interval
@@ -194,6 +201,13 @@ impl Engine {
                         kinds_read = Some(tokio::time::Instant::now());
                     }
                     Err(e) => tracing::warn!(error = %e, "reading paused kinds failed; will retry"),
+                }
+            }
+            if last_leader_check.is_none_or(|t| t.elapsed() >= leader_check) {
+                last_leader_check = Some(tokio::time::Instant::now());
+                let was = leadership.is_leader();
+                if leadership.ensure().await && !was {
+                    last_maintenance = None; // a new leader's maintenance runs at once
                 }
             }
             let now = self.clock.now();
@@ -216,14 +230,13 @@ impl Engine {
                 .store(want < config.batch_size as usize, Ordering::Relaxed);
             let mut backlog = false;
             if want > 0 && !kinds.is_empty() {
-                let now = self.clock.now();
                 match store::claim(
                     &self.pool,
                     &config.owner,
                     &kinds,
                     want as i64,
-                    now,
-                    now + to_chrono(config.lookahead),
+                    self.clock.decide_at(),
+                    config.lookahead,
                     config.lease,
                 )
                 .await
@@ -259,7 +272,7 @@ impl Engine {
         }
         stop_settler.cancel();
         let _ = settler.await;
-        let still: Vec<(i64, Uuid)> = shared.held().iter().map(|(id, h)| (*id, h.token)).collect();
+        let still: Vec<(i64, Uuid)> = shared.held().keys().copied().collect();
         if !still.is_empty() {
             match store::release(&self.pool, &still, true).await {
                 Ok(n) => tracing::warn!(
@@ -286,13 +299,7 @@ impl Engine {
         let Some(kind) = self.handlers.get(&job.kind).cloned() else {
             return; // claimed only registered kinds
         };
-        shared.held().insert(
-            job.id,
-            Held {
-                token: job.lease_token,
-                started: false,
-            },
-        );
+        shared.held().insert((job.id, job.lease_token), false);
         let guard = ReportGuard {
             tx: tx.clone(),
             shared: shared.clone(),
@@ -307,7 +314,7 @@ async fn fire(shared: Arc<Shared>, kind: Kind, mut guard: ReportGuard, stop: Can
     let Some(job) = guard.job.as_ref() else {
         return;
     };
-    let (id, run_at) = (job.id, job.run_at);
+    let (key, run_at) = ((job.id, job.lease_token), job.run_at);
     let span = job.span();
     let handed = job.as_handed();
     if let Ok(wait) = (run_at - shared.clock.now()).to_std() {
@@ -325,8 +332,8 @@ async fn fire(shared: Arc<Shared>, kind: Kind, mut guard: ReportGuard, stop: Can
     let Some(_permits) = permits else {
         return guard.give_back();
     };
-    if let Some(h) = shared.held().get_mut(&id) {
-        h.started = true;
+    if let Some(started) = shared.held().get_mut(&key) {
+        *started = true;
     }
     guard.fire_delay = (shared.clock.now() - run_at).to_std().unwrap_or_default();
     let outcome = (kind.handler)(handed).instrument(span).await;
@@ -421,10 +428,10 @@ async fn settle_reports(shared: &Shared, batch: Vec<Report>) {
     {
         let mut held = shared.held();
         for f in &ran {
-            held.remove(&f.job.id);
+            held.remove(&(f.job.id, f.job.lease_token));
         }
-        for (id, _) in &unstarted {
-            held.remove(id);
+        for key in &unstarted {
+            held.remove(key);
         }
     }
     if shared.starved.load(Ordering::Relaxed) {
@@ -435,11 +442,12 @@ async fn settle_reports(shared: &Shared, batch: Vec<Report>) {
 /// Extends the leases of every held job; a job whose lease was rescued meanwhile stays held
 /// until its handler returns, and its settle is refused then.
 async fn heartbeat(shared: &Shared) {
-    let held: Vec<(i64, Uuid)> = shared.held().iter().map(|(id, h)| (*id, h.token)).collect();
+    let held: Vec<(i64, Uuid)> = shared.held().keys().copied().collect();
     if held.is_empty() {
         return;
     }
-    match store::extend_leases(&shared.pool, &held, shared.clock.now(), shared.config.lease).await {
+    let at = shared.clock.decide_at();
+    match store::extend_leases(&shared.pool, &held, at, shared.config.lease).await {
         Ok(kept) if kept.len() < held.len() => {
             tracing::warn!(
                 lost = held.len() - kept.len(),

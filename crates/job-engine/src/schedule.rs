@@ -577,13 +577,16 @@ pub async fn get(pool: &PgPool, name: &str) -> Result<Option<Schedule>, sqlx::Er
 /// this each maintenance round, ahead of time, so occurrences fire from the engine's timer
 /// on time). Occurrences older than `now - grace` were missed and follow the schedule's
 /// misfire policy. Each schedule is one transaction: its jobs and its new cursor commit
-/// together, and a dedupe key per occurrence makes a repeat write nothing. Returns the jobs
-/// written.
+/// together, and a dedupe key per occurrence makes a repeat write nothing. With a `fence` (the
+/// leader's lease and its length), each transaction first holds the lease
+/// ([`crate::leader::hold`]) and writes nothing once another leader has taken over. Returns
+/// the jobs written.
 pub async fn materialize(
     pool: &PgPool,
     now: DateTime<Utc>,
     until: DateTime<Utc>,
     grace: chrono::Duration,
+    fence: Option<(&crate::leader::Fence, std::time::Duration)>,
 ) -> Result<u64, sqlx::Error> {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM job_schedule WHERE NOT paused AND cursor < $1 ORDER BY name",
@@ -594,6 +597,17 @@ pub async fn materialize(
     let mut written = 0;
     for name in names {
         let mut tx = pool.begin().await?;
+        // a leader that was replaced (it paused past its lease) writes no occurrence: its
+        // successor's cursor and jobs stand
+        if let Some((fence, lease)) = fence {
+            if !crate::leader::hold(&mut tx, fence, lease).await? {
+                tracing::warn!(
+                    epoch = fence.epoch,
+                    "no longer the leader: schedules left to the new one"
+                );
+                return Ok(written);
+            }
+        }
         let row: Option<Schedule> = sqlx::query_as(
             "SELECT * FROM job_schedule WHERE name = $1 AND NOT paused AND cursor < $2
              FOR UPDATE SKIP LOCKED",
@@ -626,7 +640,7 @@ pub async fn materialize(
                 kind: row.kind.clone(),
                 payload,
                 priority,
-                run_at: f.run_at,
+                run_at: f.run_at.into(),
                 max_attempts: row.max_attempts,
                 dedupe_key: Some(format!("schedule:{name}:{}", f.occurrence.to_rfc3339())),
             };

@@ -24,12 +24,38 @@ pub struct NewJob {
     pub kind: String,
     pub payload: serde_json::Value,
     pub priority: Priority,
-    pub run_at: DateTime<Utc>,
-    /// Attempts before the job is dead (kept, with its last error, for a redrive).
+    pub run_at: RunAt,
+    /// Attempts before the job is dead (kept, with its last error, for a redrive). A snooze
+    /// ([`Settle::Snooze`]) is not an attempt.
     pub max_attempts: i32,
     /// One job per business action: inserting the same key again is a no-op that names the
     /// existing job.
     pub dedupe_key: Option<String>,
+}
+
+/// When a job is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAt {
+    /// At this time (e.g. an order's expiry, set by the pre-lock store's clock).
+    At(DateTime<Utc>),
+    /// This long after the database's clock when the insert runs: "in two seconds" means two
+    /// seconds whatever the inserting instance's own clock says.
+    In(Duration),
+}
+
+impl From<DateTime<Utc>> for RunAt {
+    fn from(at: DateTime<Utc>) -> Self {
+        RunAt::At(at)
+    }
+}
+
+impl RunAt {
+    fn columns(self) -> (Option<DateTime<Utc>>, f64) {
+        match self {
+            RunAt::At(at) => (Some(at), 0.0),
+            RunAt::In(d) => (None, millis(d)),
+        }
+    }
 }
 
 /// What an insert did.
@@ -73,28 +99,33 @@ pub async fn wake(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error
 /// needs it does). A dedupe key already used by a live or an archived job writes nothing and
 /// names that job.
 pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, sqlx::Error> {
-    let id: Option<i64> = sqlx::query_scalar(
+    let (at, after_ms) = job.run_at.columns();
+    // `soon`: due within the wake-up horizon of the database's clock
+    let row: Option<(i64, bool)> = sqlx::query_as(
         "INSERT INTO delayed_job (kind, payload, priority, run_at, max_attempts, dedupe_key,
              traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         VALUES ($1, $2, $3, COALESCE($4, clock_timestamp() + $8 * interval '1 millisecond'),
+                 $5, $6, $7)
          ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
-         RETURNING id",
+         RETURNING id, run_at <= clock_timestamp() + $9 * interval '1 millisecond'",
     )
     .bind(&job.kind)
     .bind(&job.payload)
     .bind(job.priority as i16)
-    .bind(job.run_at)
+    .bind(at)
     .bind(job.max_attempts)
     .bind(&job.dedupe_key)
     .bind(service_kit::trace::current_traceparent())
+    .bind(after_ms)
+    .bind(millis(WAKE_HORIZON))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(key) = job.dedupe_key.as_deref() else {
-        let id = id.ok_or(sqlx::Error::RowNotFound)?; // no key, no conflict
-        return woken(conn, job, id).await;
+        let row = row.ok_or(sqlx::Error::RowNotFound)?; // no key, no conflict
+        return woken(conn, job, row).await;
     };
-    match id {
-        Some(id) => {
+    match row {
+        Some(row @ (id, _)) => {
             // The key may belong to a job that completed and moved to the archive. Checked
             // after the insert, in a statement of its own: the insert waited for any mover of
             // a conflicting row to commit, so this statement's snapshot sees where it went.
@@ -112,7 +143,7 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, s
                         .await?;
                     Ok(Inserted::DuplicateOf(earlier))
                 }
-                None => woken(conn, job, id).await,
+                None => woken(conn, job, row).await,
             }
         }
         // only the key can conflict; the other job is live or, completed meanwhile, archived
@@ -131,9 +162,14 @@ pub async fn insert(conn: &mut PgConnection, job: &NewJob) -> Result<Inserted, s
     }
 }
 
-/// A new job's id, after waking the engines if it is due within [`WAKE_HORIZON`].
-async fn woken(conn: &mut PgConnection, job: &NewJob, id: i64) -> Result<Inserted, sqlx::Error> {
-    if job.run_at <= Utc::now() + chrono::Duration::from_std(WAKE_HORIZON).unwrap_or_default() {
+/// A new job's id, after waking the engines if it is due within [`WAKE_HORIZON`] (`soon`, by
+/// the database's clock).
+async fn woken(
+    conn: &mut PgConnection,
+    job: &NewJob,
+    (id, soon): (i64, bool),
+) -> Result<Inserted, sqlx::Error> {
+    if soon {
         wake(conn, &job.kind).await?;
     }
     Ok(Inserted::New(id))
@@ -170,25 +206,30 @@ pub struct ClaimedJob {
     pub traceparent: Option<String>,
 }
 
-/// Claims up to `limit` jobs of `kinds` due by `horizon` (`now`, or later to claim ahead and
-/// fire from the timer), most urgent first, skipping rows other instances hold; each gets a fresh lease token valid until `lease` after it is due (or after
-/// `now`, if it is already due).
+/// Claims up to `limit` jobs of `kinds` due within `lookahead` of `at` (zero: due now; more:
+/// claimed ahead, to fire from the timer), most urgent first, skipping rows other instances
+/// hold; each gets a fresh lease token valid until `lease` after it is due (or after `at`, if
+/// it is already due). `at` is `None` for the database's clock ([`crate::Clock::decide_at`]):
+/// what is due and when a lease ends are decided there, never by the claimer's own clock.
 pub async fn claim(
     pool: &PgPool,
     owner: &str,
     kinds: &[String],
     limit: i64,
-    now: DateTime<Utc>,
-    horizon: DateTime<Utc>,
+    at: Option<DateTime<Utc>>,
+    lookahead: Duration,
     lease: Duration,
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE delayed_job j
+        "WITH t AS (SELECT COALESCE($3, clock_timestamp()) AS now)
+         UPDATE delayed_job j
          SET state = 'running', lease_owner = $1, lease_token = gen_random_uuid(),
-             lease_expires_at = GREATEST(j.run_at, $3) + $6 * interval '1 millisecond',
+             lease_expires_at = GREATEST(j.run_at, t.now) + $6 * interval '1 millisecond',
              attempts = j.attempts + 1, updated_at = now()
-         FROM (SELECT id FROM delayed_job
-               WHERE state = 'scheduled' AND run_at <= $4 AND kind = ANY($2)
+         FROM t, (SELECT id FROM delayed_job
+               WHERE state = 'scheduled'
+                 AND run_at <= (SELECT now FROM t) + $4 * interval '1 millisecond'
+                 AND kind = ANY($2)
                ORDER BY priority, run_at
                LIMIT $5
                FOR UPDATE SKIP LOCKED) due
@@ -198,8 +239,8 @@ pub async fn claim(
     )
     .bind(owner)
     .bind(kinds)
-    .bind(now)
-    .bind(horizon)
+    .bind(at)
+    .bind(millis(lookahead))
     .bind(limit)
     .bind(millis(lease))
     .fetch_all(pool)
@@ -214,10 +255,17 @@ fn millis(d: Duration) -> f64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
     Completed,
-    /// Scheduled again at `at`, keeping `error` as its last error.
+    /// Scheduled again at `at`, keeping `error` as its last error; the attempt counts.
     Retry {
         at: DateTime<Utc>,
         error: String,
+    },
+    /// Scheduled again at `at` without spending an attempt: "not yet" is not a failure (a
+    /// payment not paid yet, a refund the provider could not take now). `note` becomes the
+    /// last error, for operators.
+    Snooze {
+        at: DateTime<Utc>,
+        note: String,
     },
     /// Out of attempts, or an error that retrying cannot fix: kept for inspection and redrive.
     Dead {
@@ -260,23 +308,28 @@ pub async fn settle_many(
     let mut states = Vec::with_capacity(other.len());
     let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(other.len());
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(other.len());
+    // a snooze gives back the attempt its claim counted
+    let mut uncounted: Vec<i32> = Vec::with_capacity(other.len());
     for (id, token, how) in other {
-        let (state, run_at, error) = match how {
+        let (state, run_at, error, back) = match how {
             Settle::Completed => unreachable!("partitioned out"),
-            Settle::Retry { at, error } => ("scheduled", Some(*at), Some(error.as_str())),
-            Settle::Dead { error } => ("dead", None, Some(error.as_str())),
+            Settle::Retry { at, error } => ("scheduled", Some(*at), Some(error.as_str()), 0),
+            Settle::Snooze { at, note } => ("scheduled", Some(*at), Some(note.as_str()), 1),
+            Settle::Dead { error } => ("dead", None, Some(error.as_str()), 0),
         };
         ids.push(*id);
         tokens.push(*token);
         states.push(state);
         run_ats.push(run_at);
         errors.push(error);
+        uncounted.push(back);
     }
     let retried: Vec<i64> = sqlx::query_scalar(
         "UPDATE delayed_job j
          SET state = ($3::text[])[array_position($1, j.id)],
              run_at = COALESCE(($4::timestamptz[])[array_position($1, j.id)], j.run_at),
              last_error = COALESCE(($5::text[])[array_position($1, j.id)], j.last_error),
+             attempts = GREATEST(j.attempts - ($6::int[])[array_position($1, j.id)], 0),
              lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
          WHERE j.id = ANY($1::bigint[]) AND j.lease_token = ANY($2::uuid[])
            AND j.state = 'running'
@@ -287,6 +340,7 @@ pub async fn settle_many(
     .bind(states)
     .bind(run_ats)
     .bind(errors)
+    .bind(uncounted)
     .fetch_all(ex)
     .await?;
     settled.extend(retried);
@@ -315,26 +369,27 @@ async fn complete_many(ex: &PgPool, ids: &[i64], tokens: &[Uuid]) -> Result<Vec<
     .await
 }
 
-/// Extends the leases this instance still holds (heartbeat) to `lease` after `now` (or after
-/// the job is due, for one waiting in the timer). Returns the ids still held: a missing id was
-/// rescued meanwhile.
+/// Extends the leases this instance still holds (heartbeat) to `lease` after `at` (the
+/// database's clock when `None`), or after the job is due, for one waiting in the timer.
+/// Returns the ids still held: a missing id was rescued meanwhile.
 pub async fn extend_leases(
     pool: &PgPool,
     held: &[(i64, Uuid)],
-    now: DateTime<Utc>,
+    at: Option<DateTime<Utc>>,
     lease: Duration,
 ) -> Result<Vec<i64>, sqlx::Error> {
     let (ids, tokens): (Vec<i64>, Vec<Uuid>) = held.iter().copied().unzip();
     sqlx::query_scalar(
         "UPDATE delayed_job j
-         SET lease_expires_at = GREATEST(j.run_at, $3) + $4 * interval '1 millisecond'
+         SET lease_expires_at = GREATEST(j.run_at, COALESCE($3, clock_timestamp()))
+                                + $4 * interval '1 millisecond'
          WHERE j.id = ANY($1::bigint[]) AND j.lease_token = ANY($2::uuid[])
            AND j.state = 'running'
          RETURNING j.id",
     )
     .bind(ids)
     .bind(tokens)
-    .bind(now)
+    .bind(at)
     .bind(millis(lease))
     .fetch_all(pool)
     .await
@@ -367,37 +422,44 @@ pub async fn release(
     Ok(done.rows_affected())
 }
 
-/// Puts jobs whose lease expired before `now` back to `scheduled` (their owner died or hung);
-/// their old tokens stop working. The attempt they were on counts.
-pub async fn rescue_expired(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sqlx::Error> {
+/// Puts jobs whose lease expired before `at` (the database's clock when `None`) back to
+/// `scheduled` (their owner died or hung); their old tokens stop working. The attempt they
+/// were on counts. An instance whose own clock runs fast rescues nothing early: the expiry is
+/// compared with the database's clock, the one that set it.
+pub async fn rescue_expired(pool: &PgPool, at: Option<DateTime<Utc>>) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE delayed_job
          SET state = 'scheduled', lease_owner = NULL, lease_token = NULL,
              lease_expires_at = NULL, last_error = COALESCE(last_error, 'lease expired'),
              updated_at = now()
          WHERE id IN (SELECT id FROM delayed_job
-                      WHERE state = 'running' AND lease_expires_at < $1
+                      WHERE state = 'running'
+                        AND lease_expires_at < COALESCE($1, clock_timestamp())
                       FOR UPDATE SKIP LOCKED)",
     )
-    .bind(now)
+    .bind(at)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
 }
 
-/// Moves up to `limit` jobs cancelled before `before` to `delayed_job_archive` (completed ones
-/// move as they complete), in one statement; returns how many moved. The hot table keeps what
-/// is scheduled, running, dead or recently cancelled.
+/// Moves up to `limit` jobs cancelled more than `older_than` before `at` (the database's clock
+/// when `None`) to `delayed_job_archive` (completed ones move as they complete), in one
+/// statement; returns how many moved. The hot table keeps what is scheduled, running, dead or
+/// recently cancelled.
 pub async fn archive_finished(
     pool: &PgPool,
-    before: DateTime<Utc>,
+    at: Option<DateTime<Utc>>,
+    older_than: Duration,
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "WITH moved AS (
              DELETE FROM delayed_job
              WHERE id IN (SELECT id FROM delayed_job
-                          WHERE state IN ('completed', 'cancelled') AND updated_at < $1
+                          WHERE state IN ('completed', 'cancelled')
+                            AND updated_at < COALESCE($1, clock_timestamp())
+                                             - $3 * interval '1 millisecond'
                           ORDER BY updated_at LIMIT $2
                           FOR UPDATE SKIP LOCKED)
              RETURNING id, kind, payload, priority, state, run_at, attempts, max_attempts,
@@ -406,56 +468,141 @@ pub async fn archive_finished(
              max_attempts, dedupe_key, last_error, traceparent, created_at, finished_at)
          SELECT * FROM moved",
     )
-    .bind(before)
+    .bind(at)
     .bind(limit)
+    .bind(millis(older_than))
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
 }
 
-/// Gives a dead job another run at `now`, with a fresh attempt budget. `false` if it is not
-/// dead.
-pub async fn redrive(pool: &PgPool, id: i64, now: DateTime<Utc>) -> Result<bool, sqlx::Error> {
+/// Gives a dead job another run at `at` (the database's now when `None`), with a fresh
+/// attempt budget. `false` if it is not dead.
+pub async fn redrive(
+    ex: impl sqlx::PgExecutor<'_>,
+    id: i64,
+    at: Option<DateTime<Utc>>,
+) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE delayed_job SET state = 'scheduled', run_at = $2, attempts = 0, updated_at = now()
+        "UPDATE delayed_job SET state = 'scheduled', run_at = COALESCE($2, clock_timestamp()),
+             attempts = 0, updated_at = now()
          WHERE id = $1 AND state = 'dead'",
     )
     .bind(id)
-    .bind(now)
-    .execute(pool)
+    .bind(at)
+    .execute(ex)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
+/// Where the job with each of `keys` stands, for a caller that must keep one job live per
+/// business action (a sweep): only scheduled and running jobs cover their action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coverage {
+    /// Scheduled or running.
+    Live(i64),
+    /// Dead (attempts spent, or a permanent error): nothing runs unless it is redriven.
+    Dead(i64),
+    /// Cancelled, or completed (archived): it ended on purpose.
+    Ended(i64),
+    /// No job has the key.
+    Missing,
+}
+
+/// The [`Coverage`] of each of `keys`, in order.
+pub async fn coverage(
+    conn: &mut PgConnection,
+    keys: &[String],
+) -> Result<Vec<Coverage>, sqlx::Error> {
+    let rows: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT dedupe_key, id, state FROM delayed_job WHERE dedupe_key = ANY($1)
+         UNION ALL
+         SELECT a.dedupe_key, a.id, 'completed' FROM delayed_job_archive a
+         WHERE a.dedupe_key = ANY($1)
+           AND NOT EXISTS (SELECT 1 FROM delayed_job j WHERE j.dedupe_key = a.dedupe_key)",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let found: std::collections::HashMap<&str, (i64, &str)> = rows
+        .iter()
+        .map(|(k, id, state)| (k.as_str(), (*id, state.as_str())))
+        .collect();
+    Ok(keys
+        .iter()
+        .map(|k| match found.get(k.as_str()) {
+            Some((id, "scheduled" | "running")) => Coverage::Live(*id),
+            Some((id, "dead")) => Coverage::Dead(*id),
+            Some((id, _)) => Coverage::Ended(*id),
+            None => Coverage::Missing,
+        })
+        .collect())
+}
+
+/// Makes the jobs with `keys` due now (by the database's clock), in the caller's transaction:
+/// a scheduled one comes forward, a dead one is scheduled again with a fresh budget (its
+/// business action needs it after all: an order that can no longer take money must have its
+/// payments closed, whatever became of their checks). Wakes the engines. Returns how many
+/// moved.
+pub async fn bring_forward(conn: &mut PgConnection, keys: &[String]) -> Result<u64, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "UPDATE delayed_job
+         SET run_at = LEAST(run_at, clock_timestamp()), state = 'scheduled',
+             attempts = CASE WHEN state = 'dead' THEN 0 ELSE attempts END, updated_at = now()
+         WHERE dedupe_key = ANY($1) AND state IN ('scheduled', 'dead')
+         RETURNING kind",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut woken: Vec<&String> = kinds.iter().collect();
+    woken.dedup();
+    for kind in woken {
+        wake(conn, kind).await?;
+    }
+    Ok(kinds.len() as u64)
+}
+
 /// Aging, so a low priority is never starved: a scheduled job overdue by more than `step` moves
 /// up one priority level, at most once per `step` (the clock of the last change is
-/// `updated_at`). A P2 job overdue by two steps runs as P0. Returns how many moved.
+/// `updated_at`). A P2 job overdue by two steps runs as P0. Returns how many moved. `at`:
+/// the database's clock when `None`.
 pub async fn age_priorities(
     pool: &PgPool,
-    now: DateTime<Utc>,
+    at: Option<DateTime<Utc>>,
     step: Duration,
 ) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE delayed_job
-         SET priority = priority - 1, updated_at = $1
+        "WITH t AS (SELECT COALESCE($1, clock_timestamp()) AS now)
+         UPDATE delayed_job
+         SET priority = priority - 1, updated_at = t.now
+         FROM t
          WHERE state = 'scheduled' AND priority > 0
-           AND run_at < $1 - $2 * interval '1 millisecond'
-           AND updated_at < $1 - $2 * interval '1 millisecond'",
+           AND run_at < t.now - $2 * interval '1 millisecond'
+           AND updated_at < t.now - $2 * interval '1 millisecond'",
     )
-    .bind(now)
+    .bind(at)
     .bind(millis(step))
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
 }
 
-/// Jobs due and waiting to be claimed, by priority (P0, P1, P2).
-pub async fn queue_depth(pool: &PgPool, now: DateTime<Utc>) -> Result<[i64; 3], sqlx::Error> {
+/// Jobs due by `at` (the database's clock when `None`) and waiting to be claimed, by priority
+/// (P0, P1, P2).
+pub async fn queue_depth(
+    pool: &PgPool,
+    at: Option<DateTime<Utc>>,
+) -> Result<[i64; 3], sqlx::Error> {
     let rows: Vec<(i16, i64)> = sqlx::query_as(
         "SELECT priority, count(*) FROM delayed_job
-         WHERE state = 'scheduled' AND run_at <= $1 GROUP BY priority",
+         WHERE state = 'scheduled' AND run_at <= COALESCE($1, clock_timestamp())
+         GROUP BY priority",
     )
-    .bind(now)
+    .bind(at)
     .fetch_all(pool)
     .await?;
     let mut depth = [0; 3];

@@ -12,6 +12,7 @@
 //! - `POST /v1/sim/payments/{id}/close`        "the provider closes it": CLOSED or FAILED
 //! - `PUT  /v1/sim/payments/{id}/faults`       this payment's own faults (a broken query)
 //! - `GET  /v1/sim/payments/{id}`              what the simulator did (callbacks, refunds)
+//! - `GET  /v1/sim/payments`                   every payment it holds (checkers)
 //! - `GET|PUT /v1/sim/faults`                  fault rates (see [`Faults`])
 //!
 //! Callbacks are signed per `gateway_protocol` and retried on 5xx or network errors with
@@ -191,6 +192,7 @@ impl Sim {
             .routes(routes!(query_refund))
             .routes(routes!(pay))
             .routes(routes!(inspect))
+            .routes(routes!(inspect_all))
             .routes(routes!(get_faults, put_faults))
             .with_state(SimState(self.clone()))
             .split_for_parts();
@@ -630,6 +632,16 @@ async fn inspect(
     s.0.with_payment(&id, |sp| sp.clone())
         .map(Json)
         .ok_or_else(|| ApiError::not_found("payment"))
+}
+
+#[utoipa::path(get, path = "/v1/sim/payments", tag = "simulation",
+    description = "Every payment the simulator holds, paid or not, with its refunds (what a money checker compares with the system's books).",
+    responses((status = 200, body = [SimPayment])))]
+async fn inspect_all(State(s): State<SimState>) -> Json<Vec<SimPayment>> {
+    let payments = s.0.payments.lock().unwrap_or_else(|p| p.into_inner());
+    let mut all: Vec<SimPayment> = payments.values().cloned().collect();
+    all.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+    Json(all)
 }
 
 #[utoipa::path(get, path = "/v1/sim/faults", tag = "simulation", responses((status = 200, body = Faults)))]

@@ -150,6 +150,17 @@ pub async fn id_may_hold_units(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool
     .await
 }
 
+/// Which of `ids` are orders.
+pub async fn existing_orders(
+    ex: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM orders WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(ex)
+        .await
+}
+
 /// Records that a create attempt for `id` lost its pre-lock answer: units may be held for it.
 pub async fn record_lost_answer(
     ex: impl PgExecutor<'_>,
@@ -251,7 +262,7 @@ pub async fn insert_new_order(
     .bind(&expiry.kind)
     .bind(&expiry.payload)
     .bind(expiry.priority as i16)
-    .bind(expiry.run_at)
+    .bind(o.expires_at) // the expiry job is due when the order expires
     .bind(&expiry.dedupe_key)
     .bind(expiry.max_attempts)
     .bind(service_kit::trace::current_traceparent())

@@ -131,7 +131,27 @@ pub async fn mark_refunded(
     .bind(id)
     .bind(refund_id)
     .bind(refunded_at)
-    .execute(conn)
+    .execute(&mut *conn)
+    .await?;
+    // a refund archived as failing (the provider kept refusing, then took it) is settled now
+    resolve_failures(conn, id, "refunded").await
+}
+
+/// Resolves the open compensation failure of a payment that just settled (`resolution`:
+/// how).
+async fn resolve_failures(
+    ex: impl PgExecutor<'_>,
+    payment_id: Uuid,
+    resolution: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE compensation_failure SET status = 'resolved', resolution = $2,
+             resolved_at = now(), updated_at = now()
+         WHERE payment_id = $1 AND status = 'open'",
+    )
+    .bind(payment_id)
+    .bind(resolution)
+    .execute(ex)
     .await
     .map(|_| ())
 }
@@ -219,26 +239,35 @@ pub async fn settle_payment(
     .bind(paid_at)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
-        "UPDATE compensation_failure SET status = 'resolved', resolution = $2,
-             resolved_at = now(), updated_at = now()
-         WHERE payment_id = $1 AND status = 'open'",
-    )
-    .bind(id)
-    .bind(source)
-    .execute(conn)
-    .await
-    .map(|_| ())
+    resolve_failures(conn, id, source).await
 }
 
-/// CREATED -> CLOSED: the provider closed it unpaid. `false` if it was no longer CREATED.
-pub async fn close_payment(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, sqlx::Error> {
+/// CREATED -> CLOSED: the provider closed it unpaid (no money can arrive for it now), and an
+/// open compensation failure of it is resolved (`closed_at_provider`). `false` if it was no
+/// longer CREATED.
+pub async fn close_payment(pool: &sqlx::PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let r = sqlx::query(
         "UPDATE payments SET status = 'CLOSED', updated_at = now()
          WHERE id = $1 AND status = 'CREATED'",
     )
     .bind(id)
-    .execute(ex)
+    .execute(&mut *tx)
     .await?;
+    if r.rows_affected() == 1 {
+        resolve_failures(&mut *tx, id, "closed_at_provider").await?;
+    }
+    tx.commit().await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// The payments of an order that are still open (CREATED), in the caller's transaction.
+pub async fn open_payments_of_order(
+    ex: impl PgExecutor<'_>,
+    order_id: Uuid,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM payments WHERE order_id = $1 AND status = 'CREATED'")
+        .bind(order_id)
+        .fetch_all(ex)
+        .await
 }

@@ -43,6 +43,42 @@ pub async fn get_sku_locked_shared(
     .await
 }
 
+/// [`get_sku_locked_shared`] for a create: also the id of the caller's transaction (its
+/// xid), taken in the same round trip; the pre-lock's pending confirmation is settled by that
+/// transaction's fate.
+pub async fn get_sku_for_create(
+    conn: &mut PgConnection,
+    id: &str,
+) -> Result<Option<(SkuRow, i64)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        sku: SkuRow,
+        txid: i64,
+    }
+    let row: Option<Row> = sqlx::query_as(&format!(
+        "SELECT {SKU_COLUMNS}, pg_current_xact_id()::text::bigint AS txid FROM skus
+         WHERE id = $1 AND pg_advisory_xact_lock_shared($2, hashtext($1)) IS NOT NULL"
+    ))
+    .bind(id)
+    .bind(crate::SKU_LOCK_SPACE)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|r| (r.sku, r.txid)))
+}
+
+/// How the transactions `txids` (xids) ended, as far as Postgres knows now: `committed`,
+/// `aborted`, `in progress`, or `None` when one is too old to tell.
+pub async fn transaction_statuses(
+    ex: impl PgExecutor<'_>,
+    txids: &[i64],
+) -> Result<Vec<(i64, Option<String>)>, sqlx::Error> {
+    sqlx::query_as("SELECT x, pg_xact_status(x::text::xid8) FROM unnest($1::bigint[]) x")
+        .bind(txids)
+        .fetch_all(ex)
+        .await
+}
+
 /// Creates or updates a SKU (stock admin). Returns the row as stored.
 pub async fn upsert_sku(
     conn: &mut PgConnection,

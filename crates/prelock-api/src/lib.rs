@@ -2,13 +2,15 @@
 //! implements [`domain::ports::StockPrelock`] for order-api.
 //!
 //! Routes (all take `Authorization: Bearer <OPS_TOKEN>`; reservation id = order id):
-//! - `PUT    /v1/skus/{sku_id}/reservations/{id}`           `{"quantity","attempt"}` -> [`ReserveReply`]
+//! - `PUT    /v1/skus/{sku_id}/reservations/{id}`           `{"quantity","attempt","txid"?}` -> [`ReserveReply`]
 //! - `GET    /v1/skus/{sku_id}/reservations/{id}`           -> [`HoldsReply`] (operators)
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/pin`       `{"quantity"}` -> [`PinReply`]
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/withdraw`  `{"attempt"}` -> [`WithdrawReply`]
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/lapse`     -> [`ReleaseReply`]
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/deduct`    -> [`DeductReply`]
 //! - `DELETE /v1/skus/{sku_id}/reservations/{id}`           -> [`ReleaseReply`]
+//! - `GET    /v1/clock`                                      -> [`ClockReply`] (the pre-lock
+//!   store's clock, which lapse times come from)
 //!
 //! Outcomes (reserved, shortage, pinned, ...) are 200 bodies; failures are the house error
 //! body with `ERR_PRELOCK_NOT_LOADED`, `ERR_UNKNOWN_SKU`, `ERR_IDEMPOTENCY_MISMATCH` or
@@ -17,7 +19,7 @@
 use std::time::Duration;
 
 use domain::ports::{PrelockError, StockPrelock};
-use domain::stock::{PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome};
+use domain::stock::{Attempt, PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome};
 use domain::{OrderId, SkuId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -28,6 +30,18 @@ pub struct ReserveRequest {
     /// This create attempt's id (a fresh UUID per try): it becomes a claimant of the
     /// reservation, and only it can withdraw that claim.
     pub attempt: Uuid,
+    /// The Postgres transaction (xid) that is to write the order: the pending confirmation
+    /// recorded with the reserve is settled by that transaction's fate, within seconds, even
+    /// if the caller dies. Without it, only by whether the order exists once the
+    /// confirmation window has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txid: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ClockReply {
+    /// The pre-lock store's clock (Redis `TIME`), ms since the Unix epoch.
+    pub now_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -359,13 +373,24 @@ impl StockPrelock for PrelockClient {
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
-        attempt: Uuid,
+        attempt: Attempt,
     ) -> Result<ReserveOutcome, PrelockError> {
-        let body = ReserveRequest { quantity, attempt };
+        let body = ReserveRequest {
+            quantity,
+            attempt: attempt.id,
+            txid: attempt.txid,
+        };
         let reply: ReserveReply = self
             .call(self.http.put(self.url(sku, id, "")).json(&body))
             .await?;
         reply.into_outcome()
+    }
+
+    async fn clock_ms(&self) -> Result<i64, PrelockError> {
+        let reply: ClockReply = self
+            .call(self.http.get(format!("{}/v1/clock", self.base_url)))
+            .await?;
+        Ok(reply.now_ms)
     }
 
     async fn pin(

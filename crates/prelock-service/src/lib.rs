@@ -7,12 +7,15 @@
 //! - [`rebuild`]: recomputing Redis from Postgres, per SKU under its exclusive lock, so it is
 //!   safe while orders flow; also started on its own when a SKU is found not loaded (Redis
 //!   lost its data).
+//! - [`confirm`]: the delayed confirmation of every pre-lock (given back within seconds when
+//!   its order never commits), run in the background by [`App::run`].
 //!
 //! Postgres is the source of truth (`skus.stock_real` + the reservations ledger); Redis is a
 //! derived, losable index of it. This service writes orders in one case only: a rebuild that
 //! finds a SKU's ledger holding more than its stock expires the newest unpaid orders, through
 //! `fulfillment::orders::expire_pending`.
 
+pub mod confirm;
 pub mod rebuild;
 pub mod routes;
 
@@ -42,6 +45,10 @@ pub struct Config {
     /// Pool size and how long to wait on Postgres before answering 503.
     pub pg: postgres_store::PgLimits,
     pub run_migrations: bool,
+    /// A pre-lock's pending confirmation is checked this long after its reserve (paper: 5 s).
+    pub confirm_after: Duration,
+    /// How often the confirmer looks for pending confirmations that are due.
+    pub confirm_poll: Duration,
 }
 
 impl Config {
@@ -57,6 +64,8 @@ impl Config {
             default_ttl: Duration::from_secs(env_or("PRELOCK_TTL_SECS", 900u64)?),
             pg: postgres_store::PgLimits::from_env(16, env_or)?,
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
+            confirm_after: env_millis("PRELOCK_CONFIRM_AFTER_MS", 3000)?,
+            confirm_poll: env_millis("PRELOCK_CONFIRM_POLL_MS", 500)?,
         })
     }
 }
@@ -77,6 +86,12 @@ pub struct PrelockMetrics {
     pub overcommit: IntCounterVec,
     /// `prelock_reconcile_drift_total`: SKUs the reconciliation found drifted and repaired.
     pub drift: IntCounterVec,
+    /// `prelock_confirmations_total{outcome}`: pending confirmations settled (`confirmed`,
+    /// `still_claimed`, `undecided`, and `given_back` per call that gave units back).
+    pub confirmations: IntCounterVec,
+    /// `prelock_given_back_units_total`: units given back because their order never
+    /// committed.
+    pub given_back_units: IntCounterVec,
 }
 
 pub struct App {
@@ -91,6 +106,9 @@ pub struct App {
     pub rebuilding: Mutex<HashSet<String>>,
     /// Background rebuilds; drained on shutdown.
     pub tasks: service_kit::http::TaskTracker,
+    /// SKUs this instance reserved on whose pending confirmations the confirmer has not seen
+    /// settled yet (the others it finds by a scan of the catalogue now and then).
+    pub pending_skus: Mutex<HashSet<String>>,
 }
 
 #[derive(Clone)]
@@ -112,6 +130,7 @@ impl App {
             &config.redis_url,
             &config.redis_prefix,
             config.redis_timeout,
+            config.confirm_after,
         )
         .await?;
         let metrics = Metrics::new("prelock-service");
@@ -142,6 +161,16 @@ impl App {
                 "SKUs whose Redis state the reconciliation found drifted from Postgres and repaired",
                 &[],
             ),
+            confirmations: metrics.counter(
+                "prelock_confirmations_total",
+                "Pending pre-lock confirmations settled: confirmed (an order holds it), still_claimed, undecided (its transaction still running), given_back (calls that gave units back)",
+                &["outcome"],
+            ),
+            given_back_units: metrics.counter(
+                "prelock_given_back_units_total",
+                "Units given back because the order that pre-locked them never committed",
+                &[],
+            ),
         };
         Ok(Arc::new(App {
             config,
@@ -152,7 +181,21 @@ impl App {
             prelock_metrics,
             rebuilding: Mutex::new(HashSet::new()),
             tasks: service_kit::http::TaskTracker::new(),
+            pending_skus: Mutex::new(HashSet::new()),
         }))
+    }
+
+    /// Notes that `sku` may have pending confirmations (a reserve ran on it).
+    pub fn note_pending(&self, sku: &domain::SkuId) {
+        let mut pending = self.pending_skus.lock().unwrap_or_else(|p| p.into_inner());
+        if !pending.contains(sku.as_str()) {
+            pending.insert(sku.as_str().to_owned());
+        }
+    }
+
+    /// The background work (the confirmer), until `stop`.
+    pub async fn run(self: Arc<App>, stop: tokio_util::sync::CancellationToken) {
+        confirm::run(self, stop).await
     }
 
     pub fn router(self: &Arc<App>) -> Router {

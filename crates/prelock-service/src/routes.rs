@@ -4,12 +4,12 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::ports::PrelockError;
-use domain::stock::{PinOutcome, ReserveOutcome, WithdrawOutcome};
+use domain::stock::{Attempt, PinOutcome, ReserveOutcome, WithdrawOutcome};
 use domain::{Money, OrderId, SkuId, StoreId};
 use postgres_store::{lock_sku_exclusive, skus};
 use prelock_api::{
-    DeductReply, HoldsReply, PinReply, PinRequest, ReleaseReply, ReserveReply, ReserveRequest,
-    WithdrawReply, WithdrawRequest,
+    ClockReply, DeductReply, HoldsReply, PinReply, PinRequest, ReleaseReply, ReserveReply,
+    ReserveRequest, WithdrawReply, WithdrawRequest,
 };
 use serde::{Deserialize, Serialize};
 use service_kit::auth::Ops;
@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(withdraw))
         .routes(routes!(lapse))
         .routes(routes!(deduct))
+        .routes(routes!(clock))
         .with_state(state)
         .split_for_parts();
     api.route("/openapi.json", get(move || async move { Json(doc) }))
@@ -239,15 +240,16 @@ async fn reserve(
     // retry after a lost answer), and a shortcut that answered before asking turned such
     // retries, and late payments, into false "sold out"s. order-api keeps the shortcut for
     // order ids that cannot hold units (no order, no lost answer).
+    let attempt = Attempt {
+        id: body.attempt,
+        txid: body.txid,
+    };
+    // noted before the call: a reserve whose answer is lost may still have recorded its
+    // pending confirmation
+    app.note_pending(&sku);
     let outcome = app
         .redis
-        .reserve(
-            &sku,
-            id,
-            body.quantity,
-            app.config.default_ttl,
-            body.attempt,
-        )
+        .reserve(&sku, id, body.quantity, app.config.default_ttl, attempt)
         .await;
     let outcome = settle(&s, &sku, "reserve", outcome).await?;
     count(
@@ -260,6 +262,15 @@ async fn reserve(
         },
     );
     Ok(Json(ReserveReply::from_outcome(body.quantity, outcome)))
+}
+
+#[utoipa::path(get, path = "/v1/clock", tag = "reservations",
+    description = "The pre-lock store's clock (Redis `TIME`): the clock every lapse time is set by, and so the one an order expires by.",
+    responses((status = 200, body = ClockReply), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn clock(State(s): State<AppState>, _ops: Ops) -> Result<Json<ClockReply>, ApiError> {
+    let now_ms = s.0.redis.now_ms().await.map_err(unavailable)?;
+    Ok(Json(ClockReply { now_ms }))
 }
 
 #[utoipa::path(get, path = "/v1/skus/{sku_id}/reservations/{reservation_id}", tag = "reservations",

@@ -12,6 +12,12 @@
 //!   attempts (32 hex digits each) and `order` (paid or rebuilt: an order exists). A
 //!   withdrawal removes one attempt and gives the units back only when none is left
 //!   (`domain::stock::Claim`).
+//! - `prelock_pend:{s}`   sorted set: pending confirmations, one per (reservation, attempt),
+//!   `"<reservation id> <attempt claim> <txid>"` -> when it is due to be checked (ms). The
+//!   reserve writes it in the same script that takes the units; whoever checks pending
+//!   confirmations (prelock-service's confirmer) reads the due ones ([`RedisPrelock::pending_due`])
+//!   and settles each ([`RedisPrelock::confirm`]): the order exists -> claimed by `order`; the
+//!   attempt's transaction ended without one -> the attempt's claim withdrawn.
 //!
 //! SPEC.md sketches one key per reservation with a Redis TTL. We keep reservations in a per-SKU
 //! hash + sorted set instead: a key that expires takes its quantity with it, so nothing could
@@ -28,7 +34,7 @@ use std::time::Duration;
 
 use domain::ports::PrelockError;
 use domain::stock::{
-    Claim, ExpiresAtMs, PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome,
+    Attempt, Claim, ExpiresAtMs, PinOutcome, ReleaseOutcome, ReserveOutcome, WithdrawOutcome,
 };
 use domain::{OrderId, SkuId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -39,7 +45,7 @@ use uuid::Uuid;
 /// bounded after a long quiet period; the next calls reclaim the rest.
 const RECLAIM_BATCH: i64 = 64;
 
-/// Shared by every script. KEYS: stock, res, exp, ttl, own.
+/// Shared by every script. KEYS: stock, res, exp, ttl, own, pend.
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -82,14 +88,17 @@ end
 if not redis.call('GET', KEYS[1]) then return {'NOT_LOADED', 0, 0} end
 "#;
 
-/// ARGV: id, qty, default_ttl_ms, reclaim_batch, claim.
+/// ARGV: id, qty, default_ttl_ms, reclaim_batch, claim, confirm_after_ms, txid (or "").
 /// Returns RESERVED(expires_at, available) | EXISTS(qty, expires_at or -1)
-/// | SHORTAGE(available, 0) | NOT_LOADED.
+/// | SHORTAGE(available, 0) | NOT_LOADED. A claim (new or existing reservation) records its
+/// pending confirmation, due `confirm_after_ms` from now.
 const RESERVE: &str = r#"
 reclaim(tonumber(ARGV[4]))
+local pending = ARGV[1] .. ' ' .. ARGV[5] .. ' ' .. ARGV[7]
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if held then
   claim(ARGV[1], ARGV[5])
+  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), pending)
   return {'EXISTS', tonumber(held), expiry(ARGV[1]) or -1}
 end
 local avail = tonumber(redis.call('GET', KEYS[1]))
@@ -100,7 +109,53 @@ local expires = now + tonumber(redis.call('GET', KEYS[4]) or ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], qty)
 redis.call('ZADD', KEYS[3], expires, ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[5])
+redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), pending)
 return {'RESERVED', expires, avail}
+"#;
+
+/// Pending confirmations due by now. ARGV: limit.
+/// Returns {members due (at most limit)..., total pending} (the count last).
+const PENDING_DUE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+due[#due + 1] = tostring(redis.call('ZCARD', KEYS[6]))
+return due
+"#;
+
+/// Settles pending confirmations. ARGV: later_ms, then member, verdict, member, verdict, ...
+/// with verdict `order` (an order holds the reservation: claimed by `order`), `gone` (the
+/// attempt's transaction ended without an order: its claim is withdrawn, and the units go
+/// back when no claimant is left) or `later` (still undecided: due again in `later_ms`). A
+/// member whose reservation is gone is just forgotten.
+/// Returns {confirmed, units given back, still claimed by others}.
+const CONFIRM: &str = r#"
+local confirmed, back, kept = 0, 0, 0
+for i = 2, #ARGV, 2 do
+  local member, verdict = ARGV[i], ARGV[i + 1]
+  if verdict == 'later' then
+    redis.call('ZADD', KEYS[6], 'XX', now + tonumber(ARGV[1]), member)
+  else
+    redis.call('ZREM', KEYS[6], member)
+    local rid, tok = string.match(member, '^(%S+) (%S+)')
+    local held = rid and redis.call('HGET', KEYS[2], rid)
+    if held and verdict == 'order' then
+      claim(rid, 'order')
+      confirmed = confirmed + 1
+    elseif held then
+      local rest = {}
+      for x in string.gmatch(redis.call('HGET', KEYS[5], rid) or '', '%S+') do
+        if x ~= tok then rest[#rest + 1] = x end
+      end
+      if #rest > 0 then
+        redis.call('HSET', KEYS[5], rid, table.concat(rest, ' '))
+        kept = kept + 1
+      elseif expiry(rid) ~= -1 then
+        give_back(rid, tonumber(held))
+        back = back + tonumber(held)
+      end
+    end
+  end
+end
+return {confirmed, back, kept}
 "#;
 
 /// The payment path: confirm, or reserve again, in one step. ARGV: id, qty, reclaim_batch.
@@ -196,6 +251,10 @@ pub struct RedisPrelock {
     holds: Script,
     lapse: Script,
     deduct: Script,
+    pending_due: Script,
+    confirm: Script,
+    /// How long after a reserve its pending confirmation is due to be checked.
+    confirm_after: Duration,
 }
 
 /// One reservation as stored: (id, quantity, lapse time in ms or `None` once pinned).
@@ -213,7 +272,12 @@ impl RedisPrelock {
     /// the connection broken, and never sleeps between attempts. Its default backoff (a 1 s
     /// minimum, then a factor of 100 capped at 60 s) kept the service down for about two
     /// minutes after a six-second Redis outage.
-    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> anyhow::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        confirm_after: Duration,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(timeout.max(Duration::from_millis(500)))
@@ -242,10 +306,13 @@ impl RedisPrelock {
             holds: script(HOLDS),
             lapse: script(LAPSE),
             deduct: script(DEDUCT),
+            pending_due: script(PENDING_DUE),
+            confirm: script(CONFIRM),
+            confirm_after,
         })
     }
 
-    fn keys(&self, sku: &SkuId) -> [String; 5] {
+    fn keys(&self, sku: &SkuId) -> [String; 6] {
         let p = &self.prefix;
         [
             format!("{p}stock_prelock:{{{sku}}}"),
@@ -253,6 +320,7 @@ impl RedisPrelock {
             format!("{p}prelock_exp:{{{sku}}}"),
             format!("{p}prelock_ttl:{{{sku}}}"),
             format!("{p}prelock_own:{{{sku}}}"),
+            format!("{p}prelock_pend:{{{sku}}}"),
         ]
     }
 
@@ -301,21 +369,24 @@ impl RedisPrelock {
     }
 
     /// Reserves `quantity` units on behalf of `attempt`; the reservation lapses after the
-    /// SKU's own TTL, or `default_ttl` when the SKU has none.
+    /// SKU's own TTL, or `default_ttl` when the SKU has none. The attempt's pending
+    /// confirmation is recorded in the same script.
     pub async fn reserve(
         &self,
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
         default_ttl: Duration,
-        attempt: Uuid,
+        attempt: Attempt,
     ) -> Result<ReserveOutcome, PrelockError> {
         let args = [
             id.to_string(),
             quantity.to_string(),
             default_ttl.as_millis().to_string(),
             RECLAIM_BATCH.to_string(),
-            Claim::Attempt(attempt).token(),
+            Claim::Attempt(attempt.id).token(),
+            self.confirm_after.as_millis().to_string(),
+            attempt.txid.map(|t| t.to_string()).unwrap_or_default(),
         ];
         let (status, a, b) = self.run(&self.reserve, sku, &args).await?;
         match status.as_str() {
@@ -399,6 +470,72 @@ impl RedisPrelock {
         }
     }
 
+    /// Up to `limit` pending confirmations due now (by Redis' clock), and how many are pending
+    /// in all (due or not).
+    pub async fn pending_due(
+        &self,
+        sku: &SkuId,
+        limit: usize,
+    ) -> Result<(Vec<PendingConfirmation>, usize), PrelockError> {
+        let mut inv = self.pending_due.prepare_invoke();
+        for k in self.keys(sku) {
+            inv.key(k);
+        }
+        inv.arg(limit);
+        let mut conn = self.conn.clone();
+        let mut reply: Vec<String> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        if reply.first().map(String::as_str) == Some("NOT_LOADED") {
+            // lost with the SKU's state; a rebuild writes back what the ledger holds
+            return Ok((Vec::new(), 0));
+        }
+        let total = reply.pop().and_then(|n| n.parse().ok()).unwrap_or(0);
+        Ok((
+            reply
+                .into_iter()
+                .filter_map(|m| PendingConfirmation::parse(&m))
+                .collect(),
+            total,
+        ))
+    }
+
+    /// Settles pending confirmations, each by its [`Verdict`]. Returns what it did.
+    pub async fn confirm(
+        &self,
+        sku: &SkuId,
+        verdicts: &[(PendingConfirmation, Verdict)],
+    ) -> Result<Confirmed, PrelockError> {
+        if verdicts.is_empty() {
+            return Ok(Confirmed::default());
+        }
+        let mut args = Vec::with_capacity(verdicts.len() * 2 + 1);
+        args.push(self.confirm_after.as_millis().to_string());
+        for (p, verdict) in verdicts {
+            args.push(p.member.clone());
+            args.push(
+                match verdict {
+                    Verdict::Order => "order",
+                    Verdict::Gone => "gone",
+                    Verdict::Later => "later",
+                }
+                .to_owned(),
+            );
+        }
+        let mut inv = self.confirm.prepare_invoke();
+        for k in self.keys(sku) {
+            inv.key(k);
+        }
+        for a in &args {
+            inv.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        let reply: (i64, i64, i64) = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok(Confirmed {
+            confirmed: reply.0 as u64,
+            given_back: reply.1 as u64,
+            still_claimed: reply.2 as u64,
+        })
+    }
+
     /// Whether a reservation with this id exists (lapsed ones included); changes nothing.
     pub async fn holds(&self, sku: &SkuId, id: OrderId) -> Result<bool, PrelockError> {
         let (status, _, _) = self.run(&self.holds, sku, &[id.to_string()]).await?;
@@ -420,14 +557,18 @@ impl RedisPrelock {
         ttl: Option<Duration>,
         held: &[HeldEntry],
     ) -> Result<(), PrelockError> {
-        let [stock, res, exp, ttl_key, own] = self.keys(sku);
+        let [stock, res, exp, ttl_key, own, pend] = self.keys(sku);
         let mut pipe = redis::pipe();
+        // no pending confirmation survives: the caller holds the exclusive lock, so every
+        // attempt has ended, and what it committed is in the ledger written back here
         pipe.atomic()
             .del(&res)
             .ignore()
             .del(&exp)
             .ignore()
             .del(&own)
+            .ignore()
+            .del(&pend)
             .ignore();
         match ttl {
             Some(t) => pipe.set(&ttl_key, t.as_millis() as u64).ignore(),
@@ -494,7 +635,7 @@ impl RedisPrelock {
 
     /// Every reservation Redis holds for a SKU (consistency checks and tests).
     pub async fn held(&self, sku: &SkuId) -> Result<Vec<HeldEntry>, PrelockError> {
-        let [_, res, exp, _, _] = self.keys(sku);
+        let [_, res, exp, _, _, _] = self.keys(sku);
         let mut conn = self.conn.clone();
         type Reply = (Vec<(String, u32)>, Vec<(String, String)>);
         let (qtys, scores): Reply = self
@@ -522,6 +663,52 @@ impl RedisPrelock {
         out.sort();
         Ok(out)
     }
+}
+
+/// One pending confirmation: a create attempt's claim on a reservation, and the transaction
+/// that was to write its order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConfirmation {
+    /// As stored (`"<reservation id> <claim> <txid>"`).
+    pub member: String,
+    pub reservation: String,
+    pub txid: Option<i64>,
+}
+
+impl PendingConfirmation {
+    fn parse(member: &str) -> Option<Self> {
+        let mut parts = member.split(' ');
+        let reservation = parts.next()?.to_owned();
+        parts.next()?;
+        let txid = parts.next().and_then(|t| t.parse().ok());
+        Some(PendingConfirmation {
+            member: member.to_owned(),
+            reservation,
+            txid,
+        })
+    }
+}
+
+/// How a pending confirmation is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// An order holds the reservation (its transaction committed).
+    Order,
+    /// The attempt's transaction ended without an order.
+    Gone,
+    /// Still undecided (the transaction is in progress): checked again a window later.
+    Later,
+}
+
+/// What settling pending confirmations did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Confirmed {
+    /// Reservations an order holds: claimed by `order` now.
+    pub confirmed: u64,
+    /// Units given back: their attempt ended without an order and nobody else claims them.
+    pub given_back: u64,
+    /// Attempts withdrawn from reservations another attempt or an order still claims.
+    pub still_claimed: u64,
 }
 
 fn unexpected(reply: &str) -> PrelockError {

@@ -22,7 +22,7 @@ use domain::OrderId;
 use fulfillment::events;
 use fulfillment::follow_up::FollowUp;
 use fulfillment::{Fulfillment, FulfillmentConfig, FulfillmentError};
-use job_engine::{Engine, EngineConfig, Job, Outcome, SystemClock};
+use job_engine::{Clock, DbClock, Engine, EngineConfig, Job, Outcome};
 use postgres_store::{PgLimits, PgStore};
 use prelock_api::PrelockClient;
 use service_kit::config::{env_millis, env_or, env_string};
@@ -103,12 +103,10 @@ impl App {
             prelock.clone(),
             FulfillmentConfig::default(),
         ));
-        let mut engine = Engine::new(
-            store.pool.clone(),
-            Arc::new(SystemClock),
-            config.engine.clone(),
-        );
-        register_follow_ups(&mut engine, fulfillment);
+        // the database's clock: the engine's, and the handlers' for "not due yet"
+        let clock = Arc::new(DbClock::new());
+        let mut engine = Engine::new(store.pool.clone(), clock.clone(), config.engine.clone());
+        register_follow_ups(&mut engine, fulfillment, clock);
         let notifier = match (&config.notify_url, notify_secret) {
             (Some(url), Some(secret)) => Some(Arc::new(notify::Notifier::new(
                 url,
@@ -303,15 +301,19 @@ async fn seed_schedules(store: &PgStore, config: &Config) -> anyhow::Result<()> 
 
 /// Registers the order follow-ups: each handler parses the order id and maps the use case's
 /// answer to an outcome.
-fn register_follow_ups(engine: &mut Engine, f: Arc<Fulfillment<PrelockClient>>) {
+fn register_follow_ups(
+    engine: &mut Engine,
+    f: Arc<Fulfillment<PrelockClient>>,
+    clock: Arc<DbClock>,
+) {
     macro_rules! follow_up {
         ($kind:expr, $method:ident) => {{
-            let f = f.clone();
+            let (f, clock) = (f.clone(), clock.clone());
             engine.register($kind, move |job: Job| {
-                let f = f.clone();
+                let (f, clock) = (f.clone(), clock.clone());
                 async move {
                     match order_id(&job) {
-                        Ok(id) => outcome(f.$method(id).await),
+                        Ok(id) => outcome(f.$method(id).await, clock.now()),
                         Err(bad) => bad,
                     }
                 }
@@ -331,8 +333,9 @@ fn order_id(job: &Job) -> Result<OrderId, Outcome> {
 }
 
 /// A use case's answer as a job outcome: trouble with a dependency is retried, a request that
-/// can never succeed is permanent.
-fn outcome(r: Result<FollowUp, FulfillmentError>) -> Outcome {
+/// can never succeed is permanent, and "not due yet" waits (`now`: the engine's clock, the
+/// database's) without spending an attempt.
+fn outcome(r: Result<FollowUp, FulfillmentError>, now: chrono::DateTime<chrono::Utc>) -> Outcome {
     use FulfillmentError as F;
     match r {
         Ok(FollowUp::Done) => Outcome::Done,
@@ -340,8 +343,8 @@ fn outcome(r: Result<FollowUp, FulfillmentError>) -> Outcome {
             tracing::info!(why, "follow-up not needed");
             Outcome::Done
         }
-        Ok(FollowUp::NotDue(at)) => Outcome::RetryAfter(
-            (at - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(10),
+        Ok(FollowUp::NotDue(at)) => Outcome::Snooze(
+            (at - now).to_std().unwrap_or_default() + Duration::from_millis(10),
             "not due yet".into(),
         ),
         Err(e @ (F::Db(_) | F::PrelockUnavailable(_) | F::PrelockNotLoaded | F::Conflict)) => {

@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         delivery_timeout: Duration::from_secs(30),
         consumer: false,
         group: format!("bench-{tag}"),
+        leader_lease: Duration::from_secs(5),
     };
     let bare_topic = format!("bench.bare.{tag}");
     event_relay::ensure_topics(

@@ -65,7 +65,11 @@ pub async fn start_payment(
             state: order.state,
         }));
     }
-    if order.expires_at <= Utc::now() {
+    // by the clock that set the expiry (the pre-lock store's), never this process's own
+    let now_ms = domain::ports::StockPrelock::clock_ms(&app.fulfillment.prelock)
+        .await
+        .map_err(|e| api_error(e.into()))?;
+    if order.expires_at.timestamp_millis() <= now_ms {
         return Err(api_error(FulfillmentError::OrderExpired));
     }
     // the payment is part of the order's trace: its rows (the check job) carry that context
@@ -142,9 +146,8 @@ async fn start_at_gateway(
     .await
     .map_err(db_error)?;
     if payment.id == payment_id {
-        let due = Utc::now()
-            + chrono::Duration::from_std(app.config.fulfillment.first_payment_check)
-                .unwrap_or_default();
+        // due by the database's clock, whatever this process's own says
+        let due = job_engine::RunAt::In(app.config.fulfillment.first_payment_check);
         job_engine::store::insert(&mut tx, &events::payment_check_job(payment_id, due))
             .await
             .map_err(db_error)?;
