@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh
-scripts/browser.sh
+scripts/test-tools.sh
 # The Kafka API: tansu's first install (a cargo build of its own, 15 to 30 minutes on 2 cores)
 # runs while the workspace is checked and built; the tests wait for it.
 mkdir -p .run/logs

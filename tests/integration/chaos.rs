@@ -3,12 +3,14 @@
 //! - 2,000 orders paid; 30 % of callbacks dropped, 10 % duplicated, 30 % of provider
 //!   queries timing out, refunds failing (10 %) or answering too late (30 %);
 //! - 1 % of payments the provider's query can never find (archived as failures);
-//! - 5 % of orders cancelled before the buyer pays (the money is refunded);
+//! - 5 % of orders cancelled right after the buyer paid: the callback that came first makes
+//!   the cancel too late (the order stays paid); where it was lost, the cancel wins, and the
+//!   check it brings forward finds the money at the provider and refunds it;
 //! - worker B killed with SIGKILL five times during the run and restarted.
 //!
 //! Every paid order must end PAID (or, for the broken queries, PAID by a callback or
 //! archived), with one transition, one OrderPaid and one set of follow-up jobs; every
-//! refund paid exactly once. The run prints its figures, including the time from "provider
+//! refund paid exactly once; and the money invariant holds against the provider's books. The run prints its figures, including the time from "provider
 //! says paid" to PAID. `CHAOS_ORDERS` and `CHAOS_FIRST_CHECK_MS` (order-api's
 //! `PAYMENT_FIRST_CHECK_MS`; 5000 by default, 30000 for the paper's plain 30 s poll) change
 //! the run; `scripts/bench.sh compensation` runs both.
@@ -26,8 +28,8 @@ enum Plan {
     Pay,
     /// The provider's query can never find it; the buyer pays.
     Broken,
-    /// The buyer cancels, then pays anyway: the money goes back.
-    CancelThenPay,
+    /// The buyer pays, then cancels: kept if the callback came first, else paid back.
+    PayThenCancel,
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -90,7 +92,7 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
         let (s, gate) = (s.clone(), gate.clone());
         let plan = match i % 100 {
             0 => Plan::Broken,
-            n if n % 20 == 1 => Plan::CancelThenPay,
+            n if n % 20 == 1 => Plan::PayThenCancel,
             _ => Plan::Pay,
         };
         tasks.spawn(async move {
@@ -104,12 +106,13 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
                     ["wechat", "alipay", "douyin"][i % 3],
                 )
                 .await;
-            match plan {
-                Plan::Pay => {}
-                Plan::Broken => s.break_query(&payment, true).await,
-                Plan::CancelThenPay => s.cancel(&user, &order).await,
+            if plan == Plan::Broken {
+                s.break_query(&payment, true).await;
             }
             s.pay(&payment).await;
+            if plan == Plan::PayThenCancel {
+                s.cancel_unless_paid(&user, &order).await;
+            }
             (order, payment, plan)
         });
     }
@@ -125,23 +128,31 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
     let (pay_n, broken_n, cancel_n) = (
         count_of(Plan::Pay),
         count_of(Plan::Broken),
-        count_of(Plan::CancelThenPay),
+        count_of(Plan::PayThenCancel),
     );
+    let cancelled: Vec<uuid::Uuid> = runs
+        .iter()
+        .filter(|r| r.2 == Plan::PayThenCancel)
+        .map(|r| r.0.parse().unwrap())
+        .collect();
     let settle_deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let (paid, refunded, broken_done): (i64, i64, i64) = sqlx::query_as(
+        let (paid, refunded, cancel_done, broken_done): (i64, i64, i64, i64) = sqlx::query_as(
             "SELECT
-               (SELECT count(*) FROM orders WHERE state = 'PAID'),
+               (SELECT count(*) FROM orders WHERE state = 'PAID' AND NOT id = ANY($1)),
                (SELECT count(*) FROM payments WHERE status = 'REFUNDED'),
+               (SELECT count(*) FROM orders WHERE id = ANY($1) AND state IN ('PAID', 'REFUNDED')),
                (SELECT count(*) FROM compensation_failure WHERE status = 'open')",
         )
+        .bind(&cancelled)
         .fetch_one(&db)
         .await
         .unwrap();
-        // broken payments end PAID (their callback came) or archived
-        let settled = paid + broken_done >= pay_n + broken_n && refunded >= cancel_n;
+        // broken payments end PAID (their callback came) or archived; a paid-then-cancelled
+        // order stays PAID (the callback was first) or is REFUNDED
+        let settled = paid + broken_done >= pay_n + broken_n && cancel_done >= cancel_n;
         println!(
-            "chaos: {:>5.1}s paid {paid}/{} refunded {refunded}/{cancel_n} archived {broken_done}",
+            "chaos: {:>5.1}s paid {paid}/{} cancelled after paying {cancel_done}/{cancel_n} (refunded {refunded}) archived {broken_done}",
             started.elapsed().as_secs_f64(),
             pay_n + broken_n
         );
@@ -181,10 +192,12 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
                     "broken order {order}: {state} v{version}, archived {archived}"
                 );
             }
-            // cancelled (v2), the money arrived (REFUND_PENDING, v3), paid back (REFUNDED, v4)
-            Plan::CancelThenPay => {
-                assert_eq!((state.as_str(), version), ("REFUNDED", 4), "order {order}")
-            }
+            // paid by its callback before the cancel (PAID, v2), or cancelled (v2), the money
+            // found by the check (REFUND_PENDING, v3) and paid back (REFUNDED, v4)
+            Plan::PayThenCancel => assert!(
+                matches!((state.as_str(), version), ("PAID", 2) | ("REFUNDED", 4)),
+                "order {order}: {state} v{version}"
+            ),
         }
     }
     let twice = |sql: &'static str| {
@@ -206,6 +219,7 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
         0,
         "a follow-up job written twice"
     );
+    // an order that was ever paid and kept its money has one set of follow-ups
     let paid_orders = scalar(&db, "SELECT count(*) FROM orders WHERE state = 'PAID'").await;
     for kind in ["stock.deduct", "voucher.issue", "order.notify"] {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM delayed_job_all WHERE kind = $1")
@@ -218,13 +232,26 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
 
     // every refund paid exactly once at the provider, and no kept payment refunded
     let mut refunds_paid = 0;
-    for (_, payment, plan) in &runs {
+    for (order, payment, _) in &runs {
         let sim: Value = s.sim_payment(payment).await;
         let n = sim["refunds"].as_array().map_or(0, Vec::len);
-        let want = usize::from(*plan == Plan::CancelThenPay);
-        assert_eq!(n, want, "refunds of payment {payment}: {sim}");
+        let refunded = integration_tests::order_state(&db, order).await == "REFUNDED";
+        assert_eq!(
+            n,
+            usize::from(refunded),
+            "refunds of payment {payment}: {sim}"
+        );
         refunds_paid += n;
     }
+    let money = integration_tests::assert_money_invariant(
+        &s.http,
+        &s.gateway,
+        &db,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(money.paid, orders, "every payment was paid at the provider");
+    assert_eq!(money.refunded, refunds_paid);
 
     // the figures
     let by_source: Vec<(String, i64, f64, f64, f64)> = sqlx::query_as(
@@ -260,7 +287,7 @@ async fn chaos_every_paid_order_is_paid_once_though_callbacks_queries_and_a_work
     let hedges = integration_tests::metric_value(&metrics, "compensation_query_hedges_total", &[]);
     println!("chaos: ---- figures ----");
     println!(
-        "chaos: orders {orders} (pay {pay_n}, broken query {broken_n}, cancel then pay {cancel_n}); first check {first_check} ms, poll 30 s"
+        "chaos: orders {orders} (pay {pay_n}, broken query {broken_n}, pay then cancel {cancel_n}); first check {first_check} ms, poll 30 s"
     );
     println!(
         "chaos: callbacks dropped {} duplicated {}; worker B SIGKILLed {kills} times; worker A sent {} hedged queries",

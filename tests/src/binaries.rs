@@ -543,6 +543,37 @@ impl Services {
         panic!("cancel still 503 after 50 tries");
     }
 
+    /// `user` cancels `order` unless its payment got there first: 200, or 409 because the
+    /// order is PAID (a 503 is retried, as in [`Services::cancel`]).
+    pub async fn cancel_unless_paid(&self, user: &str, order: &str) {
+        for _ in 0..50 {
+            let r = self
+                .http
+                .post(format!("{}/v1/orders/{order}/cancel", self.order_api))
+                .bearer_auth(crate::token(user))
+                .send()
+                .await
+                .expect("cancel");
+            let status = r.status();
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            let paid_first = status == reqwest::StatusCode::CONFLICT
+                && matches!(
+                    body["message"].as_str(),
+                    Some("order is PAID" | "order is CANCELLED")
+                );
+            assert!(
+                status == reqwest::StatusCode::OK || paid_first,
+                "{status} {body}"
+            );
+            return;
+        }
+        panic!("cancel still 503 after 50 tries");
+    }
+
     /// The simulator's view of a payment (status, transaction id, callbacks, refunds).
     pub async fn sim_payment(&self, payment_id: &str) -> serde_json::Value {
         self.http

@@ -324,21 +324,28 @@ impl App {
             env_string("HOSTNAME", "local"),
             std::process::id()
         );
-        let mut leadership = Leadership::new(
+        let leadership = Leadership::new(
             self.store.pool.clone(),
             RELAY_ROLE,
             &owner,
             self.config.leader_lease,
         );
+        // the lease is kept by a task of its own, so a burst waiting on Kafka's
+        // acknowledgements never lets it lapse
+        let (lease_tx, lease) = tokio::sync::watch::channel(None);
+        let keeper = tokio::spawn(keep_lease(
+            leadership,
+            lease_tx,
+            self.m.leader.clone(),
+            stop.clone(),
+        ));
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let leads = leadership.ensure().await;
-            self.m.leader.set(leads as i64);
-            let lease = leadership.fence().zip(leadership.valid_until());
-            let pause = match lease {
-                // a standby tries again at the leader's renewal pace
-                None => leadership.lease() / 3,
-                Some(lease) => match self.relay_burst(Some(lease)).await {
+            let held = lease.borrow().clone();
+            let pause = match held {
+                // a standby waits for the keeper to take the lease over
+                None => Duration::from_secs(1),
+                Some(held) => match self.relay_burst(Some(held)).await {
                     Ok(n) => {
                         backoff = Duration::from_millis(100);
                         if n > 0 {
@@ -365,13 +372,14 @@ impl App {
                     }
                 },
             };
+            let mut changed = lease.clone();
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = changed.changed() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        self.m.leader.set(0);
-        leadership.resign().await;
+        let _ = keeper.await;
     }
 
     /// One burst of pipelined rounds, from the position recorded in `outbox_relay`. Each
@@ -705,6 +713,34 @@ impl Round {
             let _ = positions.send(position);
         }
     }
+}
+
+/// Keeps (or, as a standby, tries for) the relay's lease every third of it until `stop`, then
+/// gives it up; publishes the lease this relay holds (its fence, and until when it surely
+/// leads) to the relay loop, and sets `relay_leader`.
+async fn keep_lease(
+    mut leadership: Leadership,
+    lease: tokio::sync::watch::Sender<Option<(Fence, std::time::Instant)>>,
+    gauge: prometheus::IntGauge,
+    stop: CancellationToken,
+) {
+    loop {
+        let leads = leadership.ensure().await;
+        gauge.set(leads as i64);
+        let held = leadership.fence().zip(leadership.valid_until());
+        lease.send_if_modified(|now| {
+            let changed = now.as_ref().map(|(f, _)| f) != held.as_ref().map(|(f, _)| f);
+            *now = held;
+            changed
+        });
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(leadership.lease() / 3) => {}
+        }
+    }
+    gauge.set(0);
+    lease.send_replace(None);
+    leadership.resign().await;
 }
 
 /// The relay's position as `outbox_relay` records it.

@@ -190,7 +190,7 @@ impl App {
         );
         let jobs = metrics.counter(
             "jobs_total",
-            "Jobs settled, by kind and outcome (completed, retried, dead, lease_lost)",
+            "Jobs settled, by kind and outcome (completed, retried, snoozed: not due yet, spending no attempt; dead, lease_lost)",
             &["kind", "outcome"],
         );
         engine.on_settled(move |s| {

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Makes sure the tools the tests drive are here, from Debian's packages, installing what is
+# missing: Chromium and ChromeDriver (packages chromium and chromium-driver: the console test)
+# and libfaketime (package faketime: the clock-skew tests run real binaries with their wall
+# clock a minute off).
+set -euo pipefail
+
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
+[ ${#need[@]} -eq 0 ] && exit 0
+echo "test-tools: installing ${need[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "test-tools: need root (or sudo) to install ${need[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+command -v chromedriver >/dev/null 2>&1 || { echo "test-tools: chromedriver missing after install" >&2; exit 1; }
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || { echo "test-tools: libfaketime missing after install" >&2; exit 1; }
