@@ -767,6 +767,27 @@ async fn one_leader_at_a_time_and_a_paused_leader_is_replaced_and_fenced() {
         .await
         .unwrap());
     drop(tx);
+    // what A would write as leader after waking is fenced: no schedule occurrence, no cursor
+    let def = job_engine::schedule::ScheduleDef::new("test.run", "* * * * *", "UTC");
+    let now = Utc::now();
+    job_engine::schedule::put(&pool, "every-minute", &def, "test", now, false)
+        .await
+        .unwrap()
+        .unwrap();
+    let until = now + chrono::Duration::minutes(5);
+    let grace = chrono::Duration::minutes(1);
+    let fenced = Some((&fence_a, lease));
+    let written = job_engine::schedule::materialize(&pool, now, until, grace, fenced)
+        .await
+        .unwrap();
+    assert_eq!(written, 0, "a replaced leader writes no occurrence");
+    assert_eq!(count(&pool, "SELECT count(*) FROM delayed_job").await, 0);
+    let fence_b = b.fence().unwrap();
+    let written =
+        job_engine::schedule::materialize(&pool, now, until, grace, Some((&fence_b, lease)))
+            .await
+            .unwrap();
+    assert!(written >= 4, "the live leader writes them: {written}");
     assert!(!a.ensure().await, "A does not get it back while B renews");
     // B resigns on shutdown: A takes over at its next try, without waiting for a lapse
     b.resign().await;
