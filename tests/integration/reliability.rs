@@ -421,6 +421,14 @@ async fn a_clock_a_minute_off_changes_nothing(offset: &str, worker_offset: &str)
     )
     .await;
     assert_eq!(late, 0, "follow-ups due two seconds after the payment");
+    // and none ran before it was due (by the database's clock, which wrote both times)
+    let early: i64 = scalar(
+        &db,
+        "SELECT count(*) FROM delayed_job_archive WHERE finished_at < run_at AND $1 = $1",
+        "",
+    )
+    .await;
+    assert_eq!(early, 0, "jobs finished before they were due");
     let per_order = eventually(
         "every paid order notified",
         Duration::from_secs(20),
