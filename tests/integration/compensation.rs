@@ -133,6 +133,8 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,6 +230,8 @@ async fn webhooks_and_two_workers_with_a_lock_that_expires_at_once_apply_each_pa
         by_source.iter().any(|(s, _)| s == "compensation"),
         "no payment was compensated: {by_source:?}"
     );
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,6 +314,8 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
         metrics.contains(r#"refunds_total{outcome="refunded",service="compensation-worker"} 1"#),
         "{metrics}"
     );
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }
 
 /// The lock holder stops (SIGSTOP) in the middle of applying a payment, holding the Redis
@@ -430,6 +436,8 @@ async fn a_lock_holder_paused_past_its_ttl_while_another_worker_takes_over_makes
     let follow_ups = count(&db, &format!("SELECT count(*) FROM delayed_job_all WHERE payload->>'order_id' = '{order}' AND kind IN ('stock.deduct', 'voucher.issue', 'order.notify')")).await;
     assert_eq!(follow_ups, 3);
     a.terminate(Duration::from_secs(20));
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }
 
 /// Money that arrives after the order expired, found by compensation (its callback lost):
@@ -534,4 +542,6 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
         ],
     )
     .await;
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }

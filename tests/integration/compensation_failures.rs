@@ -270,6 +270,8 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
     })
     .await;
     integration_tests::assert_emitted_events_match_schemas(&db, &["CompensationFailed"]).await;
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,6 +400,8 @@ async fn a_payment_closed_at_the_provider_is_closed_and_one_without_a_check_job_
         .await,
         4
     );
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }
 
 /// The SLA trigger on the real worker: slow callbacks alone keep the normal poll; slow
@@ -497,4 +501,6 @@ async fn slow_callbacks_and_missing_events_together_switch_compensation_to_fast_
         (fast_mode().await == 0.0).then_some(())
     })
     .await;
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }

@@ -120,4 +120,6 @@ async fn an_operator_replays_a_failure_and_redrives_a_dead_job_in_the_console() 
         .unwrap();
     assert_eq!(job_state, "scheduled");
     b.quit().await;
+    integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
+        .await;
 }

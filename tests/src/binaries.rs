@@ -441,8 +441,9 @@ impl Services {
         )
     }
 
-    /// Sends the request, again after a 503 (up to 50 times, 100 ms apart), and expects
-    /// `want`; the JSON body.
+    /// Sends the request, again after a 503 or a 502 (the payment provider did not answer in
+    /// time: "retry", as a client is told), up to 50 times, 100 ms apart, and expects `want`;
+    /// the JSON body.
     async fn retrying_503(
         &self,
         want: reqwest::StatusCode,
@@ -450,7 +451,10 @@ impl Services {
     ) -> serde_json::Value {
         for _ in 0..50 {
             let r = request().send().await.expect("request");
-            if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            if matches!(
+                r.status(),
+                reqwest::StatusCode::SERVICE_UNAVAILABLE | reqwest::StatusCode::BAD_GATEWAY
+            ) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
