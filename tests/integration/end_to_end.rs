@@ -91,24 +91,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         .as_str()
         .expect("voucher code")
         .to_owned();
-    let sku_view = |sku: &'static str| {
-        let (http, prelock) = (http.clone(), prelock.clone());
-        async move {
-            let v: Value = http
-                .get(format!("{prelock}/v1/skus/{sku}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (
-                v["stock_real"].as_i64().unwrap(),
-                v["available"].as_i64().unwrap(),
-                v["reserved"].as_i64().unwrap(),
-            )
-        }
-    };
+    let sku_view = |sku: &'static str| integration_tests::sku_units(&http, &prelock, sku);
     assert_eq!(
         sku_view("sku-e2e").await,
         (2, 2, 0),

@@ -653,15 +653,9 @@ async fn a_restarted_consumer_resumes_from_its_committed_offsets_and_applies_eac
     println!("consumer restarts: {orders} orders, {events} events, consumer replaced twice; dashboard {want}, one inbox row per event");
 }
 
-/// The classic outbox pitfall: a transaction that took its row id first commits last. The
-/// relay must neither skip that row (a plain cursor past it would) nor send it before the rows
-/// of its order that came before it. Here row A (the lowest id) stays uncommitted while B and
-/// C, written after it, commit and are published; the relay's position goes past A, keeping
-/// its id as a gap, and once A commits the next burst publishes it. A rolled-back row's gap is
-/// dropped. Also: a burst of many rounds (a batch of 10 rows) publishes every row once, in id
-/// order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
+/// An in-process relay on a fresh database with topics of its own (batches of 10, no
+/// projection), driven burst by burst: the app, a pool on its database, its order topic.
+async fn relay_alone() -> (std::sync::Arc<event_relay::App>, sqlx::PgPool, String) {
     let db = integration_tests::fresh_database().await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let config = event_relay::Config {
@@ -686,6 +680,19 @@ async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
     let topic = config.order_topic.clone();
     let app = event_relay::App::build(config).await.unwrap();
     let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    (app, pool, topic)
+}
+
+/// The classic outbox pitfall: a transaction that took its row id first commits last. The
+/// relay must neither skip that row (a plain cursor past it would) nor send it before the rows
+/// of its order that came before it. Here row A (the lowest id) stays uncommitted while B and
+/// C, written after it, commit and are published; the relay's position goes past A, keeping
+/// its id as a gap, and once A commits the next burst publishes it. A rolled-back row's gap is
+/// dropped. Also: a burst of many rounds (a batch of 10 rows) publishes every row once, in id
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_commits_after_higher_ids_is_published_late_never_skipped() {
+    let (app, pool, topic) = relay_alone().await;
     let insert = "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,
                       schema_version, payload)
                   VALUES (gen_random_uuid(), 'order', $1, 'OrderCreated', 1, '{}')
@@ -942,29 +949,7 @@ async fn an_outbox_row_becomes_its_envelope_key_and_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_relay_leader_records_no_position() {
     use job_engine::leader::Fence;
-    let db = integration_tests::fresh_database().await;
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let config = event_relay::Config {
-        database_url: db.clone(),
-        pg: integration_tests::test_pg_limits(4),
-        run_migrations: true,
-        brokers: BROKERS.to_owned(),
-        order_topic: format!("bar.order.events.v1.{tag}"),
-        dead_topic: format!("bar.compensation.dead.v1.{tag}"),
-        partitions: 2,
-        relay: true,
-        batch: 10,
-        poll: Duration::from_millis(20),
-        delivery_timeout: Duration::from_secs(10),
-        consumer: false,
-        group: format!("bar-dashboard-{tag}"),
-        leader_lease: Duration::from_secs(5),
-    };
-    event_relay::ensure_topics(BROKERS, &[&config.order_topic, &config.dead_topic], 2)
-        .await
-        .unwrap();
-    let app = event_relay::App::build(config).await.unwrap();
-    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let (app, pool, _) = relay_alone().await;
     sqlx::query(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type,
              schema_version, payload)

@@ -1157,3 +1157,76 @@ async fn a_job_claimed_again_while_its_stale_run_goes_on_keeps_its_heartbeat() {
     stop.cancel();
     running.await.unwrap();
 }
+
+/// A stale run and a new run of one job settle in one batch (the instance whose lease was
+/// rescued claimed the job again): the row takes the outcome of the run whose token holds its
+/// lease, not of the first in the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_and_a_new_run_settling_together_leave_the_new_runs_outcome() {
+    let pool = database().await;
+    let clock = Arc::new(ManualClock::new(Utc::now()));
+    let id = insert_all(&pool, [job("test.run", 1, clock.now())]).await[0];
+    let kinds = vec!["test.run".to_owned()];
+    let lease = Duration::from_secs(5);
+    let claim = || {
+        store::claim(
+            &pool,
+            "a",
+            &kinds,
+            1,
+            Some(clock.now()),
+            Duration::ZERO,
+            lease,
+        )
+    };
+    let stale = claim().await.unwrap().remove(0);
+    clock.advance(Duration::from_secs(6));
+    assert_eq!(
+        store::rescue_expired(&pool, Some(clock.now()))
+            .await
+            .unwrap(),
+        1
+    );
+    let fresh = claim().await.unwrap().remove(0);
+    let later = clock.now() + chrono::Duration::hours(1);
+    let settled = store::settle_many(
+        &pool,
+        &[
+            (
+                id,
+                stale.lease_token,
+                Settle::Retry {
+                    at: clock.now(),
+                    error: "the stale run".into(),
+                },
+            ),
+            (
+                id,
+                fresh.lease_token,
+                Settle::Snooze {
+                    at: later,
+                    note: "the new run".into(),
+                },
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(settled, [id]);
+    let row: (String, chrono::DateTime<Utc>, Option<String>, i32) =
+        sqlx::query_as("SELECT state, run_at, last_error, attempts FROM delayed_job WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    // two claims, the second's attempt given back by its snooze
+    assert_eq!(
+        row,
+        (
+            "scheduled".to_owned(),
+            later,
+            Some("the new run".to_owned()),
+            1
+        )
+    );
+}

@@ -294,8 +294,9 @@ pub struct Services {
     pub http: reqwest::Client,
     /// What every binary gets (the test's overrides applied).
     common: Vec<(&'static str, String)>,
-    /// What order-api got on top (to start it again the same way).
+    /// What order-api and prelock-service got (to start them again the same way).
     order_env: Vec<(&'static str, String)>,
+    prelock_env: Vec<(&'static str, String)>,
 }
 
 impl Services {
@@ -328,10 +329,8 @@ impl Services {
             .expect("client");
         let (pp, gp, op) = (free_port(), free_port(), free_port());
         let url = |port: u16| format!("http://127.0.0.1:{port}");
-        let mut prelock_proc = Proc::spawn(
-            "prelock-service",
-            &with(&[("PRELOCK_ADDR", format!("127.0.0.1:{pp}"))]),
-        );
+        let prelock_env = with(&[("PRELOCK_ADDR", format!("127.0.0.1:{pp}"))]);
+        let mut prelock_proc = Proc::spawn("prelock-service", &prelock_env);
         wait_ready(&http, &url(pp), &mut prelock_proc).await;
         let mut gateway_proc = Proc::spawn(
             "payment-gateway-sim",
@@ -359,7 +358,16 @@ impl Services {
             http,
             common: env,
             order_env,
+            prelock_env,
         }
+    }
+
+    /// Starts prelock-service again as it was started (after a crash), on the same port.
+    pub async fn restart_prelock(&mut self) {
+        self.prelock_proc.crash();
+        let mut proc = Proc::spawn("prelock-service", &self.prelock_env);
+        wait_ready(&self.http, &self.prelock, &mut proc).await;
+        self.prelock_proc = proc;
     }
 
     /// Starts order-api again as it was started (after a crash), on the same port.
@@ -521,6 +529,17 @@ impl Services {
     /// `user` cancels `order` (expects 200). A 503 is retried; a 503 may come after the cancel
     /// committed (its answer was what failed), so on a retry "already cancelled" is success.
     pub async fn cancel(&self, user: &str, order: &str) {
+        self.cancel_or(user, order, &[]).await
+    }
+
+    /// `user` cancels `order` unless its payment got there first: 200, or 409 because the
+    /// order is PAID.
+    pub async fn cancel_unless_paid(&self, user: &str, order: &str) {
+        self.cancel_or(user, order, &["PAID"]).await
+    }
+
+    /// [`Services::cancel`], also accepting a 409 that finds the order in one of `states`.
+    async fn cancel_or(&self, user: &str, order: &str, states: &[&str]) {
         for attempt in 0..50 {
             let r = self
                 .http
@@ -535,42 +554,15 @@ impl Services {
                 continue;
             }
             let body: serde_json::Value = r.json().await.unwrap_or_default();
-            let cancelled_before = attempt > 0
-                && status == reqwest::StatusCode::CONFLICT
-                && body["message"] == "order is CANCELLED";
+            let found = body["message"]
+                .as_str()
+                .and_then(|m| m.strip_prefix("order is "));
+            let accepted = status == reqwest::StatusCode::CONFLICT
+                && found.is_some_and(|state| {
+                    states.contains(&state) || (attempt > 0 && state == "CANCELLED")
+                });
             assert!(
-                status == reqwest::StatusCode::OK || cancelled_before,
-                "{status} {body}"
-            );
-            return;
-        }
-        panic!("cancel still 503 after 50 tries");
-    }
-
-    /// `user` cancels `order` unless its payment got there first: 200, or 409 because the
-    /// order is PAID (a 503 is retried, as in [`Services::cancel`]).
-    pub async fn cancel_unless_paid(&self, user: &str, order: &str) {
-        for _ in 0..50 {
-            let r = self
-                .http
-                .post(format!("{}/v1/orders/{order}/cancel", self.order_api))
-                .bearer_auth(crate::token(user))
-                .send()
-                .await
-                .expect("cancel");
-            let status = r.status();
-            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            let body: serde_json::Value = r.json().await.unwrap_or_default();
-            let paid_first = status == reqwest::StatusCode::CONFLICT
-                && matches!(
-                    body["message"].as_str(),
-                    Some("order is PAID" | "order is CANCELLED")
-                );
-            assert!(
-                status == reqwest::StatusCode::OK || paid_first,
+                status == reqwest::StatusCode::OK || accepted,
                 "{status} {body}"
             );
             return;

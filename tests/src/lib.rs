@@ -579,6 +579,25 @@ impl Stack {
     }
 }
 
+/// A SKU as prelock-service shows it: (`stock_real`, `available` in Redis, `reserved` by the
+/// ledger's live reservations).
+pub async fn sku_units(http: &reqwest::Client, prelock: &str, sku: &str) -> (i64, i64, i64) {
+    let v: Value = http
+        .get(format!("{prelock}/v1/skus/{sku}"))
+        .send()
+        .await
+        .expect("get sku")
+        .json()
+        .await
+        .expect("sku json");
+    let n = |field: &str| {
+        v[field]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{field} in {v}"))
+    };
+    (n("stock_real"), n("available"), n("reserved"))
+}
+
 /// A buyer's "buy now".
 #[derive(Debug, Clone, Copy)]
 pub struct NewOrderRequest<'a> {

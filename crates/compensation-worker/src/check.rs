@@ -210,62 +210,7 @@ impl Checker {
         };
         match answer.status.as_str() {
             "PAID" => {}
-            "CREATED" => {
-                let payable =
-                    match postgres_store::orders::find_order(&self.store.pool, payment.order_id)
-                        .await
-                    {
-                        Ok(Some(o)) => o.state == OrderState::Pending,
-                        Ok(None) => false,
-                        Err(e) => return ("failed", Outcome::Retry(e.to_string())),
-                    };
-                if payable {
-                    let wait = match self.poll_mode() {
-                        PollMode::Fast => self.fast_interval,
-                        PollMode::Normal => self.check_interval,
-                    };
-                    // not a failure: no attempt spent, however long the order stays payable
-                    return self
-                        .noted(
-                            payment_id,
-                            "not_paid",
-                            Outcome::Snooze(wait, "not paid yet".into()),
-                        )
-                        .await;
-                }
-                // The order can no longer take the money (cancelled, expired): close the
-                // payment at the provider, so the buyer cannot pay it any more. Until that
-                // is done, money could still arrive with no callback, and be lost.
-                return match self
-                    .gateway
-                    .close_payment(payment.provider, &payment_id.to_string())
-                    .await
-                {
-                    Ok(CloseOutcome::Closed) => {
-                        if let Err(e) =
-                            postgres_store::payments::close_payment(&self.store.pool, payment_id)
-                                .await
-                        {
-                            return ("failed", Outcome::Retry(e.to_string()));
-                        }
-                        tracing::info!(%payment_id, "order closed: payment closed at the provider");
-                        self.noted(payment_id, "order_closed", Outcome::Done).await
-                    }
-                    // paid just now: the next check applies it (and the money goes back)
-                    Ok(CloseOutcome::Paid) => {
-                        self.noted(
-                            payment_id,
-                            "paid_while_closing",
-                            Outcome::Snooze(Duration::ZERO, "paid while closing".into()),
-                        )
-                        .await
-                    }
-                    Err(e) => {
-                        self.provider_failure(&payment, provider_failure_label(&e), &e.to_string())
-                            .await
-                    }
-                };
-            }
+            "CREATED" => return self.not_paid(&payment).await,
             "CLOSED" | "FAILED" => {
                 if let Err(e) =
                     postgres_store::payments::close_payment(&self.store.pool, payment_id).await
@@ -315,6 +260,53 @@ impl Checker {
                 )
                 .await;
                 self.archive(&payment, payment_id, "apply_rejected", &e.to_string())
+                    .await
+            }
+        }
+    }
+
+    /// The provider says the payment is not paid (yet): checked again after the poll
+    /// interval while its order can take money (a snooze: no attempt spent); once it cannot
+    /// (cancelled, expired, paid by another payment), closed at the provider, so the buyer
+    /// cannot pay it any more: until that is done, money could still arrive with no callback,
+    /// and be lost. The check's decision, and a replay's.
+    pub async fn not_paid(&self, payment: &PaymentRow) -> (&'static str, Outcome) {
+        let payment_id = payment.id;
+        let payable =
+            match postgres_store::orders::find_order(&self.store.pool, payment.order_id).await {
+                Ok(Some(o)) => o.state == OrderState::Pending,
+                Ok(None) => false,
+                Err(e) => return ("failed", Outcome::Retry(e.to_string())),
+            };
+        if payable {
+            let wait = match self.poll_mode() {
+                PollMode::Fast => self.fast_interval,
+                PollMode::Normal => self.check_interval,
+            };
+            let not_yet = Outcome::Snooze(wait, "not paid yet".into());
+            return self.noted(payment_id, "not_paid", not_yet).await;
+        }
+        match self
+            .gateway
+            .close_payment(payment.provider, &payment_id.to_string())
+            .await
+        {
+            Ok(CloseOutcome::Closed) => {
+                if let Err(e) =
+                    postgres_store::payments::close_payment(&self.store.pool, payment_id).await
+                {
+                    return ("failed", Outcome::Retry(e.to_string()));
+                }
+                tracing::info!(%payment_id, "order closed: payment closed at the provider");
+                self.noted(payment_id, "order_closed", Outcome::Done).await
+            }
+            // paid just now: the next check applies it (and the money goes back)
+            Ok(CloseOutcome::Paid) => {
+                let again = Outcome::Snooze(Duration::ZERO, "paid while closing".into());
+                self.noted(payment_id, "paid_while_closing", again).await
+            }
+            Err(e) => {
+                self.provider_failure(payment, provider_failure_label(&e), &e.to_string())
                     .await
             }
         }
@@ -615,7 +607,10 @@ impl Checker {
                     .archive(payment, payment_id, "refund_rejected", &e)
                     .await
                 {
-                    (_, Outcome::Done) => ("rejected", Outcome::Done),
+                    (_, Outcome::Done) => {
+                        self.restated(payment, "refund_rejected", &e).await;
+                        ("rejected", Outcome::Done)
+                    }
                     (_, retry) => ("rejected", retry),
                 };
             }
@@ -634,6 +629,26 @@ impl Checker {
             }
             Err(e @ (F::Db(_) | F::Conflict)) => ("failed", Outcome::Retry(e.to_string())),
             Err(e) => ("failed", Outcome::Permanent(e.to_string())),
+        }
+    }
+
+    /// A payment already archived for one reason that now stands for another (a refund being
+    /// retried, then refused: it stops): the failure says so, and the operator is told again.
+    async fn restated(&self, payment: &PaymentRow, reason: &'static str, error: &str) {
+        match records::restate(&self.store.pool, payment.id, reason, error).await {
+            Ok(Some(failure_id)) => {
+                tracing::error!(payment_id = %payment.id, failure_id, reason, error, "compensation failure now stands for another reason");
+                self.failures.with_label_values(&[reason]).inc();
+                let _ = self.alerts.send(Alert {
+                    failure_id,
+                    payment_id: payment.id,
+                    order_id: payment.order_id,
+                    reason: reason.to_owned(),
+                    last_error: error.to_owned(),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(payment_id = %payment.id, error = %e, "failure not restated"),
         }
     }
 

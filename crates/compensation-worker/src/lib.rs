@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use chrono::Utc;
 use domain::sla::SlaTrigger;
 use fulfillment::events;
 use fulfillment::{Fulfillment, FulfillmentConfig};
@@ -314,7 +313,19 @@ impl App {
     /// Every second: the SLA trigger's input and the gauges; every sweep interval: the sweep.
     async fn background(self: Arc<App>, stop: CancellationToken) {
         let gauges = Gauges::new(&self.metrics);
-        let mut since = Utc::now();
+        // callbacks are stamped by the database: their window starts at its now, not ours
+        let mut since = loop {
+            match postgres_store::database_now(&self.store.pool).await {
+                Ok(now) => break now,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the database's clock not read; will retry");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
         let mut last_sweep = std::time::Instant::now();
         let mut last_figures: Option<std::time::Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -384,19 +395,20 @@ impl App {
         }
     }
 
-    /// Gives every open payment whose check job is missing or dead a check again, and every
-    /// payment whose money is owed and whose refund job is missing or dead a refund again (see
-    /// [`records::sweep`]): nothing the worker owes a payment waits on a job that will never
-    /// run. Returns how many jobs it wrote or revived.
+    /// Gives every open payment whose check is missing, dead, or finished while its order can
+    /// no longer take money a check again, and every payment whose money is owed and whose
+    /// refund job is missing or dead a refund again (see [`records::sweep`]): nothing the
+    /// worker owes a payment waits on a job that will never run. Returns how many jobs it
+    /// wrote or revived.
     pub async fn sweep(&self) -> Result<usize, sqlx::Error> {
-        let grace = self.config.sweep_grace;
+        let (grace, batch) = (self.config.sweep_grace, 200);
         let mut tx = self.store.begin().await?;
         let checks = records::sweep(
-            &mut tx,
+            &mut *tx,
             "CREATED",
             &events::payment_check_key_prefix(),
             grace,
-            500,
+            batch,
         )
         .await?;
         let keys: Vec<String> = checks
@@ -405,24 +417,21 @@ impl App {
             .collect();
         let covered = job_engine::store::coverage(&mut tx, &keys).await?;
         let mut swept = 0;
-        for (id, coverage) in checks.iter().zip(covered) {
-            swept += self
-                .revive(&mut tx, coverage, || {
-                    events::payment_check_job(*id, RunAt::In(Duration::ZERO))
-                })
-                .await?;
+        for ((id, key), coverage) in checks.iter().zip(&keys).zip(covered) {
+            let job = || events::payment_check_job(*id, RunAt::In(Duration::ZERO));
+            swept += revive(&mut tx, coverage, key, job).await?;
         }
         let owed = records::sweep(
-            &mut tx,
+            &mut *tx,
             "REFUND_REQUIRED",
             &events::refund_job_key_prefix(),
             grace,
-            500,
+            batch,
         )
         .await?;
         let keys: Vec<String> = owed.iter().map(|id| events::refund_job_key(*id)).collect();
         let covered = job_engine::store::coverage(&mut tx, &keys).await?;
-        for (id, coverage) in owed.iter().zip(covered) {
+        for ((id, key), coverage) in owed.iter().zip(&keys).zip(covered) {
             let Some(payment) = postgres_store::payments::get_payment(&mut *tx, *id).await? else {
                 continue;
             };
@@ -439,28 +448,32 @@ impl App {
                     "owed, and its refund job was gone",
                 )
             };
-            swept += self.revive(&mut tx, coverage, job).await?;
+            swept += revive(&mut tx, coverage, key, job).await?;
         }
         tx.commit().await?;
         Ok(swept)
     }
+}
 
-    /// A dead job is redriven (a fresh budget), a missing one written.
-    async fn revive(
-        &self,
-        tx: &mut postgres_store::Tx,
-        coverage: Coverage,
-        job: impl FnOnce() -> job_engine::NewJob,
-    ) -> Result<usize, sqlx::Error> {
-        Ok(match coverage {
-            Coverage::Dead(id) => job_engine::store::redrive(&mut **tx, id, None).await? as usize,
-            Coverage::Missing => {
-                job_engine::store::insert(tx, &job()).await?;
-                1
-            }
-            Coverage::Live(_) | Coverage::Ended(_) => 0,
-        })
-    }
+/// Gives a payment's job back to it: a dead one redriven (a fresh budget), a finished one
+/// brought back, a missing one written.
+async fn revive(
+    tx: &mut postgres_store::Tx,
+    coverage: Coverage,
+    key: &str,
+    job: impl FnOnce() -> job_engine::NewJob,
+) -> Result<usize, sqlx::Error> {
+    Ok(match coverage {
+        Coverage::Dead(id) => job_engine::store::redrive(&mut **tx, id, None).await? as usize,
+        Coverage::Ended(_) => {
+            job_engine::store::bring_forward(tx, &[key.to_owned()]).await? as usize
+        }
+        Coverage::Missing => {
+            job_engine::store::insert(tx, &job()).await?;
+            1
+        }
+        Coverage::Live(_) => 0,
+    })
 }
 
 struct Gauges {

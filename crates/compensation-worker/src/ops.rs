@@ -299,7 +299,11 @@ async fn replay(
                 Err(e @ CompensateError::BadAnswer(_)) => format!("bad_answer: {e}"),
                 Err(e) => format!("apply_rejected: {e}"),
             },
-            "CREATED" => "not_paid".to_owned(),
+            // the check's own decision: not paid yet, or closed once the order cannot take it
+            "CREATED" => match checker.not_paid(&payment).await {
+                (label, job_engine::Outcome::Retry(e)) => format!("{label}: {e}"),
+                (label, _) => label.to_owned(),
+            },
             "CLOSED" | "FAILED" => {
                 if payment.status == PaymentStatus::Created {
                     postgres_store::payments::close_payment(pool, failure.payment_id)

@@ -168,6 +168,27 @@ pub async fn archive(
     }
 }
 
+/// Says why a payment's open failure stands now (`reason`, `last_error`): the failure a refund
+/// was archived with while it was still being retried became one that stopped. The failure's
+/// id, or `None` if the payment has no open failure.
+pub async fn restate(
+    ex: impl PgExecutor<'_>,
+    payment_id: Uuid,
+    reason: &str,
+    last_error: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE compensation_failure SET reason = $2, last_error = $3, updated_at = now()
+         WHERE payment_id = $1 AND status = 'open' AND reason <> $2
+         RETURNING id",
+    )
+    .bind(payment_id)
+    .bind(reason)
+    .bind(last_error)
+    .fetch_optional(ex)
+    .await
+}
+
 pub async fn get_failure(ex: impl PgExecutor<'_>, id: i64) -> Result<Option<Failure>, sqlx::Error> {
     let row: Option<FailureRow> = sqlx::query_as(&format!("{FAILURE_SELECT} WHERE f.id = $1"))
         .bind(id)
@@ -278,15 +299,21 @@ pub async fn audit_of(pool: &PgPool, failure_id: i64) -> Result<Vec<AuditRow>, s
     .await
 }
 
-/// Payments in `status` (last changed at least `grace` ago) whose job (dedupe key
-/// `key_prefix` + payment id) is neither live (scheduled, running) nor ended on purpose
-/// (completed, archived): none was ever written, or it died. Locked for the caller's
-/// transaction (`SKIP LOCKED`: several workers share the sweep); oldest first, at most
-/// `limit`. The sweep gives each a job again: a check for every open payment whatever its
-/// order's state (an order that can no longer take money still needs its payment closed),
-/// a refund for all money owed.
+/// Payments in `status` (last changed at least `grace` ago, oldest first, at most `limit`)
+/// whose job (dedupe key `key_prefix` + payment id) is not live (scheduled, running): none was
+/// ever written, it died, or it finished while the payment still needs it. A finished job
+/// ended on purpose for a payment whose order can still take money (a check archived after
+/// provider failures: an operator has it), so those are left out; once the order cannot take
+/// money (cancelled, expired) its open payment is returned whatever became of its check,
+/// since it must be closed at the provider. Money owed (`REFUND_REQUIRED`) is returned
+/// unless its refund ended on purpose (refused, archived).
+///
+/// No row is locked: every way of giving a payment its job again is idempotent (an insert
+/// names the existing job, a redrive or revival matches the job's state), so two workers
+/// sweeping at once write one job, and a callback settling the payment meanwhile never waits
+/// on the sweep (the job it gets finds the payment settled and ends).
 pub async fn sweep(
-    conn: &mut PgConnection,
+    ex: impl PgExecutor<'_>,
     status: &str,
     key_prefix: &str,
     grace: std::time::Duration,
@@ -299,17 +326,19 @@ pub async fn sweep(
            AND NOT EXISTS (SELECT 1 FROM delayed_job j
                            WHERE j.dedupe_key = $3 || p.id::text
                              AND j.state IN ('scheduled', 'running'))
-           AND NOT EXISTS (SELECT 1 FROM delayed_job_archive a
-                           WHERE a.dedupe_key = $3 || p.id::text)
+           AND (NOT EXISTS (SELECT 1 FROM delayed_job_archive a
+                            WHERE a.dedupe_key = $3 || p.id::text)
+                OR (p.status = 'CREATED'
+                    AND EXISTS (SELECT 1 FROM orders o
+                                WHERE o.id = p.order_id AND o.state <> 'PENDING')))
          ORDER BY p.updated_at
-         LIMIT $4
-         FOR UPDATE OF p SKIP LOCKED",
+         LIMIT $4",
     )
     .bind(status)
     .bind(grace.as_secs_f64())
     .bind(key_prefix)
     .bind(limit)
-    .fetch_all(&mut *conn)
+    .fetch_all(ex)
     .await
 }
 

@@ -332,7 +332,7 @@ impl App {
         );
         // the lease is kept by a task of its own, so a burst waiting on Kafka's
         // acknowledgements never lets it lapse
-        let (lease_tx, lease) = tokio::sync::watch::channel(None);
+        let (lease_tx, mut lease) = tokio::sync::watch::channel(None);
         let keeper = tokio::spawn(keep_lease(
             leadership,
             lease_tx,
@@ -341,7 +341,8 @@ impl App {
         ));
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let held = lease.borrow().clone();
+            // marked seen: the wait below ends only when the lease changes hands again
+            let held = lease.borrow_and_update().clone();
             let pause = match held {
                 // a standby waits for the keeper to take the lease over
                 None => Duration::from_secs(1),
@@ -372,10 +373,9 @@ impl App {
                     }
                 },
             };
-            let mut changed = lease.clone();
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = changed.changed() => {}
+                _ = lease.changed() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
         }

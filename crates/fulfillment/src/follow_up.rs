@@ -3,7 +3,6 @@
 //! Postgres part commits first and the pre-lock part runs after, and a second run redoes only
 //! the pre-lock part (which is idempotent).
 
-use chrono::Utc;
 use domain::ports::{PrelockError, StockPrelock};
 use domain::{OrderId, OrderState, SkuId};
 use postgres_store::orders::{self, OrderRow};
@@ -20,8 +19,8 @@ pub enum FollowUp {
     /// Nothing to do any more (the order moved on: paid, cancelled, refunded...).
     NotNeeded(&'static str),
     /// Too early by the clock that set the due time (the pre-lock store's, for an expiry):
-    /// run again at this time.
-    NotDue(chrono::DateTime<Utc>),
+    /// run again after this long, read off that same clock.
+    NotDue(std::time::Duration),
 }
 
 impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
@@ -34,12 +33,13 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         let sku = SkuId::parse(&order.sku_id).map_err(|_| FulfillmentError::UnknownSku)?;
         match order.state {
             // by the clock that set the expiry (the pre-lock store's), never this process's
-            OrderState::Pending
-                if order.expires_at.timestamp_millis() > self.prelock.clock_ms().await? =>
-            {
-                return Ok(FollowUp::NotDue(order.expires_at))
-            }
             OrderState::Pending => {
+                let left = order.expires_at.timestamp_millis() - self.expiry_clock_ms().await?;
+                if left > 0 {
+                    return Ok(FollowUp::NotDue(std::time::Duration::from_millis(
+                        left as u64,
+                    )));
+                }
                 let mut tx = self.store.begin().await?;
                 lock_sku_shared(&mut tx, sku.as_str()).await?;
                 let expired = crate::orders::expire_pending(&mut tx, id.0, "lapsed").await?;
@@ -55,6 +55,22 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         match self.prelock.lapse(&sku, id).await {
             Ok(_) | Err(PrelockError::NotLoaded) => Ok(FollowUp::Done),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The clock an order expires by: the pre-lock store's, which set its `expires_at`. While
+    /// that store cannot be asked, the database's stands in (the two agree to within their
+    /// hosts' time sync), so an order still expires, and its payments are still closed, while
+    /// prelock-service is down; its units then lapse in Redis on their own.
+    async fn expiry_clock_ms(&self) -> Result<i64, FulfillmentError> {
+        match self.prelock.clock_ms().await {
+            Ok(ms) => Ok(ms),
+            Err(e) => {
+                tracing::warn!(error = %e, "pre-lock clock unavailable; expiring by the database's");
+                Ok(postgres_store::database_now(&self.store.pool)
+                    .await?
+                    .timestamp_millis())
+            }
         }
     }
 

@@ -287,7 +287,9 @@ pub async fn settle(ex: &PgPool, id: i64, token: Uuid, how: &Settle) -> Result<b
 /// No join with `unnest`: once the statement is prepared, Postgres's generic plan guesses ten
 /// rows for it and rescans it per row (100 ms for 500 jobs). Rows are found by id through the
 /// primary key; a lease token is a fresh random UUID per claim, so "the row's token is one of
-/// ours" means "ours for this row"; each row's values are picked by its id's position.
+/// ours" means "ours for this row"; each row's values are picked by its token's position (not
+/// its id's: a stale run and a new run of one job may settle in one batch, and only the new
+/// run's token matches the row).
 pub async fn settle_many(
     ex: &PgPool,
     jobs: &[(i64, Uuid, Settle)],
@@ -326,10 +328,10 @@ pub async fn settle_many(
     }
     let retried: Vec<i64> = sqlx::query_scalar(
         "UPDATE delayed_job j
-         SET state = ($3::text[])[array_position($1, j.id)],
-             run_at = COALESCE(($4::timestamptz[])[array_position($1, j.id)], j.run_at),
-             last_error = COALESCE(($5::text[])[array_position($1, j.id)], j.last_error),
-             attempts = GREATEST(j.attempts - ($6::int[])[array_position($1, j.id)], 0),
+         SET state = ($3::text[])[array_position($2, j.lease_token)],
+             run_at = COALESCE(($4::timestamptz[])[array_position($2, j.lease_token)], j.run_at),
+             last_error = COALESCE(($5::text[])[array_position($2, j.lease_token)], j.last_error),
+             attempts = GREATEST(j.attempts - ($6::int[])[array_position($2, j.lease_token)], 0),
              lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
          WHERE j.id = ANY($1::bigint[]) AND j.lease_token = ANY($2::uuid[])
            AND j.state = 'running'
@@ -539,16 +541,35 @@ pub async fn coverage(
         .collect())
 }
 
-/// Makes the jobs with `keys` due now (by the database's clock), in the caller's transaction:
-/// a scheduled one comes forward, a dead one is scheduled again with a fresh budget (its
-/// business action needs it after all: an order that can no longer take money must have its
-/// payments closed, whatever became of their checks). Wakes the engines. Returns how many
-/// moved.
+/// Makes the jobs with `keys` due now (by the database's clock), in the caller's transaction,
+/// whatever became of them: a scheduled one comes forward; a dead one is scheduled again with
+/// a fresh budget; a finished one (completed, archived) moves back to the hot table, scheduled
+/// with a fresh budget. For a business action that needs its job after all: an order that can
+/// no longer take money must have its payments closed, whatever their checks did before.
+/// Running jobs are left alone (they are running). Wakes the engines. Returns how many moved.
 pub async fn bring_forward(conn: &mut PgConnection, keys: &[String]) -> Result<u64, sqlx::Error> {
     if keys.is_empty() {
         return Ok(0);
     }
-    let kinds: Vec<String> = sqlx::query_scalar(
+    // finished ones first: back to the hot table, where the statement below finds them
+    sqlx::query(
+        "WITH back AS (
+             DELETE FROM delayed_job_archive a
+             WHERE a.dedupe_key = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM delayed_job j WHERE j.dedupe_key = a.dedupe_key)
+             RETURNING id, kind, payload, priority, max_attempts, dedupe_key, last_error,
+                       traceparent, created_at)
+         INSERT INTO delayed_job (id, kind, payload, priority, state, run_at, attempts,
+             max_attempts, dedupe_key, last_error, traceparent, created_at)
+         SELECT id, kind, payload, priority, 'scheduled', clock_timestamp(), 0, max_attempts,
+                dedupe_key, last_error, traceparent, created_at
+         FROM back
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(keys)
+    .execute(&mut *conn)
+    .await?;
+    let mut kinds: Vec<String> = sqlx::query_scalar(
         "UPDATE delayed_job
          SET run_at = LEAST(run_at, clock_timestamp()), state = 'scheduled',
              attempts = CASE WHEN state = 'dead' THEN 0 ELSE attempts END, updated_at = now()
@@ -558,12 +579,13 @@ pub async fn bring_forward(conn: &mut PgConnection, keys: &[String]) -> Result<u
     .bind(keys)
     .fetch_all(&mut *conn)
     .await?;
-    let mut woken: Vec<&String> = kinds.iter().collect();
-    woken.dedup();
-    for kind in woken {
+    let moved = kinds.len() as u64;
+    kinds.sort();
+    kinds.dedup();
+    for kind in &kinds {
         wake(conn, kind).await?;
     }
-    Ok(kinds.len() as u64)
+    Ok(moved)
 }
 
 /// Aging, so a low priority is never starved: a scheduled job overdue by more than `step` moves

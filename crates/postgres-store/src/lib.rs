@@ -220,6 +220,16 @@ impl PgStore {
     }
 }
 
+/// The database's clock now (`clock_timestamp()`): for a decision that must not rest on this
+/// process's own clock.
+pub async fn database_now(
+    ex: impl sqlx::PgExecutor<'_>,
+) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
+    sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(ex)
+        .await
+}
+
 /// Whether `err` means "the database is unavailable or too slow right now": the caller answers
 /// 503 with `Retry-After` rather than 500. Pool timeouts and closed pools, I/O and protocol
 /// errors on a dead connection, and the server's own refusals: `statement_timeout` (57014),

@@ -18,9 +18,11 @@
 //!   later. A commit that lands late keeps its units;
 //! - no xid, or one too old for Postgres to tell: decided by whether the order exists.
 //!
-//! Which SKUs to look at: the ones this instance reserved on since their pending set last
-//! emptied, and every SKU every [`FULL_SCAN`] (a pending confirmation left by another
-//! instance, or by this one before it restarted).
+//! Which SKUs to look at: the ones this instance reserved on, until their pending set has
+//! stayed empty for two windows (a reserve noted just before its script ran is not missed),
+//! and every SKU at start and every [`FULL_SCAN`]; a SKU a scan finds with confirmations
+//! pending (left by another instance, or by this one before it restarted) is watched from
+//! then on like one this instance reserved on.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -55,7 +57,9 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
             .pending_skus
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .keys()
+            .cloned()
+            .collect();
         if last_full.is_none_or(|t| t.elapsed() >= FULL_SCAN) {
             match all_skus(&app).await {
                 Ok(all) => {
@@ -67,16 +71,27 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
                 }
             }
         }
+        let quiet = 2 * app.config.confirm_after;
         for sku in todo {
             let Ok(id) = SkuId::parse(&sku) else { continue };
             match confirm_sku(&app, &id).await {
                 Ok(0) => {
+                    let mut pending = app.pending_skus.lock().unwrap_or_else(|p| p.into_inner());
+                    if pending
+                        .get(&sku)
+                        .is_some_and(|noted| noted.elapsed() >= quiet)
+                    {
+                        pending.remove(&sku);
+                    }
+                }
+                // found by a scan, or still pending: watched until it empties
+                Ok(_) => {
                     app.pending_skus
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .remove(&sku);
+                        .entry(sku)
+                        .or_insert_with(std::time::Instant::now);
                 }
-                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(%sku, error = %e, "pending pre-lock confirmations not settled; will retry")
                 }

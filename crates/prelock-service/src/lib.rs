@@ -106,9 +106,9 @@ pub struct App {
     pub rebuilding: Mutex<HashSet<String>>,
     /// Background rebuilds; drained on shutdown.
     pub tasks: service_kit::http::TaskTracker,
-    /// SKUs this instance reserved on whose pending confirmations the confirmer has not seen
-    /// settled yet (the others it finds by a scan of the catalogue now and then).
-    pub pending_skus: Mutex<HashSet<String>>,
+    /// SKUs whose pending confirmations the confirmer watches, with when a reserve on this
+    /// instance last noted each (see [`confirm`]).
+    pub pending_skus: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 #[derive(Clone)]
@@ -181,15 +181,19 @@ impl App {
             prelock_metrics,
             rebuilding: Mutex::new(HashSet::new()),
             tasks: service_kit::http::TaskTracker::new(),
-            pending_skus: Mutex::new(HashSet::new()),
+            pending_skus: Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
     /// Notes that `sku` may have pending confirmations (a reserve ran on it).
     pub fn note_pending(&self, sku: &domain::SkuId) {
+        let now = std::time::Instant::now();
         let mut pending = self.pending_skus.lock().unwrap_or_else(|p| p.into_inner());
-        if !pending.contains(sku.as_str()) {
-            pending.insert(sku.as_str().to_owned());
+        match pending.get_mut(sku.as_str()) {
+            Some(noted) => *noted = now,
+            None => {
+                pending.insert(sku.as_str().to_owned(), now);
+            }
         }
     }
 

@@ -22,7 +22,7 @@ use domain::OrderId;
 use fulfillment::events;
 use fulfillment::follow_up::FollowUp;
 use fulfillment::{Fulfillment, FulfillmentConfig, FulfillmentError};
-use job_engine::{Clock, DbClock, Engine, EngineConfig, Job, Outcome};
+use job_engine::{DbClock, Engine, EngineConfig, Job, Outcome};
 use postgres_store::{PgLimits, PgStore};
 use prelock_api::PrelockClient;
 use service_kit::config::{env_millis, env_or, env_string};
@@ -103,10 +103,12 @@ impl App {
             prelock.clone(),
             FulfillmentConfig::default(),
         ));
-        // the database's clock: the engine's, and the handlers' for "not due yet"
-        let clock = Arc::new(DbClock::new());
-        let mut engine = Engine::new(store.pool.clone(), clock.clone(), config.engine.clone());
-        register_follow_ups(&mut engine, fulfillment, clock);
+        let mut engine = Engine::new(
+            store.pool.clone(),
+            Arc::new(DbClock::new()),
+            config.engine.clone(),
+        );
+        register_follow_ups(&mut engine, fulfillment);
         let notifier = match (&config.notify_url, notify_secret) {
             (Some(url), Some(secret)) => Some(Arc::new(notify::Notifier::new(
                 url,
@@ -284,36 +286,27 @@ async fn seed_schedules(store: &PgStore, config: &Config) -> anyhow::Result<()> 
             "the outbox prune schedule",
         ),
     ];
+    // a new schedule's cursor starts at the database's now, not this instance's
+    let now = postgres_store::database_now(&store.pool).await?;
     for (name, def, what) in defaults {
-        job_engine::schedule::put(
-            &store.pool,
-            name,
-            &def,
-            "scheduler",
-            chrono::Utc::now(),
-            true,
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        job_engine::schedule::put(&store.pool, name, &def, "scheduler", now, true)
+            .await?
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
     }
     Ok(())
 }
 
 /// Registers the order follow-ups: each handler parses the order id and maps the use case's
 /// answer to an outcome.
-fn register_follow_ups(
-    engine: &mut Engine,
-    f: Arc<Fulfillment<PrelockClient>>,
-    clock: Arc<DbClock>,
-) {
+fn register_follow_ups(engine: &mut Engine, f: Arc<Fulfillment<PrelockClient>>) {
     macro_rules! follow_up {
         ($kind:expr, $method:ident) => {{
-            let (f, clock) = (f.clone(), clock.clone());
+            let f = f.clone();
             engine.register($kind, move |job: Job| {
-                let (f, clock) = (f.clone(), clock.clone());
+                let f = f.clone();
                 async move {
                     match order_id(&job) {
-                        Ok(id) => outcome(f.$method(id).await, clock.now()),
+                        Ok(id) => outcome(f.$method(id).await),
                         Err(bad) => bad,
                     }
                 }
@@ -333,9 +326,9 @@ fn order_id(job: &Job) -> Result<OrderId, Outcome> {
 }
 
 /// A use case's answer as a job outcome: trouble with a dependency is retried, a request that
-/// can never succeed is permanent, and "not due yet" waits (`now`: the engine's clock, the
-/// database's) without spending an attempt.
-fn outcome(r: Result<FollowUp, FulfillmentError>, now: chrono::DateTime<chrono::Utc>) -> Outcome {
+/// can never succeed is permanent, and "not due yet" waits as long as the use case says (read
+/// off the clock that decides it), without spending an attempt.
+fn outcome(r: Result<FollowUp, FulfillmentError>) -> Outcome {
     use FulfillmentError as F;
     match r {
         Ok(FollowUp::Done) => Outcome::Done,
@@ -343,10 +336,10 @@ fn outcome(r: Result<FollowUp, FulfillmentError>, now: chrono::DateTime<chrono::
             tracing::info!(why, "follow-up not needed");
             Outcome::Done
         }
-        Ok(FollowUp::NotDue(at)) => Outcome::Snooze(
-            (at - now).to_std().unwrap_or_default() + Duration::from_millis(10),
-            "not due yet".into(),
-        ),
+        // at least a tenth of a second: never a tight loop on a clock that barely lags
+        Ok(FollowUp::NotDue(wait)) => {
+            Outcome::Snooze(wait.max(Duration::from_millis(100)), "not due yet".into())
+        }
         Err(e @ (F::Db(_) | F::PrelockUnavailable(_) | F::PrelockNotLoaded | F::Conflict)) => {
             Outcome::Retry(e.to_string())
         }

@@ -105,7 +105,9 @@ async fn put_schedule(
         ));
     }
     check_kind(&def.kind)?;
-    let put = schedule::put(&s.pool, &name, &def, "ops", Utc::now(), false)
+    // the cursor starts at the database's now, not this instance's
+    let now = postgres_store::database_now(&s.pool).await.map_err(db)?;
+    let put = schedule::put(&s.pool, &name, &def, "ops", now, false)
         .await
         .map_err(db)?
         .map_err(|e| ApiError::new(ErrorCode::Validation, e.to_string()))?;
