@@ -1,13 +1,15 @@
--- The ceiling for scripts/bench.sh: the job engine's own claim and settle statements
+-- The ceiling for scripts/bench.sh: the job engine's own claim and settle statements, decided
+-- on the database's clock as the engine's are
 -- (crates/job-engine/src/store.rs: claim, complete_many), bare, with no engine around them:
 -- claim a batch of 500 due jobs under a lease, then complete them (into the archive). pgbench runs it from
 -- several clients at once; :client_id keeps each client's batch its own.
+WITH t AS (SELECT clock_timestamp() AS now)
 UPDATE delayed_job j
 SET state = 'running', lease_owner = 'pgbench-' || :client_id, lease_token = gen_random_uuid(),
-    lease_expires_at = GREATEST(j.run_at, now()) + 30000 * interval '1 millisecond',
+    lease_expires_at = GREATEST(j.run_at, t.now) + 30000 * interval '1 millisecond',
     attempts = j.attempts + 1, updated_at = now()
-FROM (SELECT id FROM delayed_job
-      WHERE state = 'scheduled' AND run_at <= now() + interval '1 second'
+FROM t, (SELECT id FROM delayed_job
+      WHERE state = 'scheduled' AND run_at <= (SELECT now FROM t) + 1000 * interval '1 millisecond'
         AND kind = ANY('{bench.noop}')
       ORDER BY priority, run_at
       LIMIT 500
