@@ -1212,7 +1212,11 @@ async fn a_stale_and_a_new_run_settling_together_leave_the_new_runs_outcome() {
     )
     .await
     .unwrap();
-    assert_eq!(settled, [id]);
+    assert_eq!(
+        settled,
+        [(id, fresh.lease_token)],
+        "only the new run settled"
+    );
     let row: (String, chrono::DateTime<Utc>, Option<String>, i32) =
         sqlx::query_as("SELECT state, run_at, last_error, attempts FROM delayed_job WHERE id = $1")
             .bind(id)

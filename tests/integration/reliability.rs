@@ -41,8 +41,13 @@ async fn put_sku_ttl(s: &Services, sku: &str, store: &str, stock: i64, ttl_secs:
 
 /// The check job of a payment: (state, attempts).
 async fn check_job(db: &sqlx::PgPool, payment: &str) -> (String, i32) {
+    check_job_of(db, &format!("payment.check:{payment}")).await
+}
+
+/// The job with dedupe key `key`: (state, attempts).
+async fn check_job_of(db: &sqlx::PgPool, key: &str) -> (String, i32) {
     sqlx::query_as("SELECT state, attempts FROM delayed_job_all WHERE dedupe_key = $1")
-        .bind(format!("payment.check:{payment}"))
+        .bind(key)
         .fetch_one(db)
         .await
         .unwrap()
@@ -259,7 +264,7 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
     s.set_faults(json!({ "refund_error_rate": 1.0 })).await;
     let user = "owed-user";
     let mut owed = Vec::new();
-    for key in ["o-1", "o-2"] {
+    for key in ["o-1", "o-2", "o-3"] {
         let (order, payment, _) = s
             .order_with_payment(user, key, ("sku-owed", "bar-o"), "wechat")
             .await;
@@ -268,14 +273,16 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
         s.pay(&payment).await;
         owed.push((order, payment));
     }
-    eventually("both payments owed", Duration::from_secs(20), || async {
+    // the third one the provider will refuse (4xx) once it answers again
+    let refused = owed.pop().unwrap();
+    eventually("the payments owed", Duration::from_secs(20), || async {
         let n: i64 = scalar(
             &db,
             "SELECT count(*) FROM payments WHERE status = 'REFUND_REQUIRED' AND $1 = $1",
             "",
         )
         .await;
-        (n == 2).then_some(())
+        (n == 3).then_some(())
     })
     .await;
     // the second refund's job dies: only the sweep can bring it back
@@ -303,9 +310,9 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
             .unwrap();
     assert!(matches!(state.as_str(), "scheduled" | "running"), "{state}");
     // an operator was told, once per payment, and can replay it from the console
-    let open = eventually("both refunds archived", Duration::from_secs(30), || async {
+    let open = eventually("the refunds archived", Duration::from_secs(30), || async {
         let list = s.open_failures(&worker).await;
-        (list.len() == 2).then_some(list)
+        (list.len() == 3).then_some(list)
     })
     .await;
     assert!(
@@ -318,7 +325,7 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
             .iter()
             .filter_map(|a| a["failures"].as_u64())
             .sum();
-        (n == 2).then_some(())
+        (n == 3).then_some(())
     })
     .await;
     let events: i64 = scalar(
@@ -327,9 +334,27 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
         "",
     )
     .await;
-    assert_eq!(events, 2);
+    assert_eq!(events, 3);
 
-    // the provider takes refunds again: both are paid, once, and the failures resolve
+    // the third asks for more than was paid: the provider will refuse it
+    let key = format!("payment.refund:{}", refused.1);
+    eventually(
+        "the refund tampered with",
+        Duration::from_secs(20),
+        || async {
+            let done = sqlx::query(
+                "UPDATE delayed_job SET payload = jsonb_set(payload, '{amount_cents}', '999999')
+             WHERE dedupe_key = $1 AND state = 'scheduled'",
+            )
+            .bind(&key)
+            .execute(&db)
+            .await
+            .unwrap();
+            (done.rows_affected() == 1).then_some(())
+        },
+    )
+    .await;
+    // the provider takes refunds again: the two are paid, once, and their failures resolve
     s.set_faults(json!({})).await;
     for (order, payment) in &owed {
         eventually("the refund paid", Duration::from_secs(30), || async {
@@ -339,9 +364,42 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
         let sim = s.sim_payment(payment).await;
         assert_eq!(sim["refunds"].as_array().unwrap().len(), 1, "{sim}");
     }
-    eventually("the failures resolved", Duration::from_secs(10), || async {
-        s.open_failures(&worker).await.is_empty().then_some(())
-    })
+    // the refused one stops, and its failure now says so: alerted and announced again
+    let open = eventually(
+        "the refused refund restated",
+        Duration::from_secs(30),
+        || async {
+            let list = s.open_failures(&worker).await;
+            (list.len() == 1 && list[0]["reason"] == "refund_rejected").then_some(list)
+        },
+    )
+    .await;
+    assert_eq!(open[0]["payment_id"], refused.1.as_str());
+    let (state, _) = check_job_of(&db, &key).await;
+    assert_eq!(state, "completed", "a refused refund stops");
+    let announced: i64 = scalar(
+        &db,
+        "SELECT count(*) FROM outbox WHERE event_type = 'CompensationFailed'
+           AND payload->>'payment_id' = $1 AND payload->>'reason' = 'refund_rejected'",
+        &refused.1,
+    )
+    .await;
+    assert_eq!(
+        announced, 1,
+        "the dead-compensation topic learns the refund stopped"
+    );
+    eventually(
+        "the alert of the refusal",
+        Duration::from_secs(10),
+        || async {
+            let n: u64 = hook
+                .received()
+                .iter()
+                .filter_map(|a| a["failures"].as_u64())
+                .sum();
+            (n == 4).then_some(())
+        },
+    )
     .await;
     let resolved: Vec<String> =
         sqlx::query_scalar("SELECT resolution FROM compensation_failure WHERE status = 'resolved'")
@@ -350,7 +408,7 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
             .unwrap();
     assert_eq!(resolved, ["refunded", "refunded"]);
     let report = assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(10)).await;
-    assert_eq!((report.paid, report.refunded), (2, 2));
+    assert_eq!((report.paid, report.refunded, report.told), (3, 2, 1));
 }
 
 /// Counts `order.notify` deliveries per order.

@@ -429,17 +429,7 @@ impl Checker {
             if let Some(f) = &failure {
                 effects::append_event(
                     &mut tx,
-                    OutboxEvent {
-                        aggregate_type: "order",
-                        aggregate_id: payment.order_id.to_string(),
-                        event_type: events::COMPENSATION_FAILED,
-                        schema_version: 1,
-                        payload: json!({
-                            "failure_id": f.id, "order_id": payment.order_id,
-                            "payment_id": payment_id, "provider": payment.provider.as_str(),
-                            "reason": reason, "last_error": error, "attempts": f.attempts,
-                        }),
-                    },
+                    failed_event(payment, f.id, reason, error, f.attempts),
                 )
                 .await?;
             }
@@ -635,7 +625,21 @@ impl Checker {
     /// A payment already archived for one reason that now stands for another (a refund being
     /// retried, then refused: it stops): the failure says so, and the operator is told again.
     async fn restated(&self, payment: &PaymentRow, reason: &'static str, error: &str) {
-        match records::restate(&self.store.pool, payment.id, reason, error).await {
+        // restated and announced together: the dead-compensation topic learns it stopped
+        let restated = async {
+            let mut tx = self.store.begin().await?;
+            let Some((failure_id, attempts)) =
+                records::restate(&mut *tx, payment.id, reason, error).await?
+            else {
+                return Ok(None);
+            };
+            let event = failed_event(payment, failure_id, reason, error, attempts);
+            effects::append_event(&mut tx, event).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(Some(failure_id))
+        }
+        .await;
+        match restated {
             Ok(Some(failure_id)) => {
                 tracing::error!(payment_id = %payment.id, failure_id, reason, error, "compensation failure now stands for another reason");
                 self.failures.with_label_values(&[reason]).inc();
@@ -703,6 +707,27 @@ impl Checker {
         .invoke_async::<i64>(&mut conn)
         .await?;
         Ok(())
+    }
+}
+
+/// The `CompensationFailed` event of a payment archived (or restated) as `reason`.
+fn failed_event<'a>(
+    payment: &PaymentRow,
+    failure_id: i64,
+    reason: &'a str,
+    error: &str,
+    attempts: i32,
+) -> OutboxEvent<'a> {
+    OutboxEvent {
+        aggregate_type: "order",
+        aggregate_id: payment.order_id.to_string(),
+        event_type: events::COMPENSATION_FAILED,
+        schema_version: 1,
+        payload: json!({
+            "failure_id": failure_id, "order_id": payment.order_id,
+            "payment_id": payment.id, "provider": payment.provider.as_str(),
+            "reason": reason, "last_error": error, "attempts": attempts,
+        }),
     }
 }
 

@@ -405,7 +405,7 @@ impl App {
         let mut tx = self.store.begin().await?;
         let checks = records::sweep(
             &mut *tx,
-            "CREATED",
+            records::SweepStatus::Open,
             &events::payment_check_key_prefix(),
             grace,
             batch,
@@ -423,7 +423,7 @@ impl App {
         }
         let owed = records::sweep(
             &mut *tx,
-            "REFUND_REQUIRED",
+            records::SweepStatus::Owed,
             &events::refund_job_key_prefix(),
             grace,
             batch,

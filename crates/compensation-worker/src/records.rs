@@ -170,17 +170,17 @@ pub async fn archive(
 
 /// Says why a payment's open failure stands now (`reason`, `last_error`): the failure a refund
 /// was archived with while it was still being retried became one that stopped. The failure's
-/// id, or `None` if the payment has no open failure.
+/// id and attempts, or `None` if the payment has no open failure with another reason.
 pub async fn restate(
     ex: impl PgExecutor<'_>,
     payment_id: Uuid,
     reason: &str,
     last_error: &str,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+) -> Result<Option<(i64, i32)>, sqlx::Error> {
+    sqlx::query_as(
         "UPDATE compensation_failure SET reason = $2, last_error = $3, updated_at = now()
          WHERE payment_id = $1 AND status = 'open' AND reason <> $2
-         RETURNING id",
+         RETURNING id, attempts",
     )
     .bind(payment_id)
     .bind(reason)
@@ -314,32 +314,53 @@ pub async fn audit_of(pool: &PgPool, failure_id: i64) -> Result<Vec<AuditRow>, s
 /// on the sweep (the job it gets finds the payment settled and ends).
 pub async fn sweep(
     ex: impl PgExecutor<'_>,
-    status: &str,
+    status: SweepStatus,
     key_prefix: &str,
     grace: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+    // the status is written into the statement, not bound: the partial index `payments_sweep`
+    // then serves a generic plan too
+    let status = match status {
+        SweepStatus::Open => "CREATED",
+        SweepStatus::Owed => "REFUND_REQUIRED",
+    };
+    sqlx::query_scalar(&format!(
         "SELECT p.id FROM payments p
-         WHERE p.status = $1
-           AND p.updated_at < now() - make_interval(secs => $2)
+         WHERE p.status = '{status}'
+           AND p.updated_at < now() - make_interval(secs => $1)
            AND NOT EXISTS (SELECT 1 FROM delayed_job j
-                           WHERE j.dedupe_key = $3 || p.id::text
+                           WHERE j.dedupe_key = $2 || p.id::text
                              AND j.state IN ('scheduled', 'running'))
            AND (NOT EXISTS (SELECT 1 FROM delayed_job_archive a
-                            WHERE a.dedupe_key = $3 || p.id::text)
+                            WHERE a.dedupe_key = $2 || p.id::text)
                 OR (p.status = 'CREATED'
                     AND EXISTS (SELECT 1 FROM orders o
-                                WHERE o.id = p.order_id AND o.state <> 'PENDING')))
+                                WHERE o.id = p.order_id AND o.state <> 'PENDING')
+                    -- brought back with a backoff: 30 s, doubling per provider failure in a
+                    -- row, at most an hour: a provider that cannot answer is asked less and
+                    -- less often, and never given up on
+                    AND NOT EXISTS (SELECT 1 FROM payment_check_state s
+                                    WHERE s.payment_id = p.id
+                                      AND s.updated_at > now() - LEAST(interval '1 hour',
+                                          make_interval(secs => 30 * power(2, LEAST(s.failures, 7)))))))
          ORDER BY p.updated_at
-         LIMIT $4",
-    )
-    .bind(status)
+         LIMIT $3"
+    ))
     .bind(grace.as_secs_f64())
     .bind(key_prefix)
     .bind(limit)
     .fetch_all(ex)
     .await
+}
+
+/// The payments a sweep looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepStatus {
+    /// Open (`CREATED`): each needs a live check.
+    Open,
+    /// Money owed (`REFUND_REQUIRED`): each needs a live refund.
+    Owed,
 }
 
 /// The SLA figures over the last `window`, from the database (so every worker, and the

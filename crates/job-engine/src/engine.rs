@@ -485,10 +485,12 @@ pub(crate) async fn settle_finished(
         .map(|f| (f.job.id, f.job.lease_token, f.how.clone()))
         .collect();
     rows.sort_by_key(|r| r.0);
-    let settled: HashSet<i64> = store::settle_many(pool, &rows).await?.into_iter().collect();
+    // by (id, token): a stale run and a new run of one job may settle together
+    let settled: HashSet<(i64, uuid::Uuid)> =
+        store::settle_many(pool, &rows).await?.into_iter().collect();
     let mut labels = Vec::with_capacity(finished.len());
     for f in finished {
-        let label = match (&f.how, settled.contains(&f.job.id)) {
+        let label = match (&f.how, settled.contains(&(f.job.id, f.job.lease_token))) {
             (_, false) => {
                 tracing::warn!(job_id = f.job.id, kind = %f.job.kind, "lease lost before the job settled; its new owner decides");
                 "lease_lost"

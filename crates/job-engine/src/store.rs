@@ -276,13 +276,13 @@ pub enum Settle {
 /// Settles a claimed job if `token` still holds its lease. `false` means the lease was lost
 /// (rescued after it expired, maybe re-claimed): nothing was changed.
 pub async fn settle(ex: &PgPool, id: i64, token: Uuid, how: &Settle) -> Result<bool, sqlx::Error> {
-    Ok(settle_many(ex, &[(id, token, how.clone())]).await? == vec![id])
+    Ok(settle_many(ex, &[(id, token, how.clone())]).await? == vec![(id, token)])
 }
 
 /// Settles many claimed jobs (batched completion): the completed in one statement that moves
 /// them to the archive, the retried and dead in one more; each row changes only if its token
-/// still holds the lease. Returns the ids that were settled: the others had lost
-/// their lease.
+/// still holds the lease. Returns the (id, token) of each run that was settled: the others
+/// had lost their lease.
 ///
 /// No join with `unnest`: once the statement is prepared, Postgres's generic plan guesses ten
 /// rows for it and rescans it per row (100 ms for 500 jobs). Rows are found by id through the
@@ -293,7 +293,7 @@ pub async fn settle(ex: &PgPool, id: i64, token: Uuid, how: &Settle) -> Result<b
 pub async fn settle_many(
     ex: &PgPool,
     jobs: &[(i64, Uuid, Settle)],
-) -> Result<Vec<i64>, sqlx::Error> {
+) -> Result<Vec<(i64, Uuid)>, sqlx::Error> {
     let (done, other): (Vec<_>, Vec<_>) = jobs
         .iter()
         .partition(|(_, _, how)| *how == Settle::Completed);
@@ -326,16 +326,21 @@ pub async fn settle_many(
         errors.push(error);
         uncounted.push(back);
     }
-    let retried: Vec<i64> = sqlx::query_scalar(
-        "UPDATE delayed_job j
-         SET state = ($3::text[])[array_position($2, j.lease_token)],
-             run_at = COALESCE(($4::timestamptz[])[array_position($2, j.lease_token)], j.run_at),
-             last_error = COALESCE(($5::text[])[array_position($2, j.lease_token)], j.last_error),
-             attempts = GREATEST(j.attempts - ($6::int[])[array_position($2, j.lease_token)], 0),
+    let retried: Vec<(i64, Uuid)> = sqlx::query_as(
+        "WITH held AS (
+             SELECT id, lease_token FROM delayed_job
+             WHERE id = ANY($1::bigint[]) AND lease_token = ANY($2::uuid[])
+               AND state = 'running'
+             FOR UPDATE)
+         UPDATE delayed_job j
+         SET state = ($3::text[])[array_position($2, h.lease_token)],
+             run_at = COALESCE(($4::timestamptz[])[array_position($2, h.lease_token)], j.run_at),
+             last_error = COALESCE(($5::text[])[array_position($2, h.lease_token)], j.last_error),
+             attempts = GREATEST(j.attempts - ($6::int[])[array_position($2, h.lease_token)], 0),
              lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
-         WHERE j.id = ANY($1::bigint[]) AND j.lease_token = ANY($2::uuid[])
-           AND j.state = 'running'
-         RETURNING j.id",
+         FROM held h
+         WHERE j.id = h.id
+         RETURNING j.id, h.lease_token",
     )
     .bind(ids)
     .bind(tokens)
@@ -351,19 +356,25 @@ pub async fn settle_many(
 
 /// Completes jobs whose lease `tokens` still hold: each leaves the hot table for the archive
 /// in one statement. Returns the ids completed.
-async fn complete_many(ex: &PgPool, ids: &[i64], tokens: &[Uuid]) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+async fn complete_many(
+    ex: &PgPool,
+    ids: &[i64],
+    tokens: &[Uuid],
+) -> Result<Vec<(i64, Uuid)>, sqlx::Error> {
+    sqlx::query_as(
         "WITH done AS (
              DELETE FROM delayed_job
              WHERE id = ANY($1::bigint[]) AND lease_token = ANY($2::uuid[]) AND state = 'running'
-             RETURNING id, kind, payload, priority, run_at, attempts, max_attempts, dedupe_key,
-                       last_error, traceparent, created_at)
-         INSERT INTO delayed_job_archive (id, kind, payload, priority, state, run_at, attempts,
-             max_attempts, dedupe_key, last_error, traceparent, created_at, finished_at)
-         SELECT id, kind, payload, priority, 'completed', run_at, attempts, max_attempts,
-                dedupe_key, last_error, traceparent, created_at, now()
-         FROM done
-         RETURNING id",
+             RETURNING id, lease_token, kind, payload, priority, run_at, attempts, max_attempts,
+                       dedupe_key, last_error, traceparent, created_at),
+         archived AS (
+             INSERT INTO delayed_job_archive (id, kind, payload, priority, state, run_at,
+                 attempts, max_attempts, dedupe_key, last_error, traceparent, created_at,
+                 finished_at)
+             SELECT id, kind, payload, priority, 'completed', run_at, attempts, max_attempts,
+                    dedupe_key, last_error, traceparent, created_at, now()
+             FROM done)
+         SELECT id, lease_token FROM done",
     )
     .bind(ids)
     .bind(tokens)

@@ -151,7 +151,12 @@ impl App {
             engine.register_limited(events::JOB_PRUNE_LOST_ANSWERS, 1, move |_job| {
                 let pool = pool.clone();
                 async move {
-                    let before = chrono::Utc::now() - chrono::Duration::days(1);
+                    // cutoffs on the database's clock, which stamped the rows
+                    let now = match postgres_store::database_now(&pool).await {
+                        Ok(now) => now,
+                        Err(e) => return Outcome::Retry(e.to_string()),
+                    };
+                    let before = now - chrono::Duration::days(1);
                     match postgres_store::orders::prune_lost_answers(&pool, before).await {
                         Ok(n) => {
                             tracing::info!(pruned = n, "stale lost pre-lock answers forgotten");
@@ -167,8 +172,12 @@ impl App {
             engine.register_limited(events::JOB_OUTBOX_PRUNE, 1, move |_job| {
                 let pool = pool.clone();
                 async move {
-                    let before = chrono::Utc::now()
-                        - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+                    let now = match postgres_store::database_now(&pool).await {
+                        Ok(now) => now,
+                        Err(e) => return Outcome::Retry(e.to_string()),
+                    };
+                    let before =
+                        now - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
                     match postgres_store::effects::prune_published(&pool, before).await {
                         Ok(n) => {
                             tracing::info!(
