@@ -249,12 +249,15 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
     let (id, payment, pay_url) = s
         .order_with_payment("rf-user", "rf-1", ("sku-rf", "bar-rf"), "alipay")
         .await;
-    s.cancel("rf-user", &id).await;
-    // the provider makes the refund but its answer comes after the worker gave up
-    s.set_faults(json!({ "refund_timeout_rate": 1.0, "query_timeout_ms": 2000 }))
+    // the provider makes the refund but its answer comes after the worker gave up; and the
+    // buyer's callback is lost
+    s.set_faults(json!({ "refund_timeout_rate": 1.0, "query_timeout_ms": 2000, "drop_rate": 1.0 }))
         .await;
-    // the buyer pays anyway: the money cannot be kept
+    // the buyer pays, then cancels before the money is seen: the cancel brings the check
+    // forward, it finds the money, and the money cannot be kept (a cancel first would close the
+    // payment at the provider, so the buyer could not pay it at all)
     http.post(&pay_url).send().await.unwrap();
+    s.cancel("rf-user", &id).await;
     let order_state = || {
         let (db, id) = (db.clone(), id.clone());
         async move { integration_tests::order_state(&db, &id).await }
@@ -263,14 +266,15 @@ async fn money_for_a_cancelled_order_is_refunded_once_though_the_first_answer_is
         "a refund attempt to time out",
         Duration::from_secs(20),
         || async {
-            let attempts: Option<i32> = sqlx::query_scalar(
-            "SELECT attempts FROM delayed_job_all WHERE dedupe_key = $1 AND last_error IS NOT NULL",
-        )
-        .bind(format!("payment.refund:{payment}"))
-        .fetch_optional(&db)
-        .await
-        .unwrap();
-            attempts.is_some_and(|a| a >= 1).then_some(())
+            let failures: Option<i32> = sqlx::query_scalar(
+                "SELECT failures FROM payment_check_state
+                 WHERE payment_id = $1::uuid AND last_outcome = 'refund_gateway_error'",
+            )
+            .bind(&payment)
+            .fetch_optional(&db)
+            .await
+            .unwrap();
+            failures.is_some_and(|n| n >= 1).then_some(())
         },
     )
     .await;
