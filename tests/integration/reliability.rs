@@ -607,38 +607,33 @@ async fn a_paused_relay_leader_is_replaced_within_seconds_and_fenced_when_it_wak
             assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
         }
     };
-    for n in 0..5 {
-        create(n).await;
-    }
-    eventually(
-        "published by the leader",
-        Duration::from_secs(20),
-        || async { (unpublished().await == 0).then_some(()) },
-    )
-    .await;
-    let epoch_before: Option<i64> = sqlx::query_scalar("SELECT leader_epoch FROM outbox_relay")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    // orders `range` created and every event published; then the epoch of the lease that
+    // recorded the position
+    let publish = |range: std::ops::Range<usize>, what: &'static str| {
+        let (create, unpublished, db) = (&create, &unpublished, &db);
+        async move {
+            for n in range {
+                create(n).await;
+            }
+            eventually(what, Duration::from_secs(20), || async {
+                (unpublished().await == 0).then_some(())
+            })
+            .await;
+            let epoch: Option<i64> = sqlx::query_scalar("SELECT leader_epoch FROM outbox_relay")
+                .fetch_one(db)
+                .await
+                .unwrap();
+            epoch
+        }
+    };
+    let epoch_before = publish(0..5, "published by the leader").await;
 
     first.signal("STOP");
     let paused = Instant::now();
-    for n in 5..25 {
-        create(n).await;
-    }
-    eventually(
-        "the standby to take over and publish",
-        Duration::from_secs(20),
-        || async { (unpublished().await == 0).then_some(()) },
-    )
-    .await;
+    let epoch_after = publish(5..25, "the standby to take over and publish").await;
     let took = paused.elapsed();
     println!("relay: the standby published 20 new orders' events {took:?} after the leader paused");
     assert!(leads(&s, &second_url).await);
-    let epoch_after: Option<i64> = sqlx::query_scalar("SELECT leader_epoch FROM outbox_relay")
-        .fetch_one(&db)
-        .await
-        .unwrap();
     assert!(
         epoch_after > epoch_before,
         "{epoch_after:?} > {epoch_before:?}"
@@ -652,19 +647,7 @@ async fn a_paused_relay_leader_is_replaced_within_seconds_and_fenced_when_it_wak
         || async { (!leads(&s, &first_url).await).then_some(()) },
     )
     .await;
-    for n in 25..35 {
-        create(n).await;
-    }
-    eventually(
-        "published after the wake-up",
-        Duration::from_secs(20),
-        || async { (unpublished().await == 0).then_some(()) },
-    )
-    .await;
-    let epoch_now: Option<i64> = sqlx::query_scalar("SELECT leader_epoch FROM outbox_relay")
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let epoch_now = publish(25..35, "published after the wake-up").await;
     assert_eq!(epoch_now, epoch_after, "the position is the new leader's");
     assert!(leads(&s, &second_url).await);
     assert!(!leads(&s, &first_url).await);
