@@ -440,7 +440,7 @@ async fn a_payment_racing_a_cancel_leaves_no_stock_pinned() {
     let sku = domain::SkuId::parse("sku-race").unwrap();
     let id = domain::OrderId::parse(&order_id).unwrap();
     let redis = &s.prelock_app.redis;
-    redis.pin(&sku, id, 2).await.unwrap();
+    redis.pin(&sku, id, 2, "race-user").await.unwrap();
     assert_eq!(redis.available(&sku).await.unwrap(), Some(1));
 
     assert_eq!(

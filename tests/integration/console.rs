@@ -123,3 +123,50 @@ async fn an_operator_replays_a_failure_and_redrives_a_dead_job_in_the_console() 
     integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_console_file_carries_a_strict_content_security_policy() {
+    let s = Services::start(&[], &[]).await;
+    let (_worker, worker) = s.compensation_worker(&[]).await;
+    for (path, kind) in [
+        ("/ops/", "text/html"),
+        ("/ops/console.js", "text/javascript"),
+        ("/ops/console.css", "text/css"),
+    ] {
+        let r = s.http.get(format!("{worker}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::OK, "{path}");
+        let h = |name: &str| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        assert!(h("content-type").starts_with(kind), "{path}: {}", h("content-type"));
+        let csp = h("content-security-policy");
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+        assert_eq!(h("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(h("referrer-policy"), "no-referrer", "{path}");
+        if kind == "text/html" {
+            // nothing inline for the policy to have to allow
+            let page = r.text().await.unwrap();
+            assert!(!page.contains("<style"), "inline style");
+            assert_eq!(
+                page.matches("<script").count(),
+                page.matches("<script src=").count(),
+                "inline script"
+            );
+            let handler = page
+                .split(char::is_whitespace)
+                .find(|w| w.starts_with("on") && w.contains("=\""));
+            assert_eq!(handler, None, "inline event handler");
+        }
+    }
+}

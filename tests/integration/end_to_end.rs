@@ -233,7 +233,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_refuse_to_start_with_missing_or_public_secrets() {
     // (binary, environment, variables the refusal must name)
-    let cases: [(&str, Vec<(&str, String)>, &[&str]); 3] = [
+    let cases: [(&str, Vec<(&str, String)>, &[&str]); 4] = [
         (
             "order-api",
             vec![
@@ -254,6 +254,22 @@ async fn services_refuse_to_start_with_missing_or_public_secrets() {
             "prelock-service",
             vec![("OPS_TOKEN", String::new())],
             &["OPS_TOKEN is unset"],
+        ),
+        // one byte each, and one secret for two roles
+        (
+            "order-api",
+            vec![
+                ("AUTH_JWT_SECRET", "b".to_owned()),
+                ("OPS_TOKEN", "a".to_owned()),
+                ("PAYMENT_SECRET_WECHAT", "w".repeat(40)),
+                ("PAYMENT_SECRET_ALIPAY", "w".repeat(40)),
+                ("PAYMENT_SECRET_DOUYIN", "d".repeat(40)),
+            ],
+            &[
+                "AUTH_JWT_SECRET is shorter than 32 bytes",
+                "OPS_TOKEN is shorter than 32 bytes",
+                "PAYMENT_SECRET_ALIPAY is the same secret as PAYMENT_SECRET_WECHAT",
+            ],
         ),
         (
             "payment-gateway-sim",

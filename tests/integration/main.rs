@@ -21,5 +21,6 @@ mod rebuild;
 mod reliability;
 mod scheduler_ops;
 mod schema;
+mod security;
 mod simulator_refunds;
 mod validation;

@@ -1,13 +1,13 @@
 //! The Redis Lua scripts implement the domain's reference ledger (`SkuLedger`): random
 //! histories of reserve, pin, release and withdraw (by several create attempts) give the same
-//! answers in both, and lapsed reservations are reclaimed lazily.
+//! answers in both (purchase limits included), and lapsed reservations are reclaimed lazily.
 
 use std::time::Duration;
 
 use domain::stock::{Attempt, Claim, PinOutcome, ReserveOutcome, SkuLedger, WithdrawOutcome};
 use domain::{OrderId, SkuId};
 use integration_tests::{eventually, redis_url, unique_prefix};
-use redis_prelock::RedisPrelock;
+use redis_prelock::{Purchases, RedisPrelock};
 
 async fn prelock() -> RedisPrelock {
     RedisPrelock::connect(
@@ -31,20 +31,40 @@ async fn scripts_agree_with_the_reference_ledger() {
     let sku = SkuId::parse("sku-model").unwrap();
     let ids: Vec<OrderId> = (0..8).map(|_| OrderId(uuid::Uuid::new_v4())).collect();
     let attempts: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+    let buyers = ["b1", "b2", "b3"];
     let mut rng = fastrand_seeded(7);
     for round in 0..20 {
-        let stock = (round % 7) as i64;
+        let stock = (round % 7) as i64 * 2;
+        // every other round under a purchase limit of 1 to 4 units per buyer
+        let limit = if round % 2 == 0 { 0 } else { (round % 4 + 1) as u32 };
         let mut model: SkuLedger<usize> = SkuLedger::new(stock);
-        redis.replace_sku(&sku, stock, None, &[]).await.unwrap();
+        model.set_limit(limit);
+        let purchases = Purchases {
+            limit: Some(limit),
+            ..Purchases::default()
+        };
+        redis
+            .replace_sku(&sku, stock, None, &[], &purchases)
+            .await
+            .unwrap();
         for _ in 0..80 {
             let i = (rng() % ids.len() as u64) as usize;
             let a = attempts[(rng() % attempts.len() as u64) as usize];
+            // each reservation id belongs to one buyer, as an order id does
+            let buyer = buyers[i % buyers.len()];
             match rng() % 6 {
                 0 => {
                     let q = (rng() % 3 + 1) as u32;
-                    let want = model.reserve(i, q, 0, 3_600_000, Claim::Attempt(a));
+                    let want = model.reserve_for(i, q, 0, 3_600_000, Claim::Attempt(a), buyer);
                     let got = redis
-                        .reserve(&sku, ids[i], q, Duration::from_secs(3600), attempt_of(a))
+                        .reserve(
+                            &sku,
+                            ids[i],
+                            q,
+                            Duration::from_secs(3600),
+                            attempt_of(a),
+                            buyer,
+                        )
                         .await;
                     match (want, got) {
                         (
@@ -55,6 +75,7 @@ async fn scripts_agree_with_the_reference_ledger() {
                             ReserveOutcome::Shortage { available: a },
                             Ok(ReserveOutcome::Shortage { available: b }),
                         ) => assert_eq!(a, b),
+                        (w @ ReserveOutcome::OverLimit { .. }, Ok(g)) => assert_eq!(w, g),
                         (
                             ReserveOutcome::Existing { quantity, .. },
                             Ok(ReserveOutcome::Existing { .. }),
@@ -68,8 +89,8 @@ async fn scripts_agree_with_the_reference_ledger() {
                 }
                 1 => {
                     let q = (rng() % 3 + 1) as u32;
-                    let want = model.pin(i, q, 0);
-                    let got = redis.pin(&sku, ids[i], q).await.unwrap();
+                    let want = model.pin_for(i, q, 0, buyer);
+                    let got = redis.pin(&sku, ids[i], q, buyer).await.unwrap();
                     assert_eq!(got, want);
                 }
                 2 => {
@@ -95,6 +116,13 @@ async fn scripts_agree_with_the_reference_ledger() {
                 Some(model.available())
             );
             assert!(model.available() >= 0);
+            let mut bought: Vec<(String, u32)> = buyers
+                .iter()
+                .map(|b| (b.to_string(), model.bought(b)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            bought.sort();
+            assert_eq!(redis.bought(&sku).await.unwrap(), bought);
         }
         let held: i64 = redis
             .held(&sku)
@@ -112,7 +140,13 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     let redis = prelock().await;
     let sku = SkuId::parse("sku-lapse").unwrap();
     redis
-        .replace_sku(&sku, 2, Some(Duration::from_millis(50)), &[])
+        .replace_sku(
+            &sku,
+            2,
+            Some(Duration::from_millis(50)),
+            &[],
+            &Purchases::default(),
+        )
         .await
         .unwrap();
     let a = OrderId(uuid::Uuid::new_v4());
@@ -120,7 +154,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     let attempt = uuid::Uuid::new_v4();
     assert!(matches!(
         redis
-            .reserve(&sku, a, 2, Duration::from_secs(900), attempt_of(attempt))
+            .reserve(&sku, a, 2, Duration::from_secs(900), attempt_of(attempt), "")
             .await
             .unwrap(),
         ReserveOutcome::Reserved { available: 0, .. }
@@ -132,7 +166,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
         || async {
             matches!(
                 redis
-                    .reserve(&sku, b, 1, Duration::from_secs(900), attempt_of(attempt))
+                    .reserve(&sku, b, 1, Duration::from_secs(900), attempt_of(attempt), "")
                     .await
                     .unwrap(),
                 ReserveOutcome::Reserved { .. }
@@ -148,7 +182,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     );
     // a late payment for a: its pre-lock is gone, the unit left is taken again and pinned
     assert_eq!(
-        redis.pin(&sku, a, 1).await.unwrap(),
+        redis.pin(&sku, a, 1, "").await.unwrap(),
         PinOutcome::Repinned {
             quantity: 1,
             available: 0
@@ -167,7 +201,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     })
     .await;
     assert_eq!(
-        redis.pin(&sku, b, 1).await.unwrap(),
+        redis.pin(&sku, b, 1, "").await.unwrap(),
         PinOutcome::Repinned {
             quantity: 1,
             available: 0
@@ -175,7 +209,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     );
     let c = OrderId(uuid::Uuid::new_v4());
     assert_eq!(
-        redis.pin(&sku, c, 1).await.unwrap(),
+        redis.pin(&sku, c, 1, "").await.unwrap(),
         PinOutcome::Shortage { available: 0 }
     );
     // pinned reservations never lapse, and no attempt can withdraw them
@@ -190,7 +224,7 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     let unknown = SkuId::parse("sku-never-loaded").unwrap();
     assert_eq!(
         redis
-            .reserve(&unknown, a, 1, Duration::from_secs(1), attempt_of(attempt))
+            .reserve(&unknown, a, 1, Duration::from_secs(1), attempt_of(attempt), "")
             .await,
         Err(domain::ports::PrelockError::NotLoaded)
     );

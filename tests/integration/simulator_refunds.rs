@@ -69,6 +69,21 @@ async fn a_refund_id_is_paid_once_even_when_its_first_answer_is_lost() {
         gw.query_refund(wechat, "rf-2").await,
         Err(GatewayError::Rejected(_))
     ));
+    // nor can an amount so large that the sum would wrap around (release builds wrap)
+    let (payment_w, amount_w) = paid_payment(&s, "wrap").await;
+    let part = gw
+        .refund(wechat, &request("rf-w1", &payment_w, amount_w - 1))
+        .await
+        .unwrap();
+    assert_eq!(part.amount_cents, amount_w - 1);
+    let wrap = gw
+        .refund(wechat, &request("rf-w2", &payment_w, i64::MAX))
+        .await;
+    assert!(
+        matches!(wrap, Err(GatewayError::Rejected(ref m)) if m.contains("409")),
+        "{wrap:?}"
+    );
+    assert_eq!(refunds_paid(&s, &payment_w).await, 1);
 
     // the refund is made but its answer comes after the caller gave up: the retry with the
     // same id is answered with the refund already made, and nothing is paid twice

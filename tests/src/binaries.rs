@@ -316,6 +316,8 @@ impl Services {
             ("PG_MAX_CONNECTIONS", "4".to_owned()),
             ("ALLOW_DEV_SECRETS", "true".to_owned()),
             ("RUST_LOG", "info".to_owned()),
+            // most tests send many requests as one buyer; the rate-limit tests set their own
+            ("RATE_LIMIT_BUYER_PER_SEC", "0".to_owned()),
         ];
         env.extend_from_slice(common); // later entries win
         let with = |extra: &[(&'static str, String)]| {

@@ -65,6 +65,8 @@ pub fn auth() -> AuthConfig {
         jwt_secret: JWT_SECRET.into(),
         ops_token: OPS_TOKEN.into(),
         max_token_lifetime_secs: service_kit::auth::DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+        issuer: None,
+        audience: None,
     }
 }
 
@@ -103,6 +105,10 @@ pub struct StackOptions {
     pub sold_out_ttl: Duration,
     /// prelock-service's confirmation window (`PRELOCK_CONFIRM_AFTER_MS`).
     pub confirm_after: Duration,
+    /// prelock-service's purchase limit for SKUs without one (`PRELOCK_MAX_PER_BUYER`).
+    pub default_max_per_buyer: u32,
+    /// order-api's rate limits (off unless a test is about them).
+    pub rate_limits: service_kit::limit::RateLimitConfig,
 }
 
 impl Default for StackOptions {
@@ -114,6 +120,8 @@ impl Default for StackOptions {
             max_quantity: 20,
             sold_out_ttl: Duration::from_millis(200),
             confirm_after: Duration::from_millis(1000),
+            default_max_per_buyer: 0,
+            rate_limits: service_kit::limit::RateLimitConfig::off(),
         }
     }
 }
@@ -153,6 +161,7 @@ async fn listen() -> (tokio::net::TcpListener, String) {
 
 fn spawn_server(l: tokio::net::TcpListener, app: axum::Router) {
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         axum::serve(l, app).await.expect("server");
     });
 }
@@ -183,6 +192,7 @@ impl Stack {
                 run_migrations: true,
                 confirm_after: opts.confirm_after,
                 confirm_poll: Duration::from_millis(200),
+                default_max_per_buyer: opts.default_max_per_buyer,
             },
             auth(),
         )
@@ -217,6 +227,7 @@ impl Stack {
                 pg: test_pg_limits(16),
                 run_migrations: false,
                 fulfillment: fcfg,
+                rate_limits: opts.rate_limits,
             },
             auth(),
             secrets,

@@ -143,7 +143,8 @@ pub async fn run(
                         "failed"
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "alert webhook unreachable");
+                        // never the URL: the webhook's secret is in it
+                        tracing::warn!(error = %e.without_url(), "alert webhook unreachable");
                         "failed"
                     }
                 },

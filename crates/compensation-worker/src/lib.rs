@@ -197,7 +197,10 @@ impl App {
             PrelockClient::new(&config.prelock_url, &auth.ops_token, config.prelock_timeout)?;
         let redis = ConnectionManager::new(redis::Client::open(config.redis_url.as_str())?)
             .await
-            .map_err(|e| anyhow::anyhow!("redis at {}: {e}", config.redis_url))?;
+            .map_err(|e| {
+                let at = service_kit::config::redact_url(&config.redis_url);
+                anyhow::anyhow!("redis at {at}: {e}")
+            })?;
         let metrics = Metrics::new("compensation-worker");
         store.export_outbox_lag(&metrics);
         let (alerts_tx, alerts_rx) = mpsc::unbounded_channel();

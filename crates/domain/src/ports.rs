@@ -42,10 +42,14 @@ pub enum PrelockError {
 ///   the first reservation (`Existing`), or `Mismatch` if the quantity differs. Either way
 ///   `attempt` (one id per create attempt) becomes a claimant of the reservation, and its
 ///   pending confirmation is recorded in the same step (see [`Attempt`]): if no order
-///   confirms it, the claim is withdrawn within seconds even if the caller dies.
+///   confirms it, the claim is withdrawn within seconds even if the caller dies. A new
+///   reservation counts against `buyer`'s purchase limit for the SKU (live and paid units of
+///   theirs); one that would pass it is refused (`OverLimit`) in the same atomic step, so
+///   concurrent orders of one buyer never pass it together.
 /// - `pin` (the payment path) makes the order's reservation permanent, or, when it lapsed or
 ///   is gone, takes the units again and pins them, in one step; it never consults a sold-out
-///   shortcut. Idempotent.
+///   shortcut, nor the purchase limit (the money is paid): units taken again count against
+///   `buyer`. Idempotent.
 /// - `release` gives a reservation's units back whoever claims it; releasing twice is a no-op
 ///   (`NotFound`).
 /// - `withdraw` removes `attempt`'s claim, giving the units back only if no claimant is left:
@@ -65,6 +69,7 @@ pub trait StockPrelock: Send + Sync {
         id: OrderId,
         quantity: u32,
         attempt: Attempt,
+        buyer: &str,
     ) -> impl Future<Output = Result<ReserveOutcome, PrelockError>> + Send;
 
     /// The pre-lock store's clock, in ms since the Unix epoch.
@@ -75,6 +80,7 @@ pub trait StockPrelock: Send + Sync {
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
+        buyer: &str,
     ) -> impl Future<Output = Result<PinOutcome, PrelockError>> + Send;
 
     fn release(

@@ -13,6 +13,14 @@
 //! claimant is left. A retry that found the reservation, or an order that exists
 //! ([`Claim::Order`]: a paid or rebuilt reservation), keeps them, however late the orphan's
 //! withdrawal arrives.
+//!
+//! Purchase limits ("limit N per person"): a SKU may cap the units one buyer holds, counting
+//! live reservations and paid orders (a paid reservation that was deducted still counts: the
+//! buyer bought it). The count goes up in the same step that takes the units and down when
+//! units go back (release, lapse, withdrawal); it is checked in that step too, so concurrent
+//! orders of one buyer can never pass the limit together ([`SkuLedger::reserve_for`]). An
+//! existing reservation (a retry) is never refused by the limit, and neither is a payment
+//! ([`SkuLedger::pin_for`]): money already paid keeps its units.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -72,6 +80,9 @@ pub enum ReserveOutcome {
     },
     /// Not enough units; nothing changed.
     Shortage { available: i64 },
+    /// The buyer already holds `holds` units of this SKU and `limit` is the most one buyer
+    /// may hold: nothing changed.
+    OverLimit { holds: u32, limit: u32 },
 }
 
 /// What pinning (the payment path: "confirm, or reserve again") did, in one atomic step that
@@ -114,6 +125,8 @@ struct Held {
     quantity: u32,
     expires_at_ms: ExpiresAtMs,
     claims: BTreeSet<Claim>,
+    /// Whose purchase limit the units count against (none for reservations made without).
+    buyer: Option<String>,
 }
 
 /// One SKU's stock, as the pre-lock sees it. Generic over the reservation id so tests can
@@ -123,6 +136,10 @@ pub struct SkuLedger<K: Ord + Clone> {
     stock_real: i64,
     available: i64,
     held: BTreeMap<K, Held>,
+    /// Most units one buyer may hold (live and paid); 0 = no limit.
+    limit: u32,
+    /// Units each buyer holds: live reservations and paid (deducted) ones.
+    bought: BTreeMap<String, u32>,
 }
 
 impl<K: Ord + Clone> SkuLedger<K> {
@@ -132,6 +149,35 @@ impl<K: Ord + Clone> SkuLedger<K> {
             stock_real,
             available: stock_real,
             held: BTreeMap::new(),
+            limit: 0,
+            bought: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the most units one buyer may hold (0 = no limit). Holdings above a lowered limit
+    /// stay; only new reservations are refused.
+    pub fn set_limit(&mut self, limit: u32) {
+        self.limit = limit;
+    }
+
+    /// Units `buyer` holds: live reservations and paid ones.
+    pub fn bought(&self, buyer: &str) -> u32 {
+        self.bought.get(buyer).copied().unwrap_or(0)
+    }
+
+    fn count(&mut self, buyer: &str, quantity: u32) {
+        *self.bought.entry(buyer.to_owned()).or_default() += quantity;
+    }
+
+    /// Units going back: they no longer count against their buyer.
+    fn uncount(&mut self, h: &Held) {
+        if let Some(b) = &h.buyer {
+            if let Some(n) = self.bought.get_mut(b) {
+                *n = n.saturating_sub(h.quantity);
+                if *n == 0 {
+                    self.bought.remove(b);
+                }
+            }
         }
     }
 
@@ -161,6 +207,7 @@ impl<K: Ord + Clone> SkuLedger<K> {
         for k in lapsed {
             if let Some(h) = self.held.remove(&k) {
                 units += i64::from(h.quantity);
+                self.uncount(&h);
             }
         }
         self.available += units;
@@ -177,6 +224,33 @@ impl<K: Ord + Clone> SkuLedger<K> {
         ttl_ms: i64,
         claim: Claim,
     ) -> ReserveOutcome {
+        self.reserve_as(id, quantity, now_ms, ttl_ms, claim, None)
+    }
+
+    /// [`SkuLedger::reserve`] on behalf of `buyer`, within the SKU's purchase limit: a new
+    /// reservation that would take the buyer past it is refused (`OverLimit`); an existing one
+    /// (a retry) is reported as before.
+    pub fn reserve_for(
+        &mut self,
+        id: K,
+        quantity: u32,
+        now_ms: i64,
+        ttl_ms: i64,
+        claim: Claim,
+        buyer: &str,
+    ) -> ReserveOutcome {
+        self.reserve_as(id, quantity, now_ms, ttl_ms, claim, Some(buyer))
+    }
+
+    fn reserve_as(
+        &mut self,
+        id: K,
+        quantity: u32,
+        now_ms: i64,
+        ttl_ms: i64,
+        claim: Claim,
+        buyer: Option<&str>,
+    ) -> ReserveOutcome {
         assert!(quantity > 0, "quantity must be positive");
         self.reclaim_lapsed(now_ms);
         if let Some(h) = self.held.get_mut(&id) {
@@ -186,6 +260,15 @@ impl<K: Ord + Clone> SkuLedger<K> {
                 expires_at_ms: h.expires_at_ms,
             };
         }
+        if let Some(b) = buyer {
+            let holds = self.bought(b);
+            if self.limit > 0 && u64::from(holds) + u64::from(quantity) > u64::from(self.limit) {
+                return ReserveOutcome::OverLimit {
+                    holds,
+                    limit: self.limit,
+                };
+            }
+        }
         if self.available < i64::from(quantity) {
             return ReserveOutcome::Shortage {
                 available: self.available,
@@ -193,12 +276,16 @@ impl<K: Ord + Clone> SkuLedger<K> {
         }
         self.available -= i64::from(quantity);
         let expires_at_ms = now_ms + ttl_ms;
+        if let Some(b) = buyer {
+            self.count(b, quantity);
+        }
         self.held.insert(
             id,
             Held {
                 quantity,
                 expires_at_ms: Some(expires_at_ms),
                 claims: BTreeSet::from([claim]),
+                buyer: buyer.map(str::to_owned),
             },
         );
         ReserveOutcome::Reserved {
@@ -210,6 +297,16 @@ impl<K: Ord + Clone> SkuLedger<K> {
     /// The payment path: makes `id`'s live reservation permanent, or, when it lapsed or is
     /// gone, takes the units again and pins them. Either way an order now claims it.
     pub fn pin(&mut self, id: K, quantity: u32, now_ms: i64) -> PinOutcome {
+        self.pin_as(id, quantity, now_ms, None)
+    }
+
+    /// [`SkuLedger::pin`] for `buyer`'s order: units taken again count against the buyer, but
+    /// the limit never refuses them (the money is paid).
+    pub fn pin_for(&mut self, id: K, quantity: u32, now_ms: i64, buyer: &str) -> PinOutcome {
+        self.pin_as(id, quantity, now_ms, Some(buyer))
+    }
+
+    fn pin_as(&mut self, id: K, quantity: u32, now_ms: i64, buyer: Option<&str>) -> PinOutcome {
         assert!(quantity > 0, "quantity must be positive");
         self.reclaim_lapsed(now_ms);
         if let Some(h) = self.held.get_mut(&id) {
@@ -226,12 +323,16 @@ impl<K: Ord + Clone> SkuLedger<K> {
             };
         }
         self.available -= i64::from(quantity);
+        if let Some(b) = buyer {
+            self.count(b, quantity);
+        }
         self.held.insert(
             id,
             Held {
                 quantity,
                 expires_at_ms: None,
                 claims: BTreeSet::from([Claim::Order]),
+                buyer: buyer.map(str::to_owned),
             },
         );
         PinOutcome::Repinned {
@@ -266,6 +367,7 @@ impl<K: Ord + Clone> SkuLedger<K> {
         match self.held.remove(id) {
             Some(h) => {
                 self.available += i64::from(h.quantity);
+                self.uncount(&h);
                 ReleaseOutcome::Released {
                     quantity: h.quantity,
                     available: self.available,
@@ -464,6 +566,49 @@ mod tests {
             ReserveOutcome::Shortage { available: 1 }
         );
         assert_eq!(l.available(), 1);
+    }
+
+    #[test]
+    fn a_buyer_holds_at_most_the_limit_counting_live_and_paid_units() {
+        let mut l = SkuLedger::new(100);
+        l.set_limit(5);
+        assert!(matches!(
+            l.reserve_for(1, 3, 0, 100, A, "u"),
+            ReserveOutcome::Reserved { .. }
+        ));
+        assert_eq!(
+            l.reserve_for(2, 3, 0, 100, A, "u"),
+            ReserveOutcome::OverLimit { holds: 3, limit: 5 }
+        );
+        // a retry of the existing reservation is never refused; another buyer is unaffected
+        assert!(matches!(
+            l.reserve_for(1, 3, 0, 100, A, "u"),
+            ReserveOutcome::Existing { .. }
+        ));
+        assert!(matches!(
+            l.reserve_for(3, 5, 0, 100, A, "v"),
+            ReserveOutcome::Reserved { .. }
+        ));
+        // paid and deducted units still count
+        assert_eq!(l.pin_for(1, 3, 0, "u"), PinOutcome::Pinned { quantity: 3 });
+        assert!(l.deduct(&1));
+        assert_eq!(l.bought("u"), 3);
+        assert!(matches!(
+            l.reserve_for(4, 2, 0, 100, A, "u"),
+            ReserveOutcome::Reserved { .. }
+        ));
+        assert_eq!(l.bought("u"), 5);
+        // units that go back (lapse, release, withdrawal) stop counting
+        l.reclaim_lapsed(100);
+        assert_eq!(l.bought("u"), 3);
+        assert_eq!(l.release(&3), ReleaseOutcome::NotFound);
+        assert_eq!(l.bought("v"), 0);
+        // a payment that takes units again counts them, past the limit if it must
+        assert!(matches!(
+            l.pin_for(5, 4, 200, "u"),
+            PinOutcome::Repinned { .. }
+        ));
+        assert_eq!(l.bought("u"), 7);
     }
 
     #[test]

@@ -107,7 +107,7 @@ proptest! {
                     let expires_at = match ledger.reserve(rid, q, now, TTL, claim()) {
                         ReserveOutcome::Reserved { expires_at_ms, .. } => expires_at_ms,
                         ReserveOutcome::Existing { expires_at_ms, .. } => expires_at_ms.unwrap_or(now),
-                        ReserveOutcome::Shortage { .. } => continue,
+                        ReserveOutcome::Shortage { .. } | ReserveOutcome::OverLimit { .. } => continue,
                     };
                     orders.push(Order { rid, row: Versioned::initial(), qty: q, expires_at, money_kept: false });
                 }

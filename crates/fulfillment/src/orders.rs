@@ -137,7 +137,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         };
         let expires_at_ms = match self
             .prelock
-            .reserve(&req.sku_id, id, req.quantity, attempt)
+            .reserve(&req.sku_id, id, req.quantity, attempt, user.as_str())
             .await
         {
             Ok(ReserveOutcome::Reserved { expires_at_ms, .. }) => expires_at_ms,
@@ -149,6 +149,13 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
                     self.sold_out.mark(&req.sku_id, Instant::now());
                 }
                 return Err(FulfillmentError::Shortage { available });
+            }
+            Ok(ReserveOutcome::OverLimit { holds, limit }) => {
+                return Err(FulfillmentError::PurchaseLimit {
+                    holds,
+                    limit,
+                    quantity: req.quantity,
+                });
             }
             Err(e @ PrelockError::Unavailable(_)) => {
                 // The reserve may have run even though its answer never came: its pending

@@ -140,7 +140,10 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         // units are really there.
         let held = match stock_step(order.state) {
             StockStep::None => false,
-            StockStep::Pin => match self.prelock.pin(&sku, id, order.quantity as u32).await? {
+            StockStep::Pin => match self
+                .prelock
+                .pin(&sku, id, order.quantity as u32, &order.user_id)
+                .await? {
                 PinOutcome::Pinned { .. } | PinOutcome::Repinned { .. } => true,
                 PinOutcome::Shortage { .. } | PinOutcome::Mismatch { .. } => false,
             },

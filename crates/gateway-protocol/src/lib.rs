@@ -261,10 +261,11 @@ impl GatewayClient {
         req: reqwest::RequestBuilder,
     ) -> Result<T, GatewayError> {
         let resp = req.send().await.map_err(|e| {
+            // the error without its URL (ids and, at a real provider, signed query strings)
             if e.is_timeout() {
-                GatewayError::Timeout(e.to_string())
+                GatewayError::Timeout(e.without_url().to_string())
             } else {
-                GatewayError::Unavailable(e.to_string())
+                GatewayError::Unavailable(e.without_url().to_string())
             }
         })?;
         let status = resp.status();
@@ -277,7 +278,7 @@ impl GatewayClient {
         }
         resp.json()
             .await
-            .map_err(|e| GatewayError::Unavailable(format!("bad reply: {e}")))
+            .map_err(|e| GatewayError::Unavailable(format!("bad reply: {}", e.without_url())))
     }
 
     pub async fn create_payment(

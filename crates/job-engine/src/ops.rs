@@ -38,6 +38,7 @@ pub fn routes(state: OpsState) -> OpenApiRouter {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct JobQuery {
     /// scheduled, running, completed, dead or cancelled
     pub state: Option<String>,
@@ -50,8 +51,15 @@ pub struct JobQuery {
 
 const STATES: [&str; 5] = ["scheduled", "running", "completed", "dead", "cancelled"];
 
+/// A database failure as an answer: the caller's own bad value (Postgres' data exceptions
+/// and constraint violations) is `400`; the database being down, slow or overloaded is `503`
+/// with `Retry-After` ([`store::is_transient`], the one classifier); anything else is `500`.
 pub fn db(e: sqlx::Error) -> ApiError {
-    ApiError::dependency(e, true)
+    if let Some(problem) = store::bad_input(&e) {
+        return ApiError::new(ErrorCode::Validation, problem);
+    }
+    let transient = store::is_transient(&e);
+    ApiError::dependency(e, transient)
 }
 
 #[utoipa::path(get, path = "/v1/ops/jobs", tag = "jobs",
@@ -75,6 +83,9 @@ async fn list_jobs(
     let limit = q.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::field("limit", "must be 1 to 500"));
+    }
+    if let Some(kind) = q.kind.as_deref() {
+        check_kind(kind)?;
     }
     let rows = store::list_jobs(
         &s.pool,

@@ -467,8 +467,14 @@ impl ScheduleDef {
         if !(0..=2).contains(&self.priority) {
             return policy("priority must be 0, 1 or 2");
         }
-        if self.max_attempts < 1 {
-            return policy("max_attempts must be at least 1");
+        if !(1..=1000).contains(&self.max_attempts) {
+            return policy("max_attempts must be 1 to 1000");
+        }
+        if !(1..=10_000).contains(&self.catch_up_max) {
+            return policy("catch_up_max must be 1 to 10000");
+        }
+        if has_nul(&self.payload) || [&self.recurrence, &self.time_zone].iter().any(|s| s.contains('\0')) {
+            return policy("payload, recurrence and time_zone must not contain NUL characters");
         }
         let calendar = Calendar::new(
             &self.recurrence,
@@ -477,6 +483,16 @@ impl ScheduleDef {
             OverlapPolicy::parse(&self.dst_overlap)?,
         )?;
         Ok((calendar, Misfire::parse(&self.misfire, self.catch_up_max)?))
+    }
+}
+
+/// Whether a JSON value holds a NUL character anywhere (Postgres' text and jsonb cannot).
+pub fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 

@@ -10,6 +10,50 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+/// Whether `err` means "the database is unavailable or too slow right now": the caller answers
+/// 503 with `Retry-After` rather than 500. Pool timeouts and closed pools, I/O and protocol
+/// errors on a dead connection, and the server's own refusals: `statement_timeout` (57014),
+/// `lock_timeout` (55P03), shutdown (57P01-57P03), too many connections (53300), and the
+/// connection exception class (08).
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            matches!(
+                &*c,
+                "57014" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
+            ) || c.starts_with("08")
+        }),
+        _ => false,
+    }
+}
+
+/// The caller's own bad value, as Postgres refused it: a data exception (class 22: a NUL byte
+/// in text, an unsupported `\u0000` in jsonb, a number out of range) or a constraint
+/// violation (class 23, but a unique violation, which callers handle as a conflict). Returns
+/// what to tell the caller (the constraint's name or the kind of value; never the value).
+pub fn bad_input(err: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(db) = err else {
+        return None;
+    };
+    let code = db.code()?;
+    if code == "23505" {
+        return None;
+    }
+    if code.starts_with("23") {
+        return Some(match db.constraint() {
+            Some(c) => format!("a value breaks the rule {c}"),
+            None => "a value breaks a rule of the table".to_owned(),
+        });
+    }
+    code.starts_with("22").then(|| match &*code {
+        "22021" | "22P05" => "a value holds a NUL character or invalid text".to_owned(),
+        "22003" => "a number is out of range".to_owned(),
+        _ => "a value is malformed or out of range".to_owned(),
+    })
+}
+
 /// Job priority: P0 (money, stock) before P1 (user-facing follow-ups) before P2 (reports,
 /// archiving).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -98,6 +98,10 @@ pub fn api_error(e: FulfillmentError) -> ApiError {
             ErrorCode::StockShortage,
             format!("not enough stock to pre-lock ({available} available); refresh or pick another store"),
         ),
+        F::PurchaseLimit { holds, limit, quantity } => ApiError::new(
+            ErrorCode::PurchaseLimit,
+            format!("this SKU is limited to {limit} per buyer: you hold {holds} in live and paid orders, so {quantity} more is too many"),
+        ),
         F::IdempotencyMismatch => ApiError::new(
             ErrorCode::IdempotencyMismatch,
             "Idempotency-Key was already used with a different request body",
@@ -136,6 +140,7 @@ pub fn outcome_label(e: &FulfillmentError) -> &'static str {
     match e {
         F::Validation { .. } | F::UnknownSku => "invalid",
         F::Shortage { .. } => "shortage",
+        F::PurchaseLimit { .. } => "purchase_limit",
         F::IdempotencyMismatch => "idempotency_mismatch",
         F::PrelockNotLoaded => "not_loaded",
         F::PrelockUnavailable(_) => "timeout",

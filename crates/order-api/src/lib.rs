@@ -45,6 +45,8 @@ pub struct Config {
     pub pg: postgres_store::PgLimits,
     pub run_migrations: bool,
     pub fulfillment: FulfillmentConfig,
+    /// Budgets per buyer, per client address and on the webhooks (`RATE_LIMIT_*`).
+    pub rate_limits: service_kit::limit::RateLimitConfig,
 }
 
 impl Config {
@@ -80,6 +82,7 @@ impl Config {
                     defaults.first_payment_check.as_millis() as u64,
                 )?,
             },
+            rate_limits: service_kit::limit::RateLimitConfig::from_env()?,
         })
     }
 }
@@ -104,6 +107,8 @@ pub struct App {
     pub auth: AuthConfig,
     pub metrics: Metrics,
     pub api_metrics: ApiMetrics,
+    /// Budgets per buyer and per client address (create, pay, cancel) and on the webhooks.
+    pub limits: service_kit::limit::RateLimits,
 }
 
 #[derive(Clone)]
@@ -147,7 +152,9 @@ impl App {
                 &["provider", "outcome"],
             ),
         };
+        let limits = service_kit::limit::RateLimits::new(&config.rate_limits, &metrics);
         Ok(Arc::new(App {
+            limits,
             fulfillment: Fulfillment::new(store, prelock, config.fulfillment.clone()),
             config,
             gateway,

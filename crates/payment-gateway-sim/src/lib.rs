@@ -18,7 +18,8 @@
 //! Callbacks are signed per `gateway_protocol` and retried on 5xx or network errors with
 //! exponential backoff, as real providers do. Random delays (`delay_rate`, `delay_ms`) also
 //! reorder callbacks relative to each other. State is in memory: this is a test double, and
-//! it must never be pointed at real money.
+//! it must never be pointed at real money, nor be reachable in production: it signs
+//! callbacks with the providers' secrets for anyone who asks it to "pay".
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -469,8 +470,14 @@ async fn refund(
                 if sp.status != "PAID" {
                     return Err(ApiError::new(ErrorCode::Conflict, "payment is not paid"));
                 }
-                let refunded: i64 = sp.refunds.iter().map(|r| r.amount_cents).sum();
-                if refunded + req.amount_cents > sp.amount_cents {
+                // checked: a huge amount must be refused, not wrap around past the check
+                let refunded = sp
+                    .refunds
+                    .iter()
+                    .try_fold(0i64, |sum, r| sum.checked_add(r.amount_cents))
+                    .unwrap_or(i64::MAX);
+                let after = refunded.checked_add(req.amount_cents);
+                if after.is_none_or(|total| total > sp.amount_cents) {
                     return Err(ApiError::new(
                         ErrorCode::Conflict,
                         format!(

@@ -230,24 +230,9 @@ pub async fn database_now(
         .await
 }
 
-/// Whether `err` means "the database is unavailable or too slow right now": the caller answers
-/// 503 with `Retry-After` rather than 500. Pool timeouts and closed pools, I/O and protocol
-/// errors on a dead connection, and the server's own refusals: `statement_timeout` (57014),
-/// `lock_timeout` (55P03), shutdown (57P01-57P03), too many connections (53300), and the
-/// connection exception class (08).
-pub fn is_transient(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            matches!(
-                &*c,
-                "57014" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
-            ) || c.starts_with("08")
-        }),
-        _ => false,
-    }
-}
+/// The one classifier of database failures (`job_engine`, the lowest crate that speaks SQL,
+/// owns it): transient means 503 with `Retry-After`.
+pub use job_engine::store::{bad_input, is_transient};
 
 /// Whether `err` is a unique violation (optionally of one named constraint).
 pub fn is_unique_violation(err: &sqlx::Error, constraint: Option<&str>) -> bool {

@@ -11,9 +11,12 @@ pub struct SkuRow {
     pub price_cents: i64,
     pub stock_real: i64,
     pub prelock_ttl_seconds: Option<i32>,
+    /// Most units one buyer may hold; `None` = the service default.
+    pub max_per_buyer: Option<i32>,
 }
 
-const SKU_COLUMNS: &str = "id, store_id, price_cents, stock_real, prelock_ttl_seconds";
+const SKU_COLUMNS: &str =
+    "id, store_id, price_cents, stock_real, prelock_ttl_seconds, max_per_buyer";
 
 /// Units held by live reservations: confirmed ones, and active ones not yet lapsed. Uses the
 /// wall clock (not the transaction start), since a rebuild may wait for its lock.
@@ -87,13 +90,16 @@ pub async fn upsert_sku(
     price_cents: i64,
     stock_real: i64,
     prelock_ttl_seconds: Option<i32>,
+    max_per_buyer: Option<i32>,
 ) -> Result<SkuRow, sqlx::Error> {
     sqlx::query_as(&format!(
-        "INSERT INTO skus (id, store_id, price_cents, stock_real, prelock_ttl_seconds)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO skus (id, store_id, price_cents, stock_real, prelock_ttl_seconds,
+                           max_per_buyer)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (id) DO UPDATE SET store_id = EXCLUDED.store_id,
              price_cents = EXCLUDED.price_cents, stock_real = EXCLUDED.stock_real,
-             prelock_ttl_seconds = EXCLUDED.prelock_ttl_seconds, updated_at = now()
+             prelock_ttl_seconds = EXCLUDED.prelock_ttl_seconds,
+             max_per_buyer = EXCLUDED.max_per_buyer, updated_at = now()
          RETURNING {SKU_COLUMNS}"
     ))
     .bind(id)
@@ -101,6 +107,7 @@ pub async fn upsert_sku(
     .bind(price_cents)
     .bind(stock_real)
     .bind(prelock_ttl_seconds)
+    .bind(max_per_buyer)
     .fetch_one(conn)
     .await
 }
@@ -132,6 +139,8 @@ pub async fn held_units(ex: impl PgExecutor<'_>, sku: &str) -> Result<i64, sqlx:
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveReservation {
     pub order_id: Uuid,
+    /// The order's buyer, whose purchase limit the units count against.
+    pub user_id: String,
     pub quantity: i32,
     /// `None` once confirmed (it never lapses).
     pub expires_at: Option<DateTime<Utc>>,
@@ -143,8 +152,10 @@ pub async fn live_reservations(
     ex: impl PgExecutor<'_>,
     sku: &str,
 ) -> Result<Vec<LiveReservation>, sqlx::Error> {
-    let rows: Vec<(Uuid, i32, String, DateTime<Utc>)> = sqlx::query_as(&format!(
-        "SELECT order_id, quantity, status, expires_at FROM reservations
+    let rows: Vec<(Uuid, String, i32, String, DateTime<Utc>)> = sqlx::query_as(&format!(
+        "SELECT order_id, (SELECT o.user_id FROM orders o WHERE o.id = reservations.order_id),
+                quantity, status, expires_at
+         FROM reservations
          WHERE sku_id = $1 AND {HELD} ORDER BY created_at, order_id"
     ))
     .bind(sku)
@@ -152,12 +163,36 @@ pub async fn live_reservations(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(order_id, quantity, status, expires_at)| LiveReservation {
+        .map(|(order_id, user_id, quantity, status, expires_at)| LiveReservation {
             order_id,
+            user_id,
             quantity,
             expires_at: (status == "ACTIVE").then_some(expires_at),
         })
         .collect())
+}
+
+/// What each buyer holds of a SKU, by the ledger, for its purchase limit: paid orders
+/// (`PAID`, `CONFIRMED`, `REDEEMED`: deducted or not, the buyer bought them) and the orders of
+/// `live` (the reservations a rebuild keeps). Sorted by buyer.
+pub async fn bought_units(
+    ex: impl PgExecutor<'_>,
+    sku: &str,
+    live: &[Uuid],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT user_id, sum(quantity)::bigint FROM (
+             SELECT user_id, quantity FROM orders
+             WHERE sku_id = $1 AND state IN ('PAID', 'CONFIRMED', 'REDEEMED')
+             UNION ALL
+             SELECT user_id, quantity FROM orders
+             WHERE id = ANY($2) AND state NOT IN ('PAID', 'CONFIRMED', 'REDEEMED')
+         ) held GROUP BY user_id ORDER BY user_id",
+    )
+    .bind(sku)
+    .bind(live)
+    .fetch_all(ex)
+    .await
 }
 
 /// SKU ids in id order, a page at a time (rebuild walks the catalogue with this).

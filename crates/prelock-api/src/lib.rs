@@ -2,9 +2,9 @@
 //! implements [`domain::ports::StockPrelock`] for order-api.
 //!
 //! Routes (all take `Authorization: Bearer <OPS_TOKEN>`; reservation id = order id):
-//! - `PUT    /v1/skus/{sku_id}/reservations/{id}`           `{"quantity","attempt","txid"?}` -> [`ReserveReply`]
+//! - `PUT    /v1/skus/{sku_id}/reservations/{id}`           `{"quantity","attempt","buyer","txid"?}` -> [`ReserveReply`]
 //! - `GET    /v1/skus/{sku_id}/reservations/{id}`           -> [`HoldsReply`] (operators)
-//! - `POST   /v1/skus/{sku_id}/reservations/{id}/pin`       `{"quantity"}` -> [`PinReply`]
+//! - `POST   /v1/skus/{sku_id}/reservations/{id}/pin`       `{"quantity","buyer"?}` -> [`PinReply`]
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/withdraw`  `{"attempt"}` -> [`WithdrawReply`]
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/lapse`     -> [`ReleaseReply`]
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/deduct`    -> [`DeductReply`]
@@ -36,6 +36,8 @@ pub struct ReserveRequest {
     /// confirmation window has passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub txid: Option<i64>,
+    /// Whose purchase limit the units count against (the order's user id).
+    pub buyer: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -47,6 +49,10 @@ pub struct ClockReply {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PinRequest {
     pub quantity: u32,
+    /// The order's user: units taken again (the reservation had lapsed) count against their
+    /// purchase limit, which never refuses a payment.
+    #[serde(default)]
+    pub buyer: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -72,6 +78,8 @@ pub enum ReserveStatus {
     Reserved,
     Existing,
     Shortage,
+    /// The buyer would hold more of this SKU than its purchase limit allows.
+    OverLimit,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -80,8 +88,13 @@ pub struct ReserveReply {
     pub quantity: u32,
     /// Lapse time (ms since epoch, Redis clock); absent on shortage or once confirmed.
     pub expires_at_ms: Option<i64>,
-    /// Units left after the call (absent for `existing`).
+    /// Units left after the call (absent for `existing` and `over_limit`).
     pub available: Option<i64>,
+    /// `over_limit`: the units the buyer holds already, and the most they may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 impl ReserveReply {
@@ -95,6 +108,8 @@ impl ReserveReply {
                 quantity,
                 expires_at_ms: Some(expires_at_ms),
                 available: Some(available),
+                holds: None,
+                limit: None,
             },
             ReserveOutcome::Existing {
                 quantity,
@@ -104,12 +119,24 @@ impl ReserveReply {
                 quantity,
                 expires_at_ms,
                 available: None,
+                holds: None,
+                limit: None,
             },
             ReserveOutcome::Shortage { available } => ReserveReply {
                 outcome: ReserveStatus::Shortage,
                 quantity,
                 expires_at_ms: None,
                 available: Some(available),
+                holds: None,
+                limit: None,
+            },
+            ReserveOutcome::OverLimit { holds, limit } => ReserveReply {
+                outcome: ReserveStatus::OverLimit,
+                quantity,
+                expires_at_ms: None,
+                available: None,
+                holds: Some(holds),
+                limit: Some(limit),
             },
         }
     }
@@ -127,6 +154,10 @@ impl ReserveReply {
             },
             ReserveStatus::Shortage => ReserveOutcome::Shortage {
                 available: self.available.ok_or_else(bad)?,
+            },
+            ReserveStatus::OverLimit => ReserveOutcome::OverLimit {
+                holds: self.holds.ok_or_else(bad)?,
+                limit: self.limit.ok_or_else(bad)?,
             },
         })
     }
@@ -343,6 +374,7 @@ impl PrelockClient {
         };
         let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
             // a refused (or timed-out) connect never sent the request: nothing was done
+            let e = e.without_url();
             if e.is_connect() {
                 PrelockError::Unreachable(format!("prelock-service: {e}"))
             } else {
@@ -354,7 +386,9 @@ impl PrelockClient {
             return resp
                 .json()
                 .await
-                .map_err(|e| PrelockError::Unavailable(format!("prelock-service reply: {e}")));
+                .map_err(|e| {
+                    PrelockError::Unavailable(format!("prelock-service reply: {}", e.without_url()))
+                });
         }
         let body: Option<ErrorBody> = resp.json().await.ok();
         Err(match body {
@@ -374,11 +408,13 @@ impl StockPrelock for PrelockClient {
         id: OrderId,
         quantity: u32,
         attempt: Attempt,
+        buyer: &str,
     ) -> Result<ReserveOutcome, PrelockError> {
         let body = ReserveRequest {
             quantity,
             attempt: attempt.id,
             txid: attempt.txid,
+            buyer: buyer.to_owned(),
         };
         let reply: ReserveReply = self
             .call(self.http.put(self.url(sku, id, "")).json(&body))
@@ -398,13 +434,13 @@ impl StockPrelock for PrelockClient {
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
+        buyer: &str,
     ) -> Result<PinOutcome, PrelockError> {
         let reply: PinReply = self
-            .call(
-                self.http
-                    .post(self.url(sku, id, "/pin"))
-                    .json(&PinRequest { quantity }),
-            )
+            .call(self.http.post(self.url(sku, id, "/pin")).json(&PinRequest {
+                quantity,
+                buyer: buyer.to_owned(),
+            }))
             .await?;
         reply.into_outcome()
     }

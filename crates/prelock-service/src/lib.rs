@@ -49,6 +49,9 @@ pub struct Config {
     pub confirm_after: Duration,
     /// How often the confirmer looks for pending confirmations that are due.
     pub confirm_poll: Duration,
+    /// Most units of one SKU one buyer may hold (live and paid), for SKUs that set none
+    /// (`max_per_buyer`); 0 = no limit.
+    pub default_max_per_buyer: u32,
 }
 
 impl Config {
@@ -66,6 +69,7 @@ impl Config {
             run_migrations: env_or("RUN_MIGRATIONS", true)?,
             confirm_after: env_millis("PRELOCK_CONFIRM_AFTER_MS", 3000)?,
             confirm_poll: env_millis("PRELOCK_CONFIRM_POLL_MS", 500)?,
+            default_max_per_buyer: env_or("PRELOCK_MAX_PER_BUYER", 0u32)?,
         })
     }
 }
@@ -132,7 +136,8 @@ impl App {
             config.redis_timeout,
             config.confirm_after,
         )
-        .await?;
+        .await?
+        .with_default_limit(config.default_max_per_buyer);
         let metrics = Metrics::new("prelock-service");
         store.export_outbox_lag(&metrics);
         let prelock_metrics = PrelockMetrics {

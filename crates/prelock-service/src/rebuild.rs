@@ -12,6 +12,13 @@
 //! lose and their orders are expired in the same transaction (`OrderExpired`, reason
 //! `overcommitted`), and the rebuild reports them. Writing every reservation back would let
 //! each of them be paid: an oversell.
+//!
+//! Purchase limits are rebuilt from the same snapshot: each buyer's count is the units of
+//! their paid orders of the SKU plus those of the reservations written back (never more), and
+//! each reservation written back carries its buyer, so its units stop counting when they go
+//! back. A count Redis lost is therefore restored before the SKU serves again, and a count
+//! that drifted (a refunded order's units, which Redis keeps counting) is repaired by the
+//! reconciliation.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,17 +141,42 @@ pub async fn write_back(
             )
         })
         .collect();
+    let purchases = purchases(conn, sku, row, &live, &plan).await?;
     let ttl = row
         .prelock_ttl_seconds
         .map(|s| Duration::from_secs(s as u64));
     app.redis
-        .replace_sku(sku, plan.available, ttl, &entries)
+        .replace_sku(sku, plan.available, ttl, &entries, &purchases)
         .await?;
     Ok(RebuiltSku {
         available: plan.available,
         reservations: entries.len(),
         expired,
         paid_over_stock: plan.paid_over_stock,
+    })
+}
+
+/// The purchase-limit state the ledger gives for the reservations `plan` keeps.
+async fn purchases(
+    conn: &mut postgres_store::sqlx::PgConnection,
+    sku: &SkuId,
+    row: &skus::SkuRow,
+    live: &[skus::LiveReservation],
+    plan: &domain::stock::RebuildPlan<usize>,
+) -> Result<redis_prelock::Purchases, RebuildError> {
+    let kept: Vec<Uuid> = plan.keep.iter().map(|&i| live[i].order_id).collect();
+    let bought = skus::bought_units(&mut *conn, sku.as_str(), &kept).await?;
+    Ok(redis_prelock::Purchases {
+        limit: row.max_per_buyer.map(|n| n.max(0) as u32),
+        bought: bought
+            .into_iter()
+            .map(|(buyer, n)| (buyer, u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect(),
+        buyer_of: plan
+            .keep
+            .iter()
+            .map(|&i| (live[i].order_id.to_string(), live[i].user_id.clone()))
+            .collect(),
     })
 }
 
@@ -268,8 +300,14 @@ pub async fn reconcile_sku(app: &App, sku: &SkuId) -> Result<bool, RebuildError>
         }
     }
     have.sort();
+    // lapsed reservations still in Redis count against their buyers until reclaimed: only
+    // compare purchase counts when nothing has lapsed unreclaimed
+    let purchases_drifted = lapsed_units == 0
+        && app.redis.bought(sku).await?
+            != purchases(&mut tx, sku, &row, &live, &plan).await?.bought;
     let drifted = available.map(|a| a + lapsed_units) != Some(plan.available)
         || have != want
+        || purchases_drifted
         || !plan.expire.is_empty();
     if drifted {
         tracing::warn!(

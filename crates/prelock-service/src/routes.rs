@@ -68,6 +68,10 @@ pub struct PutSku {
     /// Pre-lock lifetime for this SKU; absent = the service default.
     #[serde(default)]
     pub prelock_ttl_seconds: Option<i32>,
+    /// Most units one buyer may hold of this SKU, in live and paid orders ("limit N per
+    /// person"); absent = the service default (`PRELOCK_MAX_PER_BUYER`), 0 = no limit.
+    #[serde(default)]
+    pub max_per_buyer: Option<i32>,
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -82,6 +86,8 @@ pub struct SkuView {
     /// Units held by live reservations (Postgres ledger): pre-locked or paid, not deducted.
     pub reserved: i64,
     pub prelock_ttl_seconds: Option<i32>,
+    /// The SKU's own purchase limit; null = the service default applies.
+    pub max_per_buyer: Option<i32>,
 }
 
 /// Stock admin: creates or updates a SKU and sets its real stock, then rewrites its Redis
@@ -115,6 +121,12 @@ async fn put_sku(
     {
         return Err(ApiError::field("prelock_ttl_seconds", "must be 1 to 86400"));
     }
+    if body
+        .max_per_buyer
+        .is_some_and(|n| !(0..=1_000_000).contains(&n))
+    {
+        return Err(ApiError::field("max_per_buyer", "must be 0 to 1000000"));
+    }
     let mut tx = app.store.begin().await.map_err(db_error)?;
     lock_sku_exclusive(&mut tx, sku.as_str())
         .await
@@ -138,6 +150,7 @@ async fn put_sku(
         body.price_cents,
         body.stock,
         body.prelock_ttl_seconds,
+        body.max_per_buyer,
     )
     .await
     .map_err(db_error)?;
@@ -158,6 +171,7 @@ async fn put_sku(
         available: Some(rebuilt.available),
         reserved: held,
         prelock_ttl_seconds: row.prelock_ttl_seconds,
+        max_per_buyer: row.max_per_buyer,
     }))
 }
 
@@ -189,6 +203,7 @@ async fn get_sku(
         available,
         reserved,
         prelock_ttl_seconds: row.prelock_ttl_seconds,
+        max_per_buyer: row.max_per_buyer,
     }))
 }
 
@@ -236,6 +251,9 @@ async fn reserve(
     if body.quantity == 0 {
         return Err(ApiError::field("quantity", "must be positive"));
     }
+    if !(1..=128).contains(&body.buyer.len()) {
+        return Err(ApiError::field("buyer", "must be 1 to 128 bytes"));
+    }
     // No sold-out shortcut here: only Redis knows whether this id already holds units (a
     // retry after a lost answer), and a shortcut that answered before asking turned such
     // retries, and late payments, into false "sold out"s. order-api keeps the shortcut for
@@ -249,7 +267,14 @@ async fn reserve(
     app.note_pending(&sku);
     let outcome = app
         .redis
-        .reserve(&sku, id, body.quantity, app.config.default_ttl, attempt)
+        .reserve(
+            &sku,
+            id,
+            body.quantity,
+            app.config.default_ttl,
+            attempt,
+            &body.buyer,
+        )
         .await;
     let outcome = settle(&s, &sku, "reserve", outcome).await?;
     count(
@@ -259,6 +284,7 @@ async fn reserve(
             ReserveOutcome::Reserved { .. } => "reserved",
             ReserveOutcome::Existing { .. } => "existing",
             ReserveOutcome::Shortage { .. } => "shortage",
+            ReserveOutcome::OverLimit { .. } => "over_limit",
         },
     );
     Ok(Json(ReserveReply::from_outcome(body.quantity, outcome)))
@@ -306,7 +332,10 @@ async fn pin(
     if body.quantity == 0 {
         return Err(ApiError::field("quantity", "must be positive"));
     }
-    let outcome = s.0.redis.pin(&sku, id, body.quantity).await;
+    if body.buyer.len() > 128 {
+        return Err(ApiError::field("buyer", "must be at most 128 bytes"));
+    }
+    let outcome = s.0.redis.pin(&sku, id, body.quantity, &body.buyer).await;
     let outcome = settle(&s, &sku, "pin", outcome).await?;
     count(
         &s.0,

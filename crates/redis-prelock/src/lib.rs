@@ -18,6 +18,12 @@
 //!   confirmations (prelock-service's confirmer) reads the due ones ([`RedisPrelock::pending_due`])
 //!   and settles each ([`RedisPrelock::confirm`]): the order exists -> claimed by `order`; the
 //!   attempt's transaction ended without one -> the attempt's claim withdrawn.
+//! - `prelock_lim:{s}`    the SKU's purchase limit (most units one buyer may hold), when it
+//!   has one; else the service default applies (0 = no limit).
+//! - `prelock_buy:{s}`    hash: buyer -> units they hold of this SKU: live reservations and
+//!   paid ones (a deduction does not give them back; the buyer bought them).
+//! - `prelock_who:{s}`    hash: reservation id -> its buyer, so units going back (release,
+//!   lapse, withdrawal, a failed attempt) stop counting against them.
 //!
 //! SPEC.md sketches one key per reservation with a Redis TTL. We keep reservations in a per-SKU
 //! hash + sorted set instead: a key that expires takes its quantity with it, so nothing could
@@ -45,15 +51,28 @@ use uuid::Uuid;
 /// bounded after a long quiet period; the next calls reclaim the rest.
 const RECLAIM_BATCH: i64 = 64;
 
-/// Shared by every script. KEYS: stock, res, exp, ttl, own, pend.
+/// Shared by every script. KEYS: stock, res, exp, ttl, own, pend, lim, buy, who.
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- forget a reservation's bookkeeping (not its units)
+-- forget a reservation's bookkeeping (not its units, nor its buyer's count)
 local function drop(rid)
   redis.call('HDEL', KEYS[2], rid)
   redis.call('ZREM', KEYS[3], rid)
   redis.call('HDEL', KEYS[5], rid)
+  redis.call('HDEL', KEYS[9], rid)
+end
+-- count units against a buyer (none for an empty buyer)
+local function count(rid, buyer, qty)
+  if buyer == '' then return end
+  redis.call('HINCRBY', KEYS[8], buyer, qty)
+  redis.call('HSET', KEYS[9], rid, buyer)
+end
+-- a reservation's units go back: they stop counting against its buyer
+local function uncount(rid, held)
+  local buyer = redis.call('HGET', KEYS[9], rid)
+  if not buyer then return end
+  if redis.call('HINCRBY', KEYS[8], buyer, -held) <= 0 then redis.call('HDEL', KEYS[8], buyer) end
 end
 -- add a claimant to a reservation (once)
 local function claim(rid, tok)
@@ -67,7 +86,9 @@ local function reclaim(batch)
   local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, batch)
   local back = 0
   for _, rid in ipairs(lapsed) do
-    back = back + tonumber(redis.call('HGET', KEYS[2], rid) or '0')
+    local held = tonumber(redis.call('HGET', KEYS[2], rid) or '0')
+    back = back + held
+    uncount(rid, held)
     drop(rid)
   end
   if back > 0 then redis.call('INCRBY', KEYS[1], back) end
@@ -75,6 +96,7 @@ end
 -- give a reservation's units back and forget it
 local function give_back(rid, held)
   local avail = redis.call('INCRBY', KEYS[1], held)
+  uncount(rid, held)
   drop(rid)
   return {'RELEASED', held, avail}
 end
@@ -88,10 +110,12 @@ end
 if not redis.call('GET', KEYS[1]) then return {'NOT_LOADED', 0, 0} end
 "#;
 
-/// ARGV: id, qty, default_ttl_ms, reclaim_batch, claim, confirm_after_ms, txid (or "").
+/// ARGV: id, qty, default_ttl_ms, reclaim_batch, claim, confirm_after_ms, txid (or ""),
+/// buyer, default_limit.
 /// Returns RESERVED(expires_at, available) | EXISTS(qty, expires_at or -1)
-/// | SHORTAGE(available, 0) | NOT_LOADED. A claim (new or existing reservation) records its
-/// pending confirmation, due `confirm_after_ms` from now.
+/// | LIMIT(holds, limit) | SHORTAGE(available, 0) | NOT_LOADED. A claim (new or existing
+/// reservation) records its pending confirmation, due `confirm_after_ms` from now. The
+/// purchase limit is checked and counted in the same step as the units are taken.
 const RESERVE: &str = r#"
 reclaim(tonumber(ARGV[4]))
 local pending = ARGV[1] .. ' ' .. ARGV[5] .. ' ' .. ARGV[7]
@@ -103,6 +127,11 @@ if held then
 end
 local avail = tonumber(redis.call('GET', KEYS[1]))
 local qty = tonumber(ARGV[2])
+if ARGV[8] ~= '' then
+  local limit = tonumber(redis.call('GET', KEYS[7]) or ARGV[9])
+  local holds = tonumber(redis.call('HGET', KEYS[8], ARGV[8]) or '0')
+  if limit > 0 and holds + qty > limit then return {'LIMIT', holds, limit} end
+end
 if avail < qty then return {'SHORTAGE', avail, 0} end
 avail = redis.call('DECRBY', KEYS[1], qty)
 local expires = now + tonumber(redis.call('GET', KEYS[4]) or ARGV[3])
@@ -110,6 +139,7 @@ redis.call('HSET', KEYS[2], ARGV[1], qty)
 redis.call('ZADD', KEYS[3], expires, ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[5])
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), pending)
+count(ARGV[1], ARGV[8], qty)
 return {'RESERVED', expires, avail}
 "#;
 
@@ -158,7 +188,8 @@ end
 return {confirmed, back, kept}
 "#;
 
-/// The payment path: confirm, or reserve again, in one step. ARGV: id, qty, reclaim_batch.
+/// The payment path: confirm, or reserve again, in one step. ARGV: id, qty, reclaim_batch,
+/// buyer (units taken again count against them; the limit never refuses a payment).
 /// Returns PINNED(qty) | REPINNED(qty, available) | SHORTAGE(available) | MISMATCH(held)
 /// | NOT_LOADED.
 const PIN: &str = r#"
@@ -185,6 +216,7 @@ avail = redis.call('DECRBY', KEYS[1], qty)
 redis.call('HSET', KEYS[2], ARGV[1], qty)
 redis.call('ZADD', KEYS[3], '+inf', ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[1], 'order')
+count(ARGV[1], ARGV[4], qty)
 return {'REPINNED', qty, avail}
 "#;
 
@@ -255,10 +287,23 @@ pub struct RedisPrelock {
     confirm: Script,
     /// How long after a reserve its pending confirmation is due to be checked.
     confirm_after: Duration,
+    /// The purchase limit of SKUs that set none (0 = no limit).
+    default_limit: u32,
 }
 
 /// One reservation as stored: (id, quantity, lapse time in ms or `None` once pinned).
 pub type HeldEntry = (String, u32, ExpiresAtMs);
+
+/// A SKU's purchase-limit state, as a rebuild writes it back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Purchases {
+    /// The SKU's own limit; `None` = the service default.
+    pub limit: Option<u32>,
+    /// Units each buyer holds (live reservations and paid orders).
+    pub bought: Vec<(String, u32)>,
+    /// Each reservation written back -> its buyer.
+    pub buyer_of: Vec<(String, String)>,
+}
 
 /// How long start-up waits for Redis to answer before giving up (the process then exits and
 /// its supervisor restarts it); each attempt is logged.
@@ -291,7 +336,11 @@ impl RedisPrelock {
                     tracing::warn!(error = %e, "redis not answering yet; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err(e) => return Err(anyhow::anyhow!("redis at {url}: {e}")),
+                // the address only: the URL may carry a password
+                Err(e) => {
+                    let at = &client.get_connection_info().addr;
+                    return Err(anyhow::anyhow!("redis at {at}: {e}"));
+                }
             }
         };
         let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
@@ -309,10 +358,17 @@ impl RedisPrelock {
             pending_due: script(PENDING_DUE),
             confirm: script(CONFIRM),
             confirm_after,
+            default_limit: 0,
         })
     }
 
-    fn keys(&self, sku: &SkuId) -> [String; 6] {
+    /// The purchase limit of SKUs that set none (0, the default: no limit).
+    pub fn with_default_limit(mut self, limit: u32) -> Self {
+        self.default_limit = limit;
+        self
+    }
+
+    fn keys(&self, sku: &SkuId) -> [String; 9] {
         let p = &self.prefix;
         [
             format!("{p}stock_prelock:{{{sku}}}"),
@@ -321,6 +377,9 @@ impl RedisPrelock {
             format!("{p}prelock_ttl:{{{sku}}}"),
             format!("{p}prelock_own:{{{sku}}}"),
             format!("{p}prelock_pend:{{{sku}}}"),
+            format!("{p}prelock_lim:{{{sku}}}"),
+            format!("{p}prelock_buy:{{{sku}}}"),
+            format!("{p}prelock_who:{{{sku}}}"),
         ]
     }
 
@@ -368,7 +427,8 @@ impl RedisPrelock {
             .map(|_| ())
     }
 
-    /// Reserves `quantity` units on behalf of `attempt`; the reservation lapses after the
+    /// Reserves `quantity` units on behalf of `attempt`, for `buyer` within the SKU's
+    /// purchase limit (an empty buyer is not counted); the reservation lapses after the
     /// SKU's own TTL, or `default_ttl` when the SKU has none. The attempt's pending
     /// confirmation is recorded in the same script.
     pub async fn reserve(
@@ -378,6 +438,7 @@ impl RedisPrelock {
         quantity: u32,
         default_ttl: Duration,
         attempt: Attempt,
+        buyer: &str,
     ) -> Result<ReserveOutcome, PrelockError> {
         let args = [
             id.to_string(),
@@ -387,6 +448,8 @@ impl RedisPrelock {
             Claim::Attempt(attempt.id).token(),
             self.confirm_after.as_millis().to_string(),
             attempt.txid.map(|t| t.to_string()).unwrap_or_default(),
+            buyer.to_owned(),
+            self.default_limit.to_string(),
         ];
         let (status, a, b) = self.run(&self.reserve, sku, &args).await?;
         match status.as_str() {
@@ -400,21 +463,28 @@ impl RedisPrelock {
             }),
             "EXISTS" => Err(PrelockError::Mismatch),
             "SHORTAGE" => Ok(ReserveOutcome::Shortage { available: a }),
+            "LIMIT" => Ok(ReserveOutcome::OverLimit {
+                holds: u32::try_from(a).unwrap_or(u32::MAX),
+                limit: u32::try_from(b).unwrap_or(u32::MAX),
+            }),
             other => Err(unexpected(other)),
         }
     }
 
-    /// The payment path: pins the order's reservation, or takes the units again.
+    /// The payment path: pins the order's reservation, or takes the units again (counted
+    /// against `buyer`).
     pub async fn pin(
         &self,
         sku: &SkuId,
         id: OrderId,
         quantity: u32,
+        buyer: &str,
     ) -> Result<PinOutcome, PrelockError> {
         let args = [
             id.to_string(),
             quantity.to_string(),
             RECLAIM_BATCH.to_string(),
+            buyer.to_owned(),
         ];
         let (status, a, b) = self.run(&self.pin, sku, &args).await?;
         let quantity = u32::try_from(a).unwrap_or(0);
@@ -549,15 +619,17 @@ impl RedisPrelock {
     /// Replaces a SKU's whole pre-lock state in one MULTI/EXEC (rebuild and stock admin). The
     /// caller holds the SKU's exclusive lock in Postgres, so no reservation is in flight.
     /// Every reservation written back belongs to an order (it comes from the ledger), so its
-    /// only claimant is `order`: no late withdrawal can take it.
+    /// only claimant is `order`: no late withdrawal can take it. `purchases` are the
+    /// purchase limit and what each buyer holds, from the ledger too.
     pub async fn replace_sku(
         &self,
         sku: &SkuId,
         available: i64,
         ttl: Option<Duration>,
         held: &[HeldEntry],
+        purchases: &Purchases,
     ) -> Result<(), PrelockError> {
-        let [stock, res, exp, ttl_key, own, pend] = self.keys(sku);
+        let [stock, res, exp, ttl_key, own, pend, lim, buy, who] = self.keys(sku);
         let mut pipe = redis::pipe();
         // no pending confirmation survives: the caller holds the exclusive lock, so every
         // attempt has ended, and what it committed is in the ledger written back here
@@ -569,11 +641,25 @@ impl RedisPrelock {
             .del(&own)
             .ignore()
             .del(&pend)
+            .ignore()
+            .del(&buy)
+            .ignore()
+            .del(&who)
             .ignore();
         match ttl {
             Some(t) => pipe.set(&ttl_key, t.as_millis() as u64).ignore(),
             None => pipe.del(&ttl_key).ignore(),
         };
+        match purchases.limit {
+            Some(l) => pipe.set(&lim, l).ignore(),
+            None => pipe.del(&lim).ignore(),
+        };
+        for chunk in purchases.bought.chunks(1000) {
+            pipe.hset_multiple(&buy, chunk).ignore();
+        }
+        for chunk in purchases.buyer_of.chunks(1000) {
+            pipe.hset_multiple(&who, chunk).ignore();
+        }
         let order = Claim::Order.token();
         for chunk in held.chunks(1000) {
             let fields: Vec<(&str, u32)> =
@@ -633,9 +719,21 @@ impl RedisPrelock {
         .await
     }
 
+    /// What each buyer holds of a SKU, as Redis counts it, sorted (consistency checks and
+    /// tests).
+    pub async fn bought(&self, sku: &SkuId) -> Result<Vec<(String, u32)>, PrelockError> {
+        let [.., buy, _] = self.keys(sku);
+        let mut conn = self.conn.clone();
+        let mut out: Vec<(String, u32)> = self
+            .bounded(redis::cmd("HGETALL").arg(buy).query_async(&mut conn))
+            .await?;
+        out.sort();
+        Ok(out)
+    }
+
     /// Every reservation Redis holds for a SKU (consistency checks and tests).
     pub async fn held(&self, sku: &SkuId) -> Result<Vec<HeldEntry>, PrelockError> {
-        let [_, res, exp, _, _, _] = self.keys(sku);
+        let [_, res, exp, ..] = self.keys(sku);
         let mut conn = self.conn.clone();
         type Reply = (Vec<(String, u32)>, Vec<(String, String)>);
         let (qtys, scores): Reply = self

@@ -50,7 +50,12 @@ impl Notifier {
                 Outcome::Permanent(format!("notification refused: {}", r.status()))
             }
             Ok(r) => Outcome::Retry(format!("notification receiver answered {}", r.status())),
-            Err(e) => Outcome::Retry(format!("notification receiver unreachable: {e}")),
+            // never the URL: a webhook's secret is in it (and this text reaches the job's
+            // last_error, the ops API and the console)
+            Err(e) => Outcome::Retry(format!(
+                "notification receiver unreachable: {}",
+                e.without_url()
+            )),
         }
     }
 }

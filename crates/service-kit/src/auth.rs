@@ -5,6 +5,9 @@
 //!   `iat`, or from now when it has none). Implemented directly on `hmac` + `sha2` (a few
 //!   lines) rather than pulling a JWT crate and its crypto backend into every build; the
 //!   algorithm is pinned, so `alg: none` and RS/HS confusion are refused by construction.
+//!   With `AUTH_JWT_ISSUER` / `AUTH_JWT_AUDIENCE` set, `iss` must equal the issuer and `aud`
+//!   (a string or an array, RFC 7519 §4.1.3) must name the audience.
+//! - The scheme `Bearer` is matched case-insensitively (RFC 7235 §2.1).
 //! - Operators (and service-to-service calls): `Authorization: Bearer <OPS_TOKEN>`, compared in
 //!   constant time.
 
@@ -37,6 +40,10 @@ pub struct AuthConfig {
     /// Longest lifetime a buyer token may claim; longer ones are refused (a leaked
     /// long-lived token is a standing credential).
     pub max_token_lifetime_secs: i64,
+    /// When set, a buyer token's `iss` must be this (`AUTH_JWT_ISSUER`).
+    pub issuer: Option<String>,
+    /// When set, a buyer token's `aud` must name this (`AUTH_JWT_AUDIENCE`).
+    pub audience: Option<String>,
 }
 
 impl AuthConfig {
@@ -49,7 +56,18 @@ impl AuthConfig {
                 "AUTH_MAX_TOKEN_LIFETIME_SECS",
                 DEFAULT_MAX_TOKEN_LIFETIME_SECS,
             )?,
+            issuer: std::env::var("AUTH_JWT_ISSUER").ok().filter(|v| !v.is_empty()),
+            audience: std::env::var("AUTH_JWT_AUDIENCE").ok().filter(|v| !v.is_empty()),
         })
+    }
+
+    /// What a buyer token must satisfy beyond its signature.
+    pub fn rules(&self) -> TokenRules<'_> {
+        TokenRules {
+            max_lifetime_secs: self.max_token_lifetime_secs,
+            issuer: self.issuer.as_deref(),
+            audience: self.audience.as_deref(),
+        }
     }
 
     /// The ops token only (services that never see a buyer): no JWT verifies here, since the
@@ -59,6 +77,8 @@ impl AuthConfig {
             jwt_secret: uuid::Uuid::new_v4().to_string(),
             ops_token: secrets.require("OPS_TOKEN", DEV_OPS_TOKEN),
             max_token_lifetime_secs: DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+            issuer: None,
+            audience: None,
         }
     }
 }
@@ -87,6 +107,18 @@ pub enum TokenError {
     TooLongLived,
     #[error("token has no usable sub")]
     Subject,
+    #[error("token issuer (iss) is not the expected one")]
+    Issuer,
+    #[error("token audience (aud) does not name this service")]
+    Audience,
+}
+
+/// What a token must satisfy beyond its signature and expiry.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRules<'a> {
+    pub max_lifetime_secs: i64,
+    pub issuer: Option<&'a str>,
+    pub audience: Option<&'a str>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -124,6 +156,26 @@ pub fn verify_token(
     now_secs: i64,
     max_lifetime_secs: i64,
 ) -> Result<String, TokenError> {
+    verify_token_with(
+        secret,
+        token,
+        now_secs,
+        &TokenRules {
+            max_lifetime_secs,
+            issuer: None,
+            audience: None,
+        },
+    )
+}
+
+/// [`verify_token`] with `iss` and `aud` checked when `rules` name them.
+pub fn verify_token_with(
+    secret: &str,
+    token: &str,
+    now_secs: i64,
+    rules: &TokenRules<'_>,
+) -> Result<String, TokenError> {
+    let max_lifetime_secs = rules.max_lifetime_secs;
     let mut parts = token.split('.');
     let (Some(h), Some(c), Some(s), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -167,6 +219,21 @@ pub fn verify_token(
     if exp.saturating_sub(issued) > max_lifetime_secs.saturating_add(CLOCK_LEEWAY_SECS) {
         return Err(TokenError::TooLongLived);
     }
+    if let Some(want) = rules.issuer {
+        if claims.get("iss").and_then(|i| i.as_str()) != Some(want) {
+            return Err(TokenError::Issuer);
+        }
+    }
+    if let Some(want) = rules.audience {
+        let names = match claims.get("aud") {
+            Some(serde_json::Value::String(a)) => a == want,
+            Some(serde_json::Value::Array(all)) => all.iter().any(|a| a.as_str() == Some(want)),
+            _ => false,
+        };
+        if !names {
+            return Err(TokenError::Audience);
+        }
+    }
     match claims.get("sub").and_then(|s| s.as_str()) {
         Some(sub) if !sub.is_empty() => Ok(sub.to_owned()),
         _ => Err(TokenError::Subject),
@@ -178,8 +245,13 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         .headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // the scheme is case-insensitive (RFC 7235 §2.1): "bearer x" is as good
+            let (scheme, token) = v.trim_start().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .map(str::trim)
+        .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))
 }
 
@@ -203,11 +275,11 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let cfg = AuthConfig::from_ref(state);
         let token = bearer(parts)?;
-        verify_token(
+        verify_token_with(
             &cfg.jwt_secret,
             token,
             chrono::Utc::now().timestamp(),
-            cfg.max_token_lifetime_secs,
+            &cfg.rules(),
         )
         .map(AuthUser)
         .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
@@ -322,6 +394,70 @@ mod tests {
         for (claims, want) in cases {
             let t = sign_claims("k", &claims);
             assert_eq!(verify_token("k", &t, now, DAY), want, "{claims}");
+        }
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let now = 1_800_000_000;
+        let rules = TokenRules {
+            max_lifetime_secs: DAY,
+            issuer: Some("https://id.bar.example"),
+            audience: Some("bar-fulfillment"),
+        };
+        let cases = [
+            (json!({"sub": "u", "exp": now + 60}), Err(TokenError::Issuer)),
+            (
+                json!({"sub": "u", "exp": now + 60, "iss": "https://id.bar.example"}),
+                Err(TokenError::Audience),
+            ),
+            (
+                json!({"sub": "u", "exp": now + 60, "iss": "https://evil.example",
+                       "aud": "bar-fulfillment"}),
+                Err(TokenError::Issuer),
+            ),
+            (
+                json!({"sub": "u", "exp": now + 60, "iss": "https://id.bar.example",
+                       "aud": "bar-fulfillment"}),
+                Ok("u".to_owned()),
+            ),
+            (
+                json!({"sub": "u", "exp": now + 60, "iss": "https://id.bar.example",
+                       "aud": ["other", "bar-fulfillment"]}),
+                Ok("u".to_owned()),
+            ),
+            (
+                json!({"sub": "u", "exp": now + 60, "iss": "https://id.bar.example",
+                       "aud": ["other"]}),
+                Err(TokenError::Audience),
+            ),
+        ];
+        for (claims, want) in cases {
+            let t = sign_claims("k", &claims);
+            assert_eq!(verify_token_with("k", &t, now, &rules), want, "{claims}");
+        }
+        // unset: neither is looked at
+        let t = sign_claims("k", &json!({"sub": "u", "exp": now + 60, "aud": "x"}));
+        assert_eq!(verify_token("k", &t, now, DAY), Ok("u".to_owned()));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for (header, want) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER  abc ", Some("abc")),
+            ("Basic abc", None),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearerabc", None),
+        ] {
+            let req = axum::http::Request::builder()
+                .header("authorization", header)
+                .body(())
+                .unwrap();
+            let (parts, _) = req.into_parts();
+            assert_eq!(bearer(&parts).ok(), want, "{header:?}");
         }
     }
 

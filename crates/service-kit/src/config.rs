@@ -49,7 +49,14 @@ pub struct SecretLoader {
     lookup: Box<dyn Fn(&str) -> Option<String>>,
     allow_dev: bool,
     problems: Vec<String>,
+    /// Secrets read so far (name, value): two roles must never share one.
+    seen: Vec<(String, String)>,
 }
+
+/// The shortest secret accepted outside development: an HMAC-SHA256 key should carry at
+/// least the hash's 256 bits (RFC 2104 §3); shorter ones can be guessed offline from one
+/// signed token.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 impl SecretLoader {
     pub fn from_env() -> Self {
@@ -63,17 +70,37 @@ impl SecretLoader {
             lookup: Box::new(lookup),
             allow_dev,
             problems: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
-    /// The secret in `name`. Unset, empty, or equal to `dev_default`: an error at
-    /// [`finish`](Self::finish), unless development secrets are allowed (then the default).
+    /// The secret in `name`. Unset, empty, equal to `dev_default`, shorter than
+    /// [`MIN_SECRET_BYTES`], or the same as another secret read before: an error at
+    /// [`finish`](Self::finish), unless development secrets are allowed (then a warning, and
+    /// the default for an unset one).
     pub fn require(&mut self, name: &str, dev_default: &str) -> String {
         let value = (self.lookup)(name).filter(|v| !v.is_empty());
         let problem = match &value {
-            None => "is unset",
-            Some(v) if v == dev_default => "is set to its public development default",
-            Some(v) => return v.clone(),
+            None => "is unset".to_owned(),
+            Some(v) if v == dev_default => "is set to its public development default".to_owned(),
+            Some(v) => {
+                let mut problems = Vec::new();
+                if v.len() < MIN_SECRET_BYTES {
+                    problems.push(format!("{name} is shorter than {MIN_SECRET_BYTES} bytes"));
+                }
+                if let Some((other, _)) = self.seen.iter().find(|(_, s)| s == v) {
+                    problems.push(format!("{name} is the same secret as {other}"));
+                }
+                self.seen.push((name.to_owned(), v.clone()));
+                if problems.is_empty() || self.allow_dev {
+                    for p in &problems {
+                        tracing::warn!(variable = name, "{ALLOW_DEV_SECRETS}: {p}");
+                    }
+                    return v.clone();
+                }
+                self.problems.extend(problems);
+                return String::new();
+            }
         };
         if self.allow_dev {
             tracing::warn!(
@@ -96,6 +123,23 @@ impl SecretLoader {
              set {ALLOW_DEV_SECRETS}=true on a development machine",
             self.problems.join(", ")
         ))
+    }
+}
+
+/// A URL fit for a log line or an error: scheme and host (and port) only. Credentials
+/// (`user:password@`), paths and query strings are dropped, since that is where webhook and
+/// connection secrets live (WeCom's `?key=`, DingTalk's `?access_token=`, Slack's path,
+/// `redis://:password@host`).
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match scheme {
+        Some(s) => format!("{s}://{host}"),
+        None => host.to_owned(),
     }
 }
 
@@ -139,6 +183,44 @@ mod tests {
         let mut dev = loader(&[("B", "dev-b")], true);
         assert_eq!(dev.require("A", "dev-a"), "dev-a");
         assert_eq!(dev.require("B", "dev-b"), "dev-b");
+        dev.finish().unwrap();
+    }
+
+    #[test]
+    fn urls_are_redacted_to_scheme_and_host() {
+        for (url, want) in [
+            ("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=SECRET", "https://qyapi.weixin.qq.com"),
+            ("https://oapi.dingtalk.com/robot/send?access_token=SECRET", "https://oapi.dingtalk.com"),
+            ("https://hooks.slack.com/services/T0/B0/SECRET", "https://hooks.slack.com"),
+            ("redis://:SECRET@127.0.0.1:6379/0", "redis://127.0.0.1:6379"),
+            ("postgres://app:SECRET@db:5432/bar", "postgres://db:5432"),
+            ("http://127.0.0.1:8081", "http://127.0.0.1:8081"),
+            ("user:SECRET@host/x", "host"),
+        ] {
+            assert_eq!(redact_url(url), want);
+            assert!(!redact_url(url).contains("SECRET"));
+        }
+    }
+
+    #[test]
+    fn secrets_must_be_long_and_distinct_outside_development() {
+        let long = "k".repeat(MIN_SECRET_BYTES);
+        let mut l = loader(
+            &[("SHORT", "a"), ("ONE", &long), ("TWO", &long), ("OK", &"z".repeat(40))],
+            false,
+        );
+        l.require("SHORT", "dev-short");
+        l.require("ONE", "dev-one");
+        l.require("TWO", "dev-two");
+        assert_eq!(l.require("OK", "dev-ok"), "z".repeat(40));
+        let err = l.finish().unwrap_err().to_string();
+        assert!(err.contains("SHORT is shorter than 32 bytes"), "{err}");
+        assert!(err.contains("TWO is the same secret as ONE"), "{err}");
+        assert!(!err.contains("OK"), "{err}");
+        // in development they are only warned about
+        let mut dev = loader(&[("SHORT", "a"), ("ONE", "a")], true);
+        assert_eq!(dev.require("SHORT", "dev-short"), "a");
+        assert_eq!(dev.require("ONE", "dev-one"), "a");
         dev.finish().unwrap();
     }
 }

@@ -18,6 +18,12 @@ pub enum ErrorCode {
     UnknownSku,
     UnknownPayment,
     StockShortage,
+    PurchaseLimit,
+    RateLimited,
+    Forbidden,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RequestTimeout,
     InvalidTransition,
     OrderExpired,
     Conflict,
@@ -32,6 +38,24 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code for an error answer that was made without one (a framework rejection, a
+    /// timeout, an unknown route), by its status.
+    pub fn for_status(status: StatusCode) -> ErrorCode {
+        use ErrorCode::*;
+        match status.as_u16() {
+            401 => Unauthorized,
+            403 => Forbidden,
+            404 => NotFound,
+            405 => MethodNotAllowed,
+            408 => RequestTimeout,
+            413 => PayloadTooLarge,
+            429 => RateLimited,
+            503 => Unavailable,
+            s if s >= 500 => Internal,
+            _ => Validation,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         use ErrorCode::*;
         match self {
@@ -44,6 +68,12 @@ impl ErrorCode {
             UnknownSku => "ERR_UNKNOWN_SKU",
             UnknownPayment => "ERR_UNKNOWN_PAYMENT",
             StockShortage => "ERR_STOCK_SHORTAGE_PRELOCK",
+            PurchaseLimit => "ERR_PURCHASE_LIMIT",
+            RateLimited => "ERR_RATE_LIMITED",
+            Forbidden => "ERR_FORBIDDEN",
+            MethodNotAllowed => "ERR_METHOD_NOT_ALLOWED",
+            PayloadTooLarge => "ERR_PAYLOAD_TOO_LARGE",
+            RequestTimeout => "ERR_REQUEST_TIMEOUT",
             InvalidTransition => "ERR_INVALID_TRANSITION",
             OrderExpired => "ERR_ORDER_EXPIRED",
             Conflict => "ERR_CONFLICT",
@@ -64,9 +94,13 @@ impl ErrorCode {
             Validation | MalformedJson => StatusCode::BAD_REQUEST,
             Unauthorized | BadSignature | StaleTimestamp => StatusCode::UNAUTHORIZED,
             NotFound | UnknownPayment => StatusCode::NOT_FOUND,
-            StockShortage | InvalidTransition | OrderExpired | Conflict | StockBelowReserved => {
-                StatusCode::CONFLICT
-            }
+            StockShortage | PurchaseLimit | InvalidTransition | OrderExpired | Conflict
+            | StockBelowReserved => StatusCode::CONFLICT,
+            RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Forbidden => StatusCode::FORBIDDEN,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             UnknownSku | IdempotencyMismatch | AmountMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayUnavailable => StatusCode::BAD_GATEWAY,
             PrelockUnavailable | PrelockNotLoaded | Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -79,6 +113,8 @@ impl ErrorCode {
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// `Retry-After` in seconds, for 503 and 429 (1 unless set).
+    pub retry_after_secs: Option<u64>,
 }
 
 /// The JSON body of every error.
@@ -97,6 +133,18 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// `429 ERR_RATE_LIMITED`, with `Retry-After` the whole seconds until a request would be
+    /// let through (at least 1).
+    pub fn rate_limited(scope: &str, wait: std::time::Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        ApiError {
+            code: ErrorCode::RateLimited,
+            message: format!("too many requests ({scope}); retry after {} s", secs.max(1)),
+            retry_after_secs: Some(secs.max(1)),
         }
     }
 
@@ -142,6 +190,7 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.code.status();
+        let retry_after = self.retry_after_secs.unwrap_or(1);
         let body = ErrorBody {
             code: self.code.as_str().to_owned(),
             message: self.message,
@@ -149,7 +198,7 @@ impl IntoResponse for ApiError {
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         resp
     }

@@ -81,19 +81,121 @@ pub async fn serve_with_worker(
     Ok(())
 }
 
-/// Serves `app` until `shutdown` resolves, then drains in-flight requests.
+/// Bounds on what one client can hold (`HTTP_*`): a slow or idle client cannot keep a socket,
+/// and so a file descriptor, forever, nor can a crowd of them exhaust the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// The whole request head must arrive within this, or the connection is closed
+    /// (`HTTP_HEADER_READ_TIMEOUT_MS`, 10 s): slowloris. It also ends idle keep-alive
+    /// connections that start no new request in that time.
+    pub header_read: std::time::Duration,
+    /// From the head to the response, body reading included (`HTTP_REQUEST_TIMEOUT_MS`,
+    /// 30 s): answered `408 ERR_REQUEST_TIMEOUT` (a slow body) and the handler dropped.
+    pub request: std::time::Duration,
+    /// Open connections at most (`HTTP_MAX_CONNECTIONS`, 1024); more are closed at accept
+    /// and counted in `http_connections_refused_total`.
+    pub max_connections: usize,
+}
+
+impl ServeLimits {
+    pub fn from_env() -> anyhow::Result<Self> {
+        use crate::config::{env_millis, env_or};
+        Ok(ServeLimits {
+            header_read: env_millis("HTTP_HEADER_READ_TIMEOUT_MS", 10_000)?,
+            request: env_millis("HTTP_REQUEST_TIMEOUT_MS", 30_000)?,
+            max_connections: env_or("HTTP_MAX_CONNECTIONS", 1024usize)?.max(1),
+        })
+    }
+}
+
+/// Serves `app` until `shutdown` resolves, then drains in-flight requests: HTTP/1.1 through
+/// hyper with [`ServeLimits`] (header-read and request timeouts, a connection cap); each
+/// request carries its peer address (`ConnectInfo`, for the rate limits).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = ServeLimits::from_env()?;
+    serve_with(listener, app, shutdown, limits).await
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: ServeLimits,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    tracing::info!(addr = %listener.local_addr()?, ?limits, "listening");
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut refused_logged = Instant::now() - std::time::Duration::from_secs(60);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // out of descriptors, or a connection reset before accept: keep serving
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            CONNECTIONS_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if refused_logged.elapsed() > std::time::Duration::from_secs(10) {
+                refused_logged = Instant::now();
+                tracing::warn!(max = limits.max_connections, "connection limit reached; closing new connections");
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let request_timeout = limits.request;
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            let mut app = app.clone();
+            async move {
+                let call = tower_service::Service::call(&mut app, req.map(axum::body::Body::new));
+                match tokio::time::timeout(request_timeout, call).await {
+                    Ok(resp) => resp,
+                    Err(_) => Ok(ApiError::new(
+                        ErrorCode::RequestTimeout,
+                        format!("the request took longer than {} ms", request_timeout.as_millis()),
+                    )
+                    .into_response()),
+                }
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    // in-flight requests finish; idle connections close
+    if tokio::time::timeout(limits.request, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open at exit");
+    }
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Connections closed at accept because [`ServeLimits::max_connections`] were open (every
+/// service's `/metrics` shows it as `http_connections_refused_total`).
+pub static CONNECTIONS_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A readiness probe: `Ok` or the name of the dependency that failed.
 pub type ReadyCheck =
@@ -146,7 +248,13 @@ async fn render_metrics(State(s): State<OpsState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(),
+        format!(
+            "{}# HELP http_connections_refused_total Connections closed at accept: the connection limit (HTTP_MAX_CONNECTIONS) was reached\n\
+             # TYPE http_connections_refused_total counter\n\
+             http_connections_refused_total {}\n",
+            s.metrics.render(),
+            CONNECTIONS_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
+        ),
     )
         .into_response()
 }
@@ -194,10 +302,53 @@ pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> 
     resp
 }
 
-/// Adds the ops routes and the metrics middleware to a service's router.
+/// Adds the ops routes, the house error body for every error (unknown routes and wrong
+/// methods included) and the metrics middleware to a service's router.
 pub fn finish(app: Router, metrics: Metrics, ready: ReadyCheck) -> Router {
     app.merge(ops_routes(metrics.clone(), ready))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
+        .layer(axum::middleware::map_response(house_error_body))
         .layer(axum::middleware::from_fn_with_state(metrics, track))
+}
+
+/// Longest framework error text carried over into the house body.
+const REJECTION_TEXT_MAX: usize = 1024;
+
+/// Middleware: an error answer that is not already the house JSON body (a path or query
+/// rejection in `text/plain`, an empty 405, a timeout) becomes `{"code","message"}`, with its
+/// status, its headers (`Allow`, `Retry-After`) and its text as the message.
+pub async fn house_error_body(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, REJECTION_TEXT_MAX * 4).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let mut message: String = text.chars().take(REJECTION_TEXT_MAX).collect();
+    if message.is_empty() {
+        message = status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_lowercase();
+    }
+    let code = ErrorCode::for_status(status);
+    let fresh = ApiError::new(code, message).into_response();
+    let (fresh_parts, body) = fresh.into_parts();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    for (name, value) in &fresh_parts.headers {
+        parts.headers.insert(name, value.clone());
+    }
+    Response::from_parts(parts, body)
 }
 
 /// JSON body extractor whose failures are `ERR_MALFORMED_JSON` / `ERR_VALIDATION` in the house
@@ -228,6 +379,11 @@ where
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
                 ErrorCode::Validation,
                 "Content-Type must be application/json",
+            )),
+            // the body limit (2 MB) is a 413, not a bad request
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "request body too large",
             )),
             Err(e) => Err(ApiError::new(ErrorCode::Validation, e.body_text())),
         }

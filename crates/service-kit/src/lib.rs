@@ -9,6 +9,8 @@
 //! - [`auth`]: buyer tokens (JWT HS256, `sub` = user id) and the operator token.
 //! - [`http`]: health, readiness and metrics routes, per-route metrics middleware, the JSON
 //!   extractor that turns bad input into `ERR_VALIDATION`, and graceful serving.
+//! - [`limit`]: rate limits per buyer, per client address and on the webhooks (`governor`),
+//!   answered `429 ERR_RATE_LIMITED` with `Retry-After`.
 //!
 //! It owns no business rule and must never learn one.
 
@@ -16,6 +18,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod limit;
 pub mod telemetry;
 pub mod trace;
 

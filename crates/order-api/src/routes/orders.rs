@@ -7,6 +7,7 @@ use axum::Json;
 use domain::{SkuId, StoreId, UserId};
 use fulfillment::orders::CreateOrder;
 use service_kit::auth::AuthUser;
+use service_kit::limit::ClientAddr;
 use service_kit::error::ErrorBody;
 use service_kit::http::ApiJson;
 use service_kit::ApiError;
@@ -39,8 +40,9 @@ pub(crate) fn user_id(user: &AuthUser) -> Result<UserId, ApiError> {
         (status = 201, description = "Order created (or replayed)", body = OrderView),
         (status = 400, description = "ERR_VALIDATION / ERR_MALFORMED_JSON, naming the field", body = ErrorBody),
         (status = 401, description = "ERR_UNAUTHORIZED", body = ErrorBody),
-        (status = 409, description = "ERR_STOCK_SHORTAGE_PRELOCK", body = ErrorBody),
+        (status = 409, description = "ERR_STOCK_SHORTAGE_PRELOCK / ERR_PURCHASE_LIMIT", body = ErrorBody),
         (status = 422, description = "ERR_UNKNOWN_SKU / ERR_IDEMPOTENCY_MISMATCH", body = ErrorBody),
+        (status = 429, description = "ERR_RATE_LIMITED (with Retry-After)", body = ErrorBody),
         (status = 503, description = "ERR_PRELOCK_UNAVAILABLE (with Retry-After)", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -48,11 +50,13 @@ pub(crate) fn user_id(user: &AuthUser) -> Result<UserId, ApiError> {
 pub async fn create_order(
     State(s): State<AppState>,
     user: AuthUser,
+    from: ClientAddr,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CreateOrderRequest>,
 ) -> Result<Response, ApiError> {
     let app = &s.0;
     let user = user_id(&user)?;
+    app.limits.buyer_request(user.as_str(), &from)?;
     let key = headers
         .get("Idempotency-Key")
         .ok_or_else(|| ApiError::field("Idempotency-Key", "header is required"))?
@@ -180,6 +184,7 @@ pub async fn redeem_voucher(
         (status = 200, description = "Now CANCELLED", body = OrderView),
         (status = 404, body = ErrorBody),
         (status = 409, description = "ERR_INVALID_TRANSITION: the order is not PENDING", body = ErrorBody),
+        (status = 429, description = "ERR_RATE_LIMITED (with Retry-After)", body = ErrorBody),
         (status = 503, description = "ERR_PRELOCK_UNAVAILABLE", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -187,9 +192,11 @@ pub async fn redeem_voucher(
 pub async fn cancel_order(
     State(s): State<AppState>,
     user: AuthUser,
+    from: ClientAddr,
     Path(order_id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     let user = user_id(&user)?;
+    s.0.limits.buyer_request(user.as_str(), &from)?;
     let id = parse_order_id(&order_id)?;
     // the cancellation (its release, its event) is part of the order's trace
     let order_trace = postgres_store::orders::order_traceparent(&s.0.fulfillment.store.pool, id.0)

@@ -13,6 +13,7 @@ use fulfillment::FulfillmentError;
 use gateway_protocol::{CreatePayment, GatewayError, PaymentNotification, SignatureError};
 use postgres_store::payments as pay_store;
 use service_kit::auth::AuthUser;
+use service_kit::limit::ClientAddr;
 use service_kit::error::ErrorBody;
 use service_kit::http::ApiJson;
 use service_kit::{trace, ApiError, ErrorCode};
@@ -41,6 +42,7 @@ fn parse_provider(s: &str) -> Result<Provider, ApiError> {
         (status = 400, description = "ERR_VALIDATION (unknown provider)", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "ERR_INVALID_TRANSITION (not PENDING) / ERR_ORDER_EXPIRED", body = ErrorBody),
+        (status = 429, description = "ERR_RATE_LIMITED (with Retry-After)", body = ErrorBody),
         (status = 502, description = "ERR_GATEWAY_UNAVAILABLE", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -48,11 +50,13 @@ fn parse_provider(s: &str) -> Result<Provider, ApiError> {
 pub async fn start_payment(
     State(s): State<AppState>,
     user: AuthUser,
+    from: ClientAddr,
     Path(order_id): Path<String>,
     ApiJson(body): ApiJson<StartPaymentRequest>,
 ) -> Result<(StatusCode, Json<PaymentStarted>), ApiError> {
     let app = &s.0;
     let user = user_id(&user)?;
+    app.limits.buyer_request(user.as_str(), &from)?;
     let id = parse_order_id(&order_id)?;
     let provider = parse_provider(&body.provider)?;
     let order = app
@@ -174,16 +178,19 @@ async fn start_at_gateway(
         (status = 401, description = "ERR_BAD_SIGNATURE / ERR_STALE_TIMESTAMP", body = ErrorBody),
         (status = 404, description = "ERR_UNKNOWN_PAYMENT", body = ErrorBody),
         (status = 422, description = "ERR_AMOUNT_MISMATCH", body = ErrorBody),
+        (status = 429, description = "ERR_RATE_LIMITED: over the webhook budget of the caller's address; the provider should retry", body = ErrorBody),
         (status = 503, description = "ERR_PRELOCK_UNAVAILABLE: the provider should retry", body = ErrorBody),
     )
 )]
 pub async fn payment_callback(
     State(s): State<AppState>,
+    from: ClientAddr,
     Path(provider): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<CallbackAck>, ApiError> {
     let app = &s.0;
+    app.limits.webhook_request(&from)?;
     let provider: Provider = provider
         .parse()
         .map_err(|_| ApiError::not_found("payment provider"))?;

@@ -1,0 +1,603 @@
+//! Security and abuse: purchase limits ("limit N per person") that hold under concurrency and
+//! through a Redis loss, and rate limits per buyer, per client address and on the webhooks.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::{eventually, metric_value, Stack, StackOptions};
+use reqwest::StatusCode;
+use serde_json::json;
+use service_kit::limit::{Budget, RateLimitConfig};
+use tokio::task::JoinSet;
+
+/// Units of `sku` that `user` holds in live and paid orders, by the ledger.
+async fn held_by(s: &Stack, user: &str, sku: &str) -> i64 {
+    s.count(&format!(
+        "SELECT COALESCE(sum(quantity), 0)::bigint FROM orders WHERE user_id = '{user}'
+         AND sku_id = '{sku}' AND state IN ('PENDING', 'PAID', 'CONFIRMED', 'REDEEMED')"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_buyer_cannot_hoard_a_flash_sale_with_fifty_orders_at_once_nor_after_a_redis_loss() {
+    let s = Arc::new(Stack::start().await);
+    let sku = "sku-sale";
+    let view = s
+        .put_sku_with(
+            sku,
+            json!({"store_id": "bar-1", "price_cents": 100, "stock": 60, "max_per_buyer": 20}),
+        )
+        .await;
+    assert_eq!(view["max_per_buyer"], 20);
+    // fifty orders at once from one buyer, 1 to 3 units each, each with its own key
+    let mut set = JoinSet::new();
+    for i in 0..50 {
+        let s = s.clone();
+        let quantity = i % 3 + 1;
+        set.spawn(async move {
+            let r = s
+                .create_order("hoarder", &format!("k{i}"), sku, "bar-1", quantity)
+                .await;
+            (quantity, r)
+        });
+    }
+    let (mut units, mut refused, mut orders) = (0, 0, Vec::new());
+    while let Some(r) = set.join_next().await {
+        let (quantity, (status, body)) = r.unwrap();
+        match (status, body["code"].as_str()) {
+            (StatusCode::CREATED, _) => {
+                units += quantity;
+                orders.push((body["order_id"].as_str().unwrap().to_owned(), quantity));
+            }
+            (StatusCode::CONFLICT, Some("ERR_PURCHASE_LIMIT")) => {
+                assert!(
+                    body["message"].as_str().unwrap().contains("limited to 20"),
+                    "{body}"
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected answer {other:?}: {body}"),
+        }
+    }
+    assert!((18..=20).contains(&units), "{units} units went through");
+    assert_eq!(orders.len() + refused, 50);
+    assert_eq!(held_by(&s, "hoarder", sku).await, units);
+    // top up to exactly the limit, then not one unit more
+    if units < 20 {
+        let (status, body) = s
+            .create_order("hoarder", "top-up", sku, "bar-1", 20 - units)
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        orders.push((body["order_id"].as_str().unwrap().to_owned(), 20 - units));
+    }
+    let (status, body) = s.create_order("hoarder", "one-more", sku, "bar-1", 1).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("ERR_PURCHASE_LIMIT"))
+    );
+    // a retry of an order the buyer holds is answered as before, not refused
+    let (status, _) = s.create_order("hoarder", "k0", sku, "bar-1", 1).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // the next buyer is served: the hoarder holds 20 of 60
+    let (status, body) = s.create_order("next-buyer", "k", sku, "bar-1", 3).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // a cancelled order's units stop counting
+    let (cancelled, q) = orders.pop().unwrap();
+    let (status, body) = s
+        .post_user("hoarder", &format!("/v1/orders/{cancelled}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = s.create_order("hoarder", "after-cancel", sku, "bar-1", q).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    // paid units count too, and a Redis that lost the SKU gets every count back from the
+    // ledger (the rebuild) before it serves again
+    let (paid, _) = orders.pop().unwrap();
+    let (payment, _) = s.start_payment("hoarder", &paid, "wechat").await;
+    s.pay(&payment).await;
+    eventually("the payment applied", Duration::from_secs(10), || async {
+        (s.order_state(&paid).await == "PAID").then_some(())
+    })
+    .await;
+    let sku_id = domain::SkuId::parse(sku).unwrap();
+    s.prelock_app.redis.forget_sku(&sku_id).await.unwrap();
+    let (status, body) = s.create_order("hoarder", "after-loss", sku, "bar-1", 1).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("ERR_PURCHASE_LIMIT")),
+        "{body}"
+    );
+    assert_eq!(
+        s.prelock_app.redis.bought(&sku_id).await.unwrap(),
+        vec![("hoarder".to_owned(), 20), ("next-buyer".to_owned(), 3)]
+    );
+    assert_eq!(held_by(&s, "hoarder", sku).await, 20);
+    s.assert_consistent(sku).await;
+    // and the reconciliation finds nothing to repair
+    assert_eq!(s.reconcile().await["drifted"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skus_without_a_limit_take_the_service_default_and_zero_means_none() {
+    let s = Stack::start_with(StackOptions {
+        default_max_per_buyer: 5,
+        ..StackOptions::default()
+    })
+    .await;
+    s.put_sku("sku-default", "bar-1", 100, 100).await;
+    s.put_sku_with(
+        "sku-unlimited",
+        json!({"store_id": "bar-1", "price_cents": 100, "stock": 100, "max_per_buyer": 0}),
+    )
+    .await;
+    let (status, _) = s.create_order("u", "a", "sku-default", "bar-1", 5).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = s.create_order("u", "b", "sku-default", "bar-1", 1).await;
+    assert_eq!(body["code"], "ERR_PURCHASE_LIMIT", "{status} {body}");
+    for key in ["c", "d", "e"] {
+        let (status, body) = s.create_order("u", key, "sku-unlimited", "bar-1", 5).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    // bad limits are refused, naming the field
+    let r = s
+        .http
+        .put(format!("{}/v1/skus/sku-default", s.prelock))
+        .bearer_auth(integration_tests::OPS_TOKEN)
+        .json(&json!({"store_id": "bar-1", "price_cents": 100, "stock": 100, "max_per_buyer": -1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().starts_with("max_per_buyer"));
+}
+
+/// Sends `n` requests, 50 at a time; returns each answer's status and `Retry-After`, and the
+/// time it took.
+async fn flood<F, Fut>(n: usize, send: F) -> (Vec<(StatusCode, Option<String>)>, Duration)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = reqwest::Response> + Send,
+{
+    let send = Arc::new(send);
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..50 {
+        let (send, next) = (send.clone(), next.clone());
+        set.spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return out;
+                }
+                let r = send(i).await;
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                out.push((r.status(), retry));
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = set.join_next().await {
+        all.extend(r.unwrap());
+    }
+    (all, started.elapsed())
+}
+
+/// Of `answers`, how many got past the limiter; every refusal is a 429 with `Retry-After`.
+fn passed(answers: &[(StatusCode, Option<String>)]) -> usize {
+    for (status, retry) in answers {
+        if *status == StatusCode::TOO_MANY_REQUESTS {
+            let secs: u64 = retry.as_deref().expect("Retry-After").parse().unwrap();
+            assert!(secs >= 1);
+        }
+    }
+    answers
+        .iter()
+        .filter(|(s, _)| *s != StatusCode::TOO_MANY_REQUESTS)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_requests_from_one_buyer_get_at_most_quota_plus_burst_and_others_are_served() {
+    let budget = Budget {
+        per_sec: 5,
+        burst: 10,
+    };
+    let s = Arc::new(
+        Stack::start_with(StackOptions {
+            rate_limits: RateLimitConfig {
+                buyer: budget,
+                webhook: budget,
+                ..RateLimitConfig::off()
+            },
+            ..StackOptions::default()
+        })
+        .await,
+    );
+    s.put_sku("sku-rl", "bar-1", 100, 10_000).await;
+    let (http, base) = (s.http.clone(), s.order_api.clone());
+    let token = integration_tests::token("flooder");
+    let (answers, took) = flood(1000, move |i| {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        async move {
+            http.post(format!("{base}/v1/orders"))
+                .bearer_auth(token)
+                .header("Idempotency-Key", format!("flood-{i}"))
+                .json(&json!({"sku_id": "sku-rl", "store_id": "bar-1", "quantity": 1}))
+                .send()
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    let through = passed(&answers);
+    let allowed = 10 + (5.0 * took.as_secs_f64()).ceil() as usize;
+    assert!(
+        (10..=allowed).contains(&through),
+        "{through} of 1000 went through in {took:?} (at most {allowed})"
+    );
+    // another buyer at the same moment is served
+    let (status, body) = s.create_order("bystander", "k", "sku-rl", "bar-1", 1).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // what was refused is counted, by budget
+    let page = s.get_text(&format!("{}/metrics", s.order_api)).await;
+    assert_eq!(
+        metric_value(&page, "rate_limited_total", &[("scope", "buyer")]),
+        Some((1000 - through) as f64)
+    );
+    // the webhooks have a budget of their own: unsigned callbacks from one address are cut
+    // off after it (the ones let through are refused for their signature)
+    let (http, base) = (s.http.clone(), s.order_api.clone());
+    let (answers, took) = flood(300, move |i| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.post(format!("{base}/v1/payments/wechat/callback"))
+                .json(&json!({"event_id": format!("e{i}")}))
+                .send()
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    let through = passed(&answers);
+    let allowed = 10 + (5.0 * took.as_secs_f64()).ceil() as usize;
+    assert!(
+        (10..=allowed).contains(&through),
+        "{through} of 300 callbacks went through in {took:?} (at most {allowed})"
+    );
+    let other: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| !matches!(*s, StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS))
+        .collect();
+    assert!(other.is_empty(), "{other:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_has_a_budget_of_its_own_whoever_it_buys_as() {
+    let s = Stack::start_with(StackOptions {
+        rate_limits: RateLimitConfig {
+            address: Budget {
+                per_sec: 1,
+                burst: 5,
+            },
+            ..RateLimitConfig::off()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    s.put_sku("sku-addr", "bar-1", 100, 100).await;
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let (status, body) = s
+            .create_order(&format!("buyer-{i}"), "k", "sku-addr", "bar-1", 1)
+            .await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(body["code"], "ERR_RATE_LIMITED");
+            assert!(body["message"].as_str().unwrap().contains("address"), "{body}");
+        }
+        statuses.push(status);
+    }
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    // 5 at once, and one a second after that (the loop takes well under 10 s)
+    assert!((5..15).contains(&created), "{statuses:?}");
+    assert_eq!(created + statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count(), 20);
+}
+
+/// Hostile input on the ops APIs is the caller's mistake (400), never "try again later"
+/// (503); every error, on every route, unknown or not, is the house JSON body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_a_400_and_every_error_is_the_house_json_body() {
+    let s = integration_tests::binaries::Services::start(&[], &[]).await;
+    let (_scheduler, scheduler) = s.scheduler(&[]).await;
+    let call = |method: reqwest::Method, url: String, body: Option<serde_json::Value>| {
+        let mut req = s
+            .http
+            .request(method, url)
+            .bearer_auth(integration_tests::OPS_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            let kind = r
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
+            assert!(kind.starts_with("application/json"), "{status} {kind}");
+            assert!(body["code"].is_string() && body["message"].is_string(), "{body}");
+            (status, body)
+        }
+    };
+    let good = json!({"kind": "stock.reconcile", "recurrence": "0 3 * * *",
+                      "time_zone": "Asia/Shanghai"});
+    let with = |field: &str, value: serde_json::Value| {
+        let mut b = good.clone();
+        b[field] = value;
+        b
+    };
+    let get = reqwest::Method::GET;
+    let put = reqwest::Method::PUT;
+    for (method, url, body, want) in [
+        (get.clone(), format!("{scheduler}/v1/ops/jobs?kind=a%00b"), None, StatusCode::BAD_REQUEST),
+        (put.clone(), format!("{scheduler}/v1/ops/schedules/a%00b"), Some(good.clone()), StatusCode::BAD_REQUEST),
+        (put.clone(), format!("{scheduler}/v1/ops/schedules/nul-payload"),
+            Some(with("payload", json!({"note": "a\u{0}b"}))), StatusCode::BAD_REQUEST),
+        (put.clone(), format!("{scheduler}/v1/ops/schedules/negative"),
+            Some(with("catch_up_max", json!(-1))), StatusCode::BAD_REQUEST),
+        (put.clone(), format!("{scheduler}/v1/ops/schedules/nul-zone"),
+            Some(with("time_zone", json!("Asia/\u{0}Shanghai"))), StatusCode::BAD_REQUEST),
+        // path and query rejections, unknown routes and wrong methods
+        (get.clone(), format!("{scheduler}/v1/ops/jobs/abc"), None, StatusCode::BAD_REQUEST),
+        (get.clone(), format!("{scheduler}/v1/ops/jobs?limit=many"), None, StatusCode::BAD_REQUEST),
+        (get.clone(), format!("{scheduler}/v1/nothing-here"), None, StatusCode::NOT_FOUND),
+        (reqwest::Method::DELETE, format!("{scheduler}/v1/ops/jobs"), None, StatusCode::METHOD_NOT_ALLOWED),
+        (get.clone(), format!("{}/v1/nothing-here", s.order_api), None, StatusCode::NOT_FOUND),
+        (reqwest::Method::PATCH, format!("{}/v1/orders", s.order_api), None, StatusCode::METHOD_NOT_ALLOWED),
+        (get.clone(), format!("{}/v1/nothing-here", s.prelock), None, StatusCode::NOT_FOUND),
+        (get.clone(), format!("{}/v1/nothing-here", s.gateway), None, StatusCode::NOT_FOUND),
+        // and a good schedule is still taken
+        (put.clone(), format!("{scheduler}/v1/ops/schedules/fine"), Some(good.clone()), StatusCode::CREATED),
+    ] {
+        let (status, body) = call(method.clone(), url.clone(), body).await;
+        assert_eq!(status, want, "{method} {url}: {body}");
+    }
+    // a body over the 2 MB limit is 413, in the house format
+    let big = "x".repeat(3 * 1024 * 1024);
+    let r = s
+        .http
+        .post(format!("{}/v1/orders", s.order_api))
+        .bearer_auth(integration_tests::token("big"))
+        .header("Idempotency-Key", "big")
+        .header("content-type", "application/json")
+        .body(format!("{{\"sku_id\": \"{big}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "ERR_PAYLOAD_TOO_LARGE");
+}
+
+/// Secrets in URLs (a chat bot's `key=`, a notification receiver's `access_token=`, a
+/// password in `REDIS_URL` / `DATABASE_URL`) never reach a log line, a job's `last_error`, the
+/// ops API or the console's data, on every failure path that names where it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_urls_never_reach_the_logs_or_the_ops_api() {
+    const ALERT: &str = "SECRET-ALERT-8f3a";
+    const NOTIFY: &str = "SECRET-NOTIFY-77c1";
+    const REDIS: &str = "SECRET-REDIS-41d0";
+    const PG: &str = "SECRET-PG-9b22";
+    let s = integration_tests::binaries::Services::start(
+        &[],
+        &[("PAYMENT_FIRST_CHECK_MS", "200".to_owned())],
+    )
+    .await;
+    // nothing listens on port 1: every call fails, naming where it went
+    let (scheduler_proc, scheduler) = s
+        .scheduler(&[
+            ("FOLLOW_UP_DELAY_MS", "0".to_owned()),
+            ("NOTIFY_WEBHOOK_URL", format!("http://127.0.0.1:1/robot/send?access_token={NOTIFY}")),
+            ("NOTIFY_WEBHOOK_SECRET", "test-notify-secret".to_owned()),
+        ])
+        .await;
+    let (worker_proc, worker) = s
+        .compensation_worker(&[
+            ("COMPENSATION_MAX_ATTEMPTS", "2".to_owned()),
+            ("COMPENSATION_BACKOFF_BASE_MS", "100".to_owned()),
+            ("ALERT_WEBHOOK_URL", format!("http://127.0.0.1:1/cgi-bin/webhook/send?key={ALERT}")),
+            ("ALERT_MIN_INTERVAL_MS", "100".to_owned()),
+        ])
+        .await;
+    s.put_sku("sku-sec", "bar-sec", 500, 5).await;
+    // a paid order: its notification fails (the scheduler's path)
+    let (_, paid, _) = s
+        .order_with_payment("sec-user", "sec-1", ("sku-sec", "bar-sec"), "wechat")
+        .await;
+    s.pay(&paid).await;
+    // a lost payment whose query is broken: archived, and the alert fails (the worker's path)
+    s.set_faults(json!({ "drop_rate": 1.0 })).await;
+    let (_, lost, _) = s
+        .order_with_payment("sec-user", "sec-2", ("sku-sec", "bar-sec"), "douyin")
+        .await;
+    s.break_query(&lost, true).await;
+    s.pay(&lost).await;
+    let jobs = |base: String| {
+        let http = s.http.clone();
+        async move {
+            http.get(format!("{base}/v1/ops/jobs?kind=order.notify"))
+                .bearer_auth(integration_tests::OPS_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let listed = eventually("the notification failed", Duration::from_secs(30), || async {
+        let page = jobs(scheduler.clone()).await;
+        page.contains("unreachable").then_some(page)
+    })
+    .await;
+    eventually("the alert failed", Duration::from_secs(30), || async {
+        worker_proc
+            .log_text()
+            .contains("alert webhook unreachable")
+            .then_some(())
+    })
+    .await;
+    let dead = jobs(worker.clone()).await;
+    // a dependency that is down at start-up, with a password in its URL
+    let mut prelock = integration_tests::binaries::Proc::spawn(
+        "prelock-service",
+        &[
+            ("REDIS_URL", format!("redis://:{REDIS}@127.0.0.1:1")),
+            ("DATABASE_URL", s.db.clone()),
+            ("OPS_TOKEN", integration_tests::OPS_TOKEN.to_owned()),
+            ("ALLOW_DEV_SECRETS", "true".to_owned()),
+            ("PRELOCK_ADDR", format!("127.0.0.1:{}", integration_tests::binaries::free_port())),
+        ],
+    );
+    let mut order_api = integration_tests::binaries::Proc::spawn(
+        "order-api",
+        &[
+            ("DATABASE_URL", format!("postgres://app:{PG}@127.0.0.1:1/none")),
+            ("ALLOW_DEV_SECRETS", "true".to_owned()),
+            ("ORDER_API_ADDR", format!("127.0.0.1:{}", integration_tests::binaries::free_port())),
+        ],
+    );
+    eventually("both said what failed", Duration::from_secs(20), || async {
+        (prelock.log_text().contains("redis") && order_api.log_text().contains("postgres"))
+            .then_some(())
+    })
+    .await;
+    prelock.crash();
+    order_api.crash();
+    for (what, text) in [
+        ("scheduler log", scheduler_proc.log_text()),
+        ("order.notify jobs", listed),
+        ("worker log", worker_proc.log_text()),
+        ("worker jobs", dead),
+        ("prelock-service log", prelock.log_text()),
+        ("order-api log", order_api.log_text()),
+    ] {
+        for secret in [ALERT, NOTIFY, REDIS, PG] {
+            assert!(!text.contains(secret), "{what} holds {secret}:\n{text}");
+        }
+    }
+}
+
+/// Open descriptors of a process (its sockets among them).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Slow clients hold nothing for long: 300 sockets trickling one header line at a time are
+/// all closed within the header-read timeout, connections past the cap are closed at once,
+/// and a body that never finishes is answered 408 in the house format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = integration_tests::binaries::Services::start(
+        &[],
+        &[
+            ("HTTP_HEADER_READ_TIMEOUT_MS", "1000".to_owned()),
+            ("HTTP_REQUEST_TIMEOUT_MS", "1500".to_owned()),
+            ("HTTP_MAX_CONNECTIONS", "200".to_owned()),
+        ],
+    )
+    .await;
+    let pid = s.order_proc.child.id();
+    let addr = s.order_api.trim_start_matches("http://").to_owned();
+    let before = open_fds(pid);
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for i in 0..300 {
+        let addr = addr.clone();
+        set.spawn(async move {
+            let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let _ = sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+            // one more header line every 300 ms, never the blank line that ends the head
+            let mut buf = [0u8; 512];
+            for n in 0..60 {
+                tokio::select! {
+                    read = sock.read(&mut buf) => match read {
+                        // closed by the server (0, or reset), possibly after an error answer
+                        Ok(0) | Err(_) => return (i, Some(Instant::now())),
+                        Ok(_) => {}
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                        if sock.write_all(format!("X-Slow-{n}: y\r\n").as_bytes()).await.is_err() {
+                            return (i, Some(Instant::now()));
+                        }
+                    }
+                }
+            }
+            (i, None)
+        });
+    }
+    // meanwhile the server keeps answering a well-behaved client
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mid = open_fds(pid);
+    let mut closed = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (i, at) = r.unwrap();
+        let at = at.unwrap_or_else(|| panic!("slow socket {i} was still open after 18 s"));
+        closed.push(at.duration_since(started));
+    }
+    let slowest = closed.iter().max().unwrap();
+    // the header-read timeout (1 s) and scheduling; nowhere near the 18 s they would trickle
+    assert!(*slowest < Duration::from_secs(6), "the last slow socket closed after {slowest:?}");
+    assert!(
+        mid <= before + 200 + 20,
+        "{mid} descriptors open with 300 slow clients (cap 200, {before} before)"
+    );
+    let after = eventually("descriptors back", Duration::from_secs(10), || async {
+        let n = open_fds(pid);
+        (n <= before + 5).then_some(n)
+    })
+    .await;
+    assert!(after <= before + 5);
+    let page = s
+        .http
+        .get(format!("{}/metrics", s.order_api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused = integration_tests::metric_value(&page, "http_connections_refused_total", &[])
+        .expect("http_connections_refused_total");
+    assert!(refused >= 1.0, "{refused}");
+
+    // a body that never finishes: 408 in the house format
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Idempotency-Key: slow\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"sku",
+        integration_tests::token("slow-body")
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut answer))
+        .await
+        .expect("an answer within the request timeout")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("ERR_REQUEST_TIMEOUT"), "{answer}");
+}
