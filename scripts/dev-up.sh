@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings the whole local stack up: PostgreSQL and Redis (started if not answering), a Kafka
-# API (tansu, installed and started if missing), the database, the binaries (each runs the
-# migrations on start), and prints the URLs.
+# API (tansu, installed and started if missing), the database (owned by bar_migrator, which
+# db-migrate runs the migrations as), the binaries (as bar_app: rows only, no DDL), and
+# prints the URLs.
 # Stop it with scripts/dev-down.sh. Logs: .run/logs/, pids: .run/pids/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 scripts/services.sh
 DB=${DB_NAME:-bar_fulfillment}
 psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc "select 1 from pg_database where datname = '$DB'" | grep -q 1 ||
-  psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "create database $DB"
+  psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "create database $DB owner bar_migrator"
 
 mkdir -p .run/logs .run/pids
 # the Kafka API (tansu): its first install builds while the workspace does
@@ -27,7 +28,14 @@ fi
 scripts/dev-down.sh >/dev/null 2>&1 || true
 scripts/kafka.sh
 
-export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$DB}
+# migrations as the database's owner (bar_migrator for a database this script made), then
+# the services as the application role, which cannot change the schema
+owner=$(psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc "select pg_get_userbyid(datdba) from pg_database where datname = '$DB'")
+MIGRATION_DATABASE_URL=${MIGRATION_DATABASE_URL:-postgres://$owner@127.0.0.1:5432/$DB} \
+  APP_DB_ROLE=${APP_DB_ROLE:-bar_app} target/release/db-migrate >.run/logs/db-migrate.log 2>&1 ||
+  { echo "db-migrate failed; see .run/logs/db-migrate.log" >&2; tail -n 20 .run/logs/db-migrate.log >&2; exit 1; }
+export DATABASE_URL=${DATABASE_URL:-postgres://bar_app@127.0.0.1:5432/$DB}
+export RUN_MIGRATIONS=false
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 # the local stack runs on the documented development secrets, which the services refuse
 # unless told this is development

@@ -29,6 +29,12 @@ for _ in $(seq 1 60); do
       echo "services: PostgreSQL refuses passwordless TCP logins for 'postgres'; see README.md" >&2
       exit 1
     fi
+    # least privilege: bar_migrator owns the schema and runs the migrations (db-migrate);
+    # the services connect as bar_app, which may only read and write rows
+    psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "DO \$\$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bar_migrator') THEN CREATE ROLE bar_migrator LOGIN; END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bar_app') THEN CREATE ROLE bar_app LOGIN; END IF;
+      END \$\$" 2>/dev/null || true
     exit 0
   fi
   sleep 1

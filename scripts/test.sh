@@ -19,6 +19,10 @@ trap 'kill "$kafka_install" 2>/dev/null || true' EXIT
 psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc \
   "select datname from pg_database where datname like 'bft\_%'" |
   while read -r db; do psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "drop database if exists \"$db\" with (force)"; done
+# and the roles of the least-privilege test (bft_mig_*, bft_app_*)
+psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc \
+  "select rolname from pg_roles where rolname like 'bft\_%'" |
+  while read -r role; do psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "drop role if exists \"$role\""; done
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -141,7 +141,11 @@ async fn every_console_file_carries_a_strict_content_security_policy() {
                 .map(|v| v.to_str().unwrap().to_owned())
                 .unwrap_or_default()
         };
-        assert!(h("content-type").starts_with(kind), "{path}: {}", h("content-type"));
+        assert!(
+            h("content-type").starts_with(kind),
+            "{path}: {}",
+            h("content-type")
+        );
         let csp = h("content-security-policy");
         for directive in [
             "default-src 'none'",
@@ -151,7 +155,10 @@ async fn every_console_file_carries_a_strict_content_security_policy() {
         ] {
             assert!(csp.contains(directive), "{path}: {csp}");
         }
-        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+        assert!(
+            !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+            "{csp}"
+        );
         assert_eq!(h("x-content-type-options"), "nosniff", "{path}");
         assert_eq!(h("referrer-policy"), "no-referrer", "{path}");
         if kind == "text/html" {

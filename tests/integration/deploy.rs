@@ -276,11 +276,20 @@ fn deploy_files_and_code_agree_on_services_ports_and_variables() {
         .filter(|(_, s)| !s["build"].is_null())
         .map(|(k, _)| k.as_str().unwrap().to_owned())
         .collect();
+    let mut expected: std::collections::BTreeSet<String> = services.keys().cloned().collect();
+    expected.insert("db-migrate".to_owned());
     assert_eq!(
-        built,
-        services.keys().cloned().collect(),
-        "compose builds exactly the services"
+        built, expected,
+        "compose builds exactly the services, and the one-shot db-migrate"
     );
+    // least privilege: the services connect as the application role and never migrate; they
+    // wait for db-migrate, which runs as the migrating role
+    let migrate = &declared["db-migrate"];
+    assert_eq!(migrate["command"][0], "db-migrate");
+    assert!(migrate["environment"]["MIGRATION_DATABASE_URL"]
+        .as_str()
+        .unwrap()
+        .contains("bar_migrator"));
     for (name, (addr_var, port)) in &services {
         let mut svc = declared[name.as_str()].clone();
         svc.apply_merge().unwrap();
@@ -297,6 +306,19 @@ fn deploy_files_and_code_agree_on_services_ports_and_variables() {
         );
         for var in env.keys() {
             in_code(var.as_str().unwrap(), &format!("compose {name}"));
+        }
+        // every service with a database (it waits for postgres)
+        if !svc["depends_on"]["postgres"].is_null() {
+            let db = &env["DATABASE_URL"];
+            assert!(
+                db.as_str().unwrap().contains("bar_app"),
+                "compose {name} connects as the application role"
+            );
+            assert_eq!(env["RUN_MIGRATIONS"], "false", "compose {name}");
+            assert!(
+                !svc["depends_on"]["db-migrate"].is_null(),
+                "compose {name} waits for db-migrate"
+            );
         }
         let health = serde_yaml::to_string(&svc["healthcheck"]["test"]).unwrap();
         assert!(
@@ -321,6 +343,13 @@ fn deploy_files_and_code_agree_on_services_ports_and_variables() {
             "ConfigMap" => {
                 for var in doc["data"].as_mapping().unwrap().keys() {
                     in_code(var.as_str().unwrap(), &rel);
+                }
+            }
+            "Job" => {
+                let c = &doc["spec"]["template"]["spec"]["containers"][0];
+                assert_eq!(c["command"][0], "db-migrate", "{rel}: the only Job");
+                for e in c["env"].as_sequence().unwrap() {
+                    in_code(e["name"].as_str().unwrap(), &rel);
                 }
             }
             "Service" => {

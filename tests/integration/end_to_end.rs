@@ -239,7 +239,10 @@ async fn services_refuse_to_start_with_missing_or_public_secrets() {
             vec![
                 ("AUTH_JWT_SECRET", String::new()),
                 ("OPS_TOKEN", "dev-ops-token".to_owned()),
-                ("PAYMENT_SECRET_WECHAT", "a-real-secret".to_owned()),
+                (
+                    "PAYMENT_SECRET_WECHAT",
+                    "a-real-secret-of-at-least-32-bytes".to_owned(),
+                ),
                 ("PAYMENT_SECRET_ALIPAY", String::new()),
                 ("PAYMENT_SECRET_DOUYIN", "dev-douyin-secret".to_owned()),
             ],

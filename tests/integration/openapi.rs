@@ -184,9 +184,15 @@ async fn every_openapi_document_is_valid_and_its_parameters_are_where_it_says() 
                     let pname = p["name"].as_str().unwrap();
                     let templated = path.contains(&format!("{{{pname}}}"));
                     match p["in"].as_str().unwrap() {
-                        "path" => assert!(templated, "{name}: {method} {path}: path parameter {pname} is not in the path"),
+                        "path" => assert!(
+                            templated,
+                            "{name}: {method} {path}: path parameter {pname} is not in the path"
+                        ),
                         "query" => {
-                            assert!(!templated, "{name}: {method} {path}: {pname} is in the path");
+                            assert!(
+                                !templated,
+                                "{name}: {method} {path}: {pname} is in the path"
+                            );
                             query.push(pname.to_owned());
                         }
                         _ => {}

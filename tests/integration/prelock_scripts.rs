@@ -36,7 +36,11 @@ async fn scripts_agree_with_the_reference_ledger() {
     for round in 0..20 {
         let stock = (round % 7) as i64 * 2;
         // every other round under a purchase limit of 1 to 4 units per buyer
-        let limit = if round % 2 == 0 { 0 } else { (round % 4 + 1) as u32 };
+        let limit = if round % 2 == 0 {
+            0
+        } else {
+            (round % 4 + 1) as u32
+        };
         let mut model: SkuLedger<usize> = SkuLedger::new(stock);
         model.set_limit(limit);
         let purchases = Purchases {
@@ -154,7 +158,14 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     let attempt = uuid::Uuid::new_v4();
     assert!(matches!(
         redis
-            .reserve(&sku, a, 2, Duration::from_secs(900), attempt_of(attempt), "")
+            .reserve(
+                &sku,
+                a,
+                2,
+                Duration::from_secs(900),
+                attempt_of(attempt),
+                ""
+            )
             .await
             .unwrap(),
         ReserveOutcome::Reserved { available: 0, .. }
@@ -166,7 +177,14 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
         || async {
             matches!(
                 redis
-                    .reserve(&sku, b, 1, Duration::from_secs(900), attempt_of(attempt), "")
+                    .reserve(
+                        &sku,
+                        b,
+                        1,
+                        Duration::from_secs(900),
+                        attempt_of(attempt),
+                        ""
+                    )
                     .await
                     .unwrap(),
                 ReserveOutcome::Reserved { .. }
@@ -224,7 +242,14 @@ async fn lapsed_reservations_are_reclaimed_by_the_next_reserve_not_by_a_timer() 
     let unknown = SkuId::parse("sku-never-loaded").unwrap();
     assert_eq!(
         redis
-            .reserve(&unknown, a, 1, Duration::from_secs(1), attempt_of(attempt), "")
+            .reserve(
+                &unknown,
+                a,
+                1,
+                Duration::from_secs(1),
+                attempt_of(attempt),
+                ""
+            )
             .await,
         Err(domain::ports::PrelockError::NotLoaded)
     );

@@ -16,7 +16,11 @@ pub enum FulfillmentError {
     #[error("not enough stock to pre-lock ({available} available)")]
     Shortage { available: i64 },
     #[error("at most {limit} per buyer: you hold {holds}, and {quantity} more would pass it")]
-    PurchaseLimit { holds: u32, limit: u32, quantity: u32 },
+    PurchaseLimit {
+        holds: u32,
+        limit: u32,
+        quantity: u32,
+    },
     #[error("this Idempotency-Key was used for a different request")]
     IdempotencyMismatch,
     #[error("order is {state}")]

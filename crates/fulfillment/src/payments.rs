@@ -143,7 +143,8 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
             StockStep::Pin => match self
                 .prelock
                 .pin(&sku, id, order.quantity as u32, &order.user_id)
-                .await? {
+                .await?
+            {
                 PinOutcome::Pinned { .. } | PinOutcome::Repinned { .. } => true,
                 PinOutcome::Shortage { .. } | PinOutcome::Mismatch { .. } => false,
             },

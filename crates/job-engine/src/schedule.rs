@@ -473,7 +473,11 @@ impl ScheduleDef {
         if !(1..=10_000).contains(&self.catch_up_max) {
             return policy("catch_up_max must be 1 to 10000");
         }
-        if has_nul(&self.payload) || [&self.recurrence, &self.time_zone].iter().any(|s| s.contains('\0')) {
+        if has_nul(&self.payload)
+            || [&self.recurrence, &self.time_zone]
+                .iter()
+                .any(|s| s.contains('\0'))
+        {
             return policy("payload, recurrence and time_zone must not contain NUL characters");
         }
         let calendar = Calendar::new(

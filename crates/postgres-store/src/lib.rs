@@ -165,6 +165,50 @@ impl PgStore {
         Ok(())
     }
 
+    /// Least privilege: grants `role` (the services' application role) what the services
+    /// need and nothing more: `SELECT, INSERT, UPDATE, DELETE` on every table, the sequences
+    /// and the functions. No DDL (the tables belong to the migrating role, so the application
+    /// role can neither alter nor drop them), no `TRUNCATE`, no `CREATE` in the schema, and
+    /// nothing on the migration history. Idempotent; `db-migrate` runs it after every
+    /// migration, so tables a migration adds are covered.
+    pub async fn grant_application_role(&self, role: &str) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        anyhow::ensure!(
+            !role.is_empty()
+                && role.len() <= 63
+                && role
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "APP_DB_ROLE must be 1 to 63 lowercase letters, digits or underscores"
+        );
+        let mut conn = PgConnection::connect_with(&self.options).await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+                .bind(role)
+                .fetch_one(&mut conn)
+                .await?;
+        anyhow::ensure!(exists, "the application role {role} does not exist: create it first (scripts/services.sh does locally)");
+        let mut tx = conn.begin().await?;
+        for statement in [
+            format!("GRANT USAGE ON SCHEMA public TO {role}"),
+            format!("REVOKE CREATE ON SCHEMA public FROM {role}"),
+            format!(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+            ),
+            format!(
+                "REVOKE TRUNCATE, REFERENCES, TRIGGER ON ALL TABLES IN SCHEMA public FROM {role}"
+            ),
+            format!("REVOKE ALL ON TABLE _sqlx_migrations FROM {role}"),
+            format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+            format!("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}"),
+        ] {
+            sqlx::query(&statement).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        conn.close().await?;
+        Ok(())
+    }
+
     /// A readiness probe for a binary whose only dependency is Postgres: answers when the
     /// database does (wrap it with `service_kit::http::ready_check`).
     #[allow(clippy::type_complexity)]

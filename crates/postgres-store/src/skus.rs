@@ -163,12 +163,14 @@ pub async fn live_reservations(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(order_id, user_id, quantity, status, expires_at)| LiveReservation {
-            order_id,
-            user_id,
-            quantity,
-            expires_at: (status == "ACTIVE").then_some(expires_at),
-        })
+        .map(
+            |(order_id, user_id, quantity, status, expires_at)| LiveReservation {
+                order_id,
+                user_id,
+                quantity,
+                expires_at: (status == "ACTIVE").then_some(expires_at),
+            },
+        )
         .collect())
 }
 

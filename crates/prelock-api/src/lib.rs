@@ -383,12 +383,9 @@ impl PrelockClient {
         })?;
         let status = resp.status();
         if status.is_success() {
-            return resp
-                .json()
-                .await
-                .map_err(|e| {
-                    PrelockError::Unavailable(format!("prelock-service reply: {}", e.without_url()))
-                });
+            return resp.json().await.map_err(|e| {
+                PrelockError::Unavailable(format!("prelock-service reply: {}", e.without_url()))
+            });
         }
         let body: Option<ErrorBody> = resp.json().await.ok();
         Err(match body {

@@ -56,8 +56,12 @@ impl AuthConfig {
                 "AUTH_MAX_TOKEN_LIFETIME_SECS",
                 DEFAULT_MAX_TOKEN_LIFETIME_SECS,
             )?,
-            issuer: std::env::var("AUTH_JWT_ISSUER").ok().filter(|v| !v.is_empty()),
-            audience: std::env::var("AUTH_JWT_AUDIENCE").ok().filter(|v| !v.is_empty()),
+            issuer: std::env::var("AUTH_JWT_ISSUER")
+                .ok()
+                .filter(|v| !v.is_empty()),
+            audience: std::env::var("AUTH_JWT_AUDIENCE")
+                .ok()
+                .filter(|v| !v.is_empty()),
         })
     }
 
@@ -406,7 +410,10 @@ mod tests {
             audience: Some("bar-fulfillment"),
         };
         let cases = [
-            (json!({"sub": "u", "exp": now + 60}), Err(TokenError::Issuer)),
+            (
+                json!({"sub": "u", "exp": now + 60}),
+                Err(TokenError::Issuer),
+            ),
             (
                 json!({"sub": "u", "exp": now + 60, "iss": "https://id.bar.example"}),
                 Err(TokenError::Audience),

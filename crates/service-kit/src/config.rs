@@ -164,10 +164,11 @@ mod tests {
 
     #[test]
     fn secrets_refuse_unset_and_development_values_naming_each_variable() {
-        let mut l = loader(&[("B", "dev-b"), ("C", "real")], false);
+        let real = "a-real-secret-of-at-least-32-bytes";
+        let mut l = loader(&[("B", "dev-b"), ("C", real)], false);
         l.require("A", "dev-a");
         l.require("B", "dev-b");
-        assert_eq!(l.require("C", "dev-c"), "real");
+        assert_eq!(l.require("C", "dev-c"), real);
         let err = l.finish().unwrap_err().to_string();
         assert!(err.contains("A is unset"), "{err}");
         assert!(
@@ -189,9 +190,18 @@ mod tests {
     #[test]
     fn urls_are_redacted_to_scheme_and_host() {
         for (url, want) in [
-            ("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=SECRET", "https://qyapi.weixin.qq.com"),
-            ("https://oapi.dingtalk.com/robot/send?access_token=SECRET", "https://oapi.dingtalk.com"),
-            ("https://hooks.slack.com/services/T0/B0/SECRET", "https://hooks.slack.com"),
+            (
+                "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=SECRET",
+                "https://qyapi.weixin.qq.com",
+            ),
+            (
+                "https://oapi.dingtalk.com/robot/send?access_token=SECRET",
+                "https://oapi.dingtalk.com",
+            ),
+            (
+                "https://hooks.slack.com/services/T0/B0/SECRET",
+                "https://hooks.slack.com",
+            ),
             ("redis://:SECRET@127.0.0.1:6379/0", "redis://127.0.0.1:6379"),
             ("postgres://app:SECRET@db:5432/bar", "postgres://db:5432"),
             ("http://127.0.0.1:8081", "http://127.0.0.1:8081"),
@@ -206,21 +216,26 @@ mod tests {
     fn secrets_must_be_long_and_distinct_outside_development() {
         let long = "k".repeat(MIN_SECRET_BYTES);
         let mut l = loader(
-            &[("SHORT", "a"), ("ONE", &long), ("TWO", &long), ("OK", &"z".repeat(40))],
+            &[
+                ("S1", "a"),
+                ("K1", &long),
+                ("K2", &long),
+                ("OK", &"z".repeat(40)),
+            ],
             false,
         );
-        l.require("SHORT", "dev-short");
-        l.require("ONE", "dev-one");
-        l.require("TWO", "dev-two");
+        l.require("S1", "dev-s1");
+        l.require("K1", "dev-k1");
+        l.require("K2", "dev-k2");
         assert_eq!(l.require("OK", "dev-ok"), "z".repeat(40));
         let err = l.finish().unwrap_err().to_string();
-        assert!(err.contains("SHORT is shorter than 32 bytes"), "{err}");
-        assert!(err.contains("TWO is the same secret as ONE"), "{err}");
+        assert!(err.contains("S1 is shorter than 32 bytes"), "{err}");
+        assert!(err.contains("K2 is the same secret as K1"), "{err}");
         assert!(!err.contains("OK"), "{err}");
         // in development they are only warned about
-        let mut dev = loader(&[("SHORT", "a"), ("ONE", "a")], true);
-        assert_eq!(dev.require("SHORT", "dev-short"), "a");
-        assert_eq!(dev.require("ONE", "dev-one"), "a");
+        let mut dev = loader(&[("S1", "a"), ("K1", "a")], true);
+        assert_eq!(dev.require("S1", "dev-s1"), "a");
+        assert_eq!(dev.require("K1", "dev-k1"), "a");
         dev.finish().unwrap();
     }
 }

@@ -151,29 +151,37 @@ pub async fn serve_with(
             CONNECTIONS_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if refused_logged.elapsed() > std::time::Duration::from_secs(10) {
                 refused_logged = Instant::now();
-                tracing::warn!(max = limits.max_connections, "connection limit reached; closing new connections");
+                tracing::warn!(
+                    max = limits.max_connections,
+                    "connection limit reached; closing new connections"
+                );
             }
             continue;
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let request_timeout = limits.request;
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            let mut app = app.clone();
-            async move {
-                let call = tower_service::Service::call(&mut app, req.map(axum::body::Body::new));
-                match tokio::time::timeout(request_timeout, call).await {
-                    Ok(resp) => resp,
-                    Err(_) => Ok(ApiError::new(
-                        ErrorCode::RequestTimeout,
-                        format!("the request took longer than {} ms", request_timeout.as_millis()),
-                    )
-                    .into_response()),
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                let mut app = app.clone();
+                async move {
+                    let call =
+                        tower_service::Service::call(&mut app, req.map(axum::body::Body::new));
+                    match tokio::time::timeout(request_timeout, call).await {
+                        Ok(resp) => resp,
+                        Err(_) => Ok(ApiError::new(
+                            ErrorCode::RequestTimeout,
+                            format!(
+                                "the request took longer than {} ms",
+                                request_timeout.as_millis()
+                            ),
+                        )
+                        .into_response()),
+                    }
                 }
-            }
-        });
+            });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read)
@@ -186,7 +194,10 @@ pub async fn serve_with(
     }
     drop(listener);
     // in-flight requests finish; idle connections close
-    if tokio::time::timeout(limits.request, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(limits.request, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open at exit");
     }
     tracing::info!("stopped");
@@ -336,10 +347,7 @@ pub async fn house_error_body(resp: Response) -> Response {
     };
     let mut message: String = text.chars().take(REJECTION_TEXT_MAX).collect();
     if message.is_empty() {
-        message = status
-            .canonical_reason()
-            .unwrap_or("error")
-            .to_lowercase();
+        message = status.canonical_reason().unwrap_or("error").to_lowercase();
     }
     let code = ErrorCode::for_status(status);
     let fresh = ApiError::new(code, message).into_response();

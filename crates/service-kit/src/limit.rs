@@ -86,7 +86,10 @@ impl Limiter {
             Err(not_until) => {
                 self.refused.with_label_values(&[self.scope]).inc();
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                Err(ApiError::rate_limited(self.scope, wait.max(Duration::from_millis(1))))
+                Err(ApiError::rate_limited(
+                    self.scope,
+                    wait.max(Duration::from_millis(1)),
+                ))
             }
         }
     }
@@ -203,7 +206,7 @@ impl ClientAddr {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-            .last();
+            .next_back();
         ClientAddr {
             peer: parts
                 .extensions
@@ -248,7 +251,10 @@ mod tests {
         let refused = l.check("hoarder").unwrap_err();
         assert_eq!(refused.code, crate::ErrorCode::RateLimited);
         assert_eq!(refused.retry_after_secs, Some(1));
-        assert_eq!(c.with_label_values(&["buyer"]).get(), 1000 - passed as u64 + 1);
+        assert_eq!(
+            c.with_label_values(&["buyer"]).get(),
+            1000 - passed as u64 + 1
+        );
     }
 
     #[test]

@@ -7,9 +7,9 @@ use axum::Json;
 use domain::{SkuId, StoreId, UserId};
 use fulfillment::orders::CreateOrder;
 use service_kit::auth::AuthUser;
-use service_kit::limit::ClientAddr;
 use service_kit::error::ErrorBody;
 use service_kit::http::ApiJson;
+use service_kit::limit::ClientAddr;
 use service_kit::ApiError;
 use tracing::Instrument;
 
