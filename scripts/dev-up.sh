@@ -70,8 +70,16 @@ bar-fulfillment is up:
   payment-gateway-sim  http://127.0.0.1:8090
   metrics              each service's /metrics; health /healthz, /readyz
   database             $DATABASE_URL
-Try it (development secrets):
-  curl -X PUT localhost:8081/v1/skus/sku-1 -H 'Authorization: Bearer dev-ops-token' \\
+Credentials (development secrets; each kind opens only its own routes):
+  buyer     target/release/loadgen token alice                    (AUTH_JWT_SECRET)
+  operator  target/release/loadgen token --operator dora          (STAFF_JWT_SECRET; stock admin,
+            consoles, schedules; the audit records "dora")
+  bar staff target/release/loadgen token --store bar-1 barkeep    (STAFF_JWT_SECRET; redeems
+            bar-1's vouchers only)
+  services  SERVICE_TOKEN=dev-service-token                       (service-to-service only)
+Try it:
+  OPS=\$(target/release/loadgen token --operator dora)
+  curl -X PUT localhost:8081/v1/skus/sku-1 -H "Authorization: Bearer \$OPS" \\
        -H 'Content-Type: application/json' -d '{"store_id":"bar-1","price_cents":9900,"stock":100}'
   TOKEN=\$(target/release/loadgen token alice)
   curl -X POST localhost:8080/v1/orders -H "Authorization: Bearer \$TOKEN" -H 'Idempotency-Key: k1' \\

@@ -459,7 +459,7 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
         let r = s
             .http
             .put(format!("{}/v1/skus/{sku}", s.prelock))
-            .bearer_auth(integration_tests::OPS_TOKEN)
+            .bearer_auth(integration_tests::ops_token())
             .json(&json!({"store_id": "bar-late", "price_cents": 1_500, "stock": 1, "prelock_ttl_seconds": 1}))
             .send()
             .await

@@ -119,16 +119,28 @@ async fn failures_are_archived_alerted_once_per_storm_and_replayed_with_an_edite
         }
     };
 
-    // the operator must be named, and hold the ops token
-    assert_eq!(replay(None, url.clone()).await.0, StatusCode::BAD_REQUEST);
-    let r = http
-        .post(format!("{url}/replay"))
-        .bearer_auth("not-the-token")
-        .header("X-Operator", "mallory")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // only an operator's token replays: a wrong one is 401, the service token and a bar's
+    // store token are credentials of another kind (403); none of them is audited
+    for (token, want) in [
+        ("not-the-token".to_owned(), StatusCode::UNAUTHORIZED),
+        (
+            integration_tests::SERVICE_TOKEN.to_owned(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            integration_tests::store_token("bar-1"),
+            StatusCode::FORBIDDEN,
+        ),
+    ] {
+        let r = http
+            .post(format!("{url}/replay"))
+            .bearer_auth(&token)
+            .header("X-Operator", "mallory")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want);
+    }
 
     // a replay as archived fails the same way: audited, still open
     let (_, r) = replay(Some("alice"), url.clone()).await;

@@ -63,7 +63,8 @@ fn compose_brings_up_the_infrastructure_and_the_services() {
         "PRELOCK_URL",
         "GATEWAY_URL",
         "AUTH_JWT_SECRET",
-        "OPS_TOKEN",
+        "STAFF_JWT_SECRET",
+        "SERVICE_TOKEN",
     ] {
         assert!(!env[var].is_null(), "order-api lacks {var}");
     }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use integration_tests::binaries::{free_port, Proc, Services};
-use integration_tests::{eventually, post_callback_to, token, OPS_TOKEN};
+use integration_tests::{eventually, ops_token, post_callback_to, token};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -44,7 +44,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
 
     let r = http
         .put(format!("{prelock}/v1/skus/sku-e2e"))
-        .bearer_auth(OPS_TOKEN)
+        .bearer_auth(ops_token())
         .json(&json!({"store_id": "bar-e2e", "price_cents": 12_800, "stock": 3}))
         .send()
         .await
@@ -119,12 +119,24 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
     ] {
         assert!(page.contains(series), "{series} missing:\n{page}");
     }
-    // the bar redeems the voucher once
-    let redeem = || {
+    // the bar redeems the voucher once, with its own store's token: another bar's, an
+    // operator's and the service token are refused, and change nothing
+    let redeem_with = |token: String| {
         http.post(format!("{order_api}/v1/vouchers/{code}/redeem"))
-            .bearer_auth(OPS_TOKEN)
+            .bearer_auth(token)
             .send()
     };
+    for (token, want) in [
+        (integration_tests::store_token("bar-other"), "ERR_FORBIDDEN"),
+        (ops_token(), "ERR_FORBIDDEN"),
+        (integration_tests::SERVICE_TOKEN.to_owned(), "ERR_FORBIDDEN"),
+        (token("e2e-user"), "ERR_UNAUTHORIZED"),
+    ] {
+        let r = redeem_with(token).await.unwrap();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], want, "{body}");
+    }
+    let redeem = || redeem_with(integration_tests::store_token("bar-e2e"));
     let r = redeem().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.unwrap()["state"], "REDEEMED");
@@ -138,7 +150,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
     // an unpaid order on a SKU with a one-second pre-lock expires, and its units come back
     let r = http
         .put(format!("{prelock}/v1/skus/sku-e2e-ttl"))
-        .bearer_auth(OPS_TOKEN)
+        .bearer_auth(ops_token())
         .json(&json!({"store_id": "bar-e2e", "price_cents": 500, "stock": 2, "prelock_ttl_seconds": 1}))
         .send()
         .await
@@ -238,7 +250,8 @@ async fn services_refuse_to_start_with_missing_or_public_secrets() {
             "order-api",
             vec![
                 ("AUTH_JWT_SECRET", String::new()),
-                ("OPS_TOKEN", "dev-ops-token".to_owned()),
+                ("SERVICE_TOKEN", "dev-service-token".to_owned()),
+                ("STAFF_JWT_SECRET", String::new()),
                 (
                     "PAYMENT_SECRET_WECHAT",
                     "a-real-secret-of-at-least-32-bytes".to_owned(),
@@ -248,29 +261,40 @@ async fn services_refuse_to_start_with_missing_or_public_secrets() {
             ],
             &[
                 "AUTH_JWT_SECRET is unset",
-                "OPS_TOKEN is set to its public development default",
+                "SERVICE_TOKEN is set to its public development default",
+                "STAFF_JWT_SECRET is unset",
                 "PAYMENT_SECRET_ALIPAY is unset",
                 "PAYMENT_SECRET_DOUYIN is set to its public development default",
             ],
         ),
         (
             "prelock-service",
-            vec![("OPS_TOKEN", String::new())],
-            &["OPS_TOKEN is unset"],
+            vec![
+                ("SERVICE_TOKEN", String::new()),
+                (
+                    "STAFF_JWT_SECRET",
+                    "dev-staff-jwt-secret-change-me".to_owned(),
+                ),
+            ],
+            &[
+                "SERVICE_TOKEN is unset",
+                "STAFF_JWT_SECRET is set to its public development default",
+            ],
         ),
         // one byte each, and one secret for two roles
         (
             "order-api",
             vec![
                 ("AUTH_JWT_SECRET", "b".to_owned()),
-                ("OPS_TOKEN", "a".to_owned()),
+                ("SERVICE_TOKEN", "a".to_owned()),
+                ("STAFF_JWT_SECRET", "s".repeat(40)),
                 ("PAYMENT_SECRET_WECHAT", "w".repeat(40)),
                 ("PAYMENT_SECRET_ALIPAY", "w".repeat(40)),
                 ("PAYMENT_SECRET_DOUYIN", "d".repeat(40)),
             ],
             &[
                 "AUTH_JWT_SECRET is shorter than 32 bytes",
-                "OPS_TOKEN is shorter than 32 bytes",
+                "SERVICE_TOKEN is shorter than 32 bytes",
                 "PAYMENT_SECRET_ALIPAY is the same secret as PAYMENT_SECRET_WECHAT",
             ],
         ),
@@ -335,7 +359,7 @@ async fn a_scheduler_killed_mid_run_still_confirms_every_order_exactly_once() {
     );
     let r = http
         .put(format!("{prelock}/v1/skus/sku-kill"))
-        .bearer_auth(OPS_TOKEN)
+        .bearer_auth(ops_token())
         .json(&json!({"store_id": "bar-k", "price_cents": 100, "stock": ORDERS}))
         .send()
         .await

@@ -6,7 +6,7 @@ use std::time::Duration;
 use domain::{OrderId, SkuId};
 use fulfillment::follow_up::FollowUp;
 use integration_tests::binaries::free_port;
-use integration_tests::{eventually, post_callback, Stack, OPS_TOKEN};
+use integration_tests::{eventually, post_callback, Stack};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -38,7 +38,8 @@ async fn redeem(s: &Stack, code: &str) -> (StatusCode, Value) {
     let r = s
         .http
         .post(format!("{}/v1/vouchers/{code}/redeem", s.order_api))
-        .bearer_auth(OPS_TOKEN)
+        // every order here is bar-1's
+        .bearer_auth(integration_tests::store_token("bar-1"))
         .send()
         .await
         .unwrap();

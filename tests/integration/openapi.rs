@@ -205,7 +205,7 @@ async fn every_openapi_document_is_valid_and_its_parameters_are_where_it_says() 
                     let r = s
                         .http
                         .get(&url)
-                        .bearer_auth(integration_tests::OPS_TOKEN)
+                        .bearer_auth(integration_tests::ops_token())
                         .send()
                         .await
                         .unwrap();

@@ -28,7 +28,7 @@ async fn put_sku_ttl(s: &Services, sku: &str, store: &str, stock: i64, ttl_secs:
     let r = s
         .http
         .put(format!("{}/v1/skus/{sku}", s.prelock))
-        .bearer_auth(integration_tests::OPS_TOKEN)
+        .bearer_auth(integration_tests::ops_token())
         .json(
             &json!({ "store_id": store, "price_cents": 1_000, "stock": stock,
                         "prelock_ttl_seconds": ttl_secs }),

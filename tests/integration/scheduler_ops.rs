@@ -1,11 +1,11 @@
 //! The scheduler's ops API, on the real binary: jobs by state, redrive of a dead job, pause
 //! and resume of a kind, schedules (the seeded nightly reconciliation, a new one, a bad one),
-//! all behind the ops token and in `/openapi.json`.
+//! all behind an operator token and in `/openapi.json`.
 
 use std::time::Duration;
 
 use integration_tests::binaries::Services;
-use integration_tests::{eventually, OPS_TOKEN};
+use integration_tests::{eventually, ops_token};
 use job_engine::store::{self, NewJob};
 use job_engine::Priority;
 use reqwest::StatusCode;
@@ -39,7 +39,7 @@ async fn operators_list_redrive_pause_and_schedule_through_the_ops_api() {
     let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
         let mut req = http
             .request(method, format!("{url}{path}"))
-            .bearer_auth(OPS_TOKEN);
+            .bearer_auth(ops_token());
         if let Some(b) = body {
             req = req.json(&b);
         }

@@ -37,7 +37,9 @@ async fn one_buyer_cannot_hoard_a_flash_sale_with_fifty_orders_at_once_nor_after
         let quantity = i % 3 + 1;
         set.spawn(async move {
             let key = format!("k{i}");
-            let r = s.create_order("hoarder", &key, sku, "bar-1", quantity).await;
+            let r = s
+                .create_order("hoarder", &key, sku, "bar-1", quantity)
+                .await;
             (key, quantity, r)
         });
     }
@@ -84,7 +86,9 @@ async fn one_buyer_cannot_hoard_a_flash_sale_with_fifty_orders_at_once_nor_after
     // a retry of an order the buyer holds is answered as before, not refused (which of the
     // fifty went through is the race's choice: retry one that did)
     let (key, quantity) = &taken[0];
-    let (status, body) = s.create_order("hoarder", key, sku, "bar-1", *quantity).await;
+    let (status, body) = s
+        .create_order("hoarder", key, sku, "bar-1", *quantity)
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     // the next buyer is served: the hoarder holds 20 of 60
     let (status, body) = s.create_order("next-buyer", "k", sku, "bar-1", 3).await;
@@ -159,7 +163,7 @@ async fn skus_without_a_limit_take_the_service_default_and_zero_means_none() {
     let r = s
         .http
         .put(format!("{}/v1/skus/sku-default", s.prelock))
-        .bearer_auth(integration_tests::OPS_TOKEN)
+        .bearer_auth(integration_tests::ops_token())
         .json(&json!({"store_id": "bar-1", "price_cents": 100, "stock": 100, "max_per_buyer": -1}))
         .send()
         .await
@@ -353,7 +357,7 @@ async fn hostile_input_is_a_400_and_every_error_is_the_house_json_body() {
         let mut req = s
             .http
             .request(method, url)
-            .bearer_auth(integration_tests::OPS_TOKEN);
+            .bearer_auth(integration_tests::ops_token());
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -546,7 +550,7 @@ async fn secrets_in_urls_never_reach_the_logs_or_the_ops_api() {
         let http = s.http.clone();
         async move {
             http.get(format!("{base}/v1/ops/jobs?kind=order.notify"))
-                .bearer_auth(integration_tests::OPS_TOKEN)
+                .bearer_auth(integration_tests::ops_token())
                 .send()
                 .await
                 .unwrap()
@@ -578,7 +582,7 @@ async fn secrets_in_urls_never_reach_the_logs_or_the_ops_api() {
         &[
             ("REDIS_URL", format!("redis://:{REDIS}@127.0.0.1:1")),
             ("DATABASE_URL", s.db.clone()),
-            ("OPS_TOKEN", integration_tests::OPS_TOKEN.to_owned()),
+            ("SERVICE_TOKEN", integration_tests::SERVICE_TOKEN.to_owned()),
             ("ALLOW_DEV_SECRETS", "true".to_owned()),
             (
                 "PRELOCK_ADDR",
@@ -832,4 +836,267 @@ async fn the_services_run_as_an_application_role_that_cannot_change_the_schema()
             .await
             .unwrap();
     }
+}
+
+/// Each credential opens only what it is for: the service token the service-to-service
+/// routes, an operator's token the ops routes (and the audit takes the operator from it, not
+/// from a header), a store's token the redemption of its own vouchers (covered end to end),
+/// and no credential schedules a job that moves money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_credential_opens_only_what_it_is_for_and_names_who_used_it() {
+    use integration_tests::{operator_token, store_token, SERVICE_TOKEN};
+    use reqwest::Method;
+    let s = integration_tests::binaries::Services::start(&[], &[]).await;
+    let (_scheduler, scheduler) = s.scheduler(&[]).await;
+    let (_worker, worker) = s.compensation_worker(&[]).await;
+    let call = |method: Method, url: String, token: String, body: Option<serde_json::Value>| {
+        let mut req = s
+            .http
+            .request(method, url)
+            .bearer_auth(token)
+            // a header naming someone else changes nothing
+            .header("X-Operator", "alice-the-admin (spoofed)");
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, body)
+        }
+    };
+    let sku = json!({"store_id": "bar-1", "price_cents": 100, "stock": 10});
+    let reserve = json!({"quantity": 1, "attempt": uuid::Uuid::new_v4(), "buyer": "u"});
+    let refund = json!({"kind": "payment.refund", "recurrence": "0 3 * * *",
+                        "time_zone": "UTC", "payload": {"payment_id": 1, "amount_cents": 1_000_000}});
+    let reconcile =
+        json!({"kind": "stock.reconcile", "recurrence": "0 3 * * *", "time_zone": "UTC"});
+    let bob = operator_token("bob");
+    let buyer = integration_tests::token("bob");
+    // a staff-looking token signed with the buyers' key
+    let forged = service_kit::auth::mint_staff_token(
+        integration_tests::JWT_SECRET,
+        "mallory",
+        "operator",
+        None,
+        600,
+    );
+    let order = uuid::Uuid::new_v4();
+    let cases: Vec<(
+        Method,
+        String,
+        String,
+        Option<serde_json::Value>,
+        StatusCode,
+    )> = vec![
+        // stock admin: operators only
+        (
+            Method::PUT,
+            format!("{}/v1/skus/sku-cred", s.prelock),
+            SERVICE_TOKEN.into(),
+            Some(sku.clone()),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::PUT,
+            format!("{}/v1/skus/sku-cred", s.prelock),
+            store_token("bar-1"),
+            Some(sku.clone()),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::PUT,
+            format!("{}/v1/skus/sku-cred", s.prelock),
+            buyer.clone(),
+            Some(sku.clone()),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Method::PUT,
+            format!("{}/v1/skus/sku-cred", s.prelock),
+            forged.clone(),
+            Some(sku.clone()),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Method::PUT,
+            format!("{}/v1/skus/sku-cred", s.prelock),
+            bob.clone(),
+            Some(sku.clone()),
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            format!("{}/v1/admin/rebuild", s.prelock),
+            SERVICE_TOKEN.into(),
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::POST,
+            format!("{}/v1/admin/rebuild", s.prelock),
+            bob.clone(),
+            None,
+            StatusCode::OK,
+        ),
+        // the nightly reconciliation: the scheduler (service) and operators
+        (
+            Method::POST,
+            format!("{}/v1/admin/reconcile", s.prelock),
+            SERVICE_TOKEN.into(),
+            None,
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            format!("{}/v1/admin/reconcile", s.prelock),
+            store_token("bar-1"),
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        // the reservation routes and the clock: services only
+        (
+            Method::PUT,
+            format!("{}/v1/skus/sku-cred/reservations/{order}", s.prelock),
+            bob.clone(),
+            Some(reserve.clone()),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::PUT,
+            format!("{}/v1/skus/sku-cred/reservations/{order}", s.prelock),
+            store_token("bar-1"),
+            Some(reserve.clone()),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            format!("{}/v1/clock", s.prelock),
+            bob.clone(),
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            format!("{}/v1/clock", s.prelock),
+            SERVICE_TOKEN.into(),
+            None,
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            format!("{}/v1/skus/sku-cred/reservations/{order}", s.prelock),
+            bob.clone(),
+            None,
+            StatusCode::OK,
+        ),
+        // the job and compensation ops routes: operators only
+        (
+            Method::GET,
+            format!("{scheduler}/v1/ops/jobs"),
+            SERVICE_TOKEN.into(),
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            format!("{scheduler}/v1/ops/jobs"),
+            store_token("bar-1"),
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            format!("{worker}/v1/ops/compensation/failures"),
+            SERVICE_TOKEN.into(),
+            None,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            format!("{worker}/v1/ops/compensation/failures"),
+            bob.clone(),
+            None,
+            StatusCode::OK,
+        ),
+        // no credential schedules a job that moves money
+        (
+            Method::PUT,
+            format!("{scheduler}/v1/ops/schedules/refund-by-hand"),
+            bob.clone(),
+            Some(refund),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::PUT,
+            format!("{scheduler}/v1/ops/schedules/by-service"),
+            SERVICE_TOKEN.into(),
+            Some(reconcile.clone()),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::PUT,
+            format!("{scheduler}/v1/ops/schedules/by-bob"),
+            bob.clone(),
+            Some(reconcile),
+            StatusCode::CREATED,
+        ),
+        (
+            Method::PUT,
+            format!("{scheduler}/v1/ops/kinds/order.notify/pause"),
+            bob.clone(),
+            None,
+            StatusCode::OK,
+        ),
+    ];
+    for (method, url, token, body, want) in cases {
+        let (status, answer) = call(method.clone(), url.clone(), token, body).await;
+        assert_eq!(status, want, "{method} {url}: {answer}");
+        if !status.is_success() {
+            assert!(answer["code"].is_string(), "{answer}");
+        }
+        if status == StatusCode::FORBIDDEN {
+            assert_eq!(answer["code"], "ERR_FORBIDDEN");
+        }
+        if status == StatusCode::BAD_REQUEST {
+            assert!(
+                answer["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("kind: only maintenance kinds"),
+                "{answer}"
+            );
+        }
+    }
+    // who acted is the token's `sub`, whatever the header said
+    for url in [
+        format!("{scheduler}/v1/ops/whoami"),
+        format!("{worker}/v1/ops/whoami"),
+    ] {
+        let (status, me) = call(Method::GET, url, operator_token("carol"), None).await;
+        assert_eq!(
+            (status, me["operator"].as_str()),
+            (StatusCode::OK, Some("carol"))
+        );
+    }
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    let (paused_by,): (String,) =
+        sqlx::query_as("SELECT paused_by FROM job_kind_pause WHERE kind = 'order.notify'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(paused_by, "bob");
+    let (by,): (String,) =
+        sqlx::query_as("SELECT updated_by FROM job_schedule WHERE name = 'by-bob'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(by, "bob");
+    let refunds: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM job_schedule WHERE kind = 'payment.refund'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(refunds, 0);
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{token, Stack, OPS_TOKEN};
+use integration_tests::{ops_token, token, Stack};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -299,7 +299,7 @@ async fn stock_admin_validates_and_requires_the_ops_token() {
         let r = s
             .http
             .put(&url)
-            .bearer_auth(OPS_TOKEN)
+            .bearer_auth(ops_token())
             .json(&bad)
             .send()
             .await
@@ -313,7 +313,7 @@ async fn stock_admin_validates_and_requires_the_ops_token() {
     let r = s
         .http
         .put(&url)
-        .bearer_auth(OPS_TOKEN)
+        .bearer_auth(ops_token())
         .json(&json!({"store_id": "bar-1", "price_cents": 100, "stock": 1}))
         .send()
         .await

@@ -312,7 +312,8 @@ impl Services {
             ("REDIS_URL", crate::redis_url(0)),
             ("REDIS_KEY_PREFIX", crate::unique_prefix()),
             ("AUTH_JWT_SECRET", crate::JWT_SECRET.to_owned()),
-            ("OPS_TOKEN", crate::OPS_TOKEN.to_owned()),
+            ("STAFF_JWT_SECRET", crate::STAFF_SECRET.to_owned()),
+            ("SERVICE_TOKEN", crate::SERVICE_TOKEN.to_owned()),
             ("PG_MAX_CONNECTIONS", "4".to_owned()),
             ("ALLOW_DEV_SECRETS", "true".to_owned()),
             ("RUST_LOG", "info".to_owned()),
@@ -391,7 +392,7 @@ impl Services {
         let r = self
             .http
             .put(format!("{}/v1/skus/{sku}", self.prelock))
-            .bearer_auth(crate::OPS_TOKEN)
+            .bearer_auth(crate::ops_token())
             .json(
                 &serde_json::json!({"store_id": store, "price_cents": price_cents, "stock": stock}),
             )
@@ -476,7 +477,8 @@ impl Services {
         panic!("still 503 after 50 tries");
     }
 
-    /// An ops call (ops token; `operator` as `X-Operator`): the status and the JSON body.
+    /// An ops call with an operator's staff token naming `operator` (`test-operator` when
+    /// `None`): the status and the JSON body.
     pub async fn ops(
         &self,
         method: reqwest::Method,
@@ -484,10 +486,9 @@ impl Services {
         operator: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> (reqwest::StatusCode, serde_json::Value) {
-        let mut req = self.http.request(method, url).bearer_auth(crate::OPS_TOKEN);
-        if let Some(who) = operator {
-            req = req.header("X-Operator", who);
-        }
+        // the operator is who the staff token names
+        let token = crate::operator_token(operator.unwrap_or("test-operator"));
+        let mut req = self.http.request(method, url).bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }

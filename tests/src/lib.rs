@@ -17,12 +17,15 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use service_kit::auth::{mint_token, AuthConfig};
+use service_kit::auth::{mint_staff_token, mint_token, AuthConfig, ROLE_OPERATOR, ROLE_STORE};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 pub const JWT_SECRET: &str = "test-jwt-secret";
-pub const OPS_TOKEN: &str = "test-ops-token";
+/// Signs the tests' staff tokens (operators, bar staff).
+pub const STAFF_SECRET: &str = "test-staff-jwt-secret";
+/// The service-to-service bearer secret.
+pub const SERVICE_TOKEN: &str = "test-service-token";
 
 /// Admin connection used to create per-test databases.
 pub fn admin_url() -> String {
@@ -63,7 +66,8 @@ pub fn unique_prefix() -> String {
 pub fn auth() -> AuthConfig {
     AuthConfig {
         jwt_secret: JWT_SECRET.into(),
-        ops_token: OPS_TOKEN.into(),
+        staff_secret: STAFF_SECRET.into(),
+        service_token: SERVICE_TOKEN.into(),
         max_token_lifetime_secs: service_kit::auth::DEFAULT_MAX_TOKEN_LIFETIME_SECS,
         issuer: None,
         audience: None,
@@ -72,6 +76,27 @@ pub fn auth() -> AuthConfig {
 
 pub fn token(user: &str) -> String {
     mint_token(JWT_SECRET, user, 3600)
+}
+
+/// An operator's staff token, naming `test-operator`.
+pub fn ops_token() -> String {
+    operator_token("test-operator")
+}
+
+/// An operator's staff token naming `who`.
+pub fn operator_token(who: &str) -> String {
+    mint_staff_token(STAFF_SECRET, who, ROLE_OPERATOR, None, 3600)
+}
+
+/// A bar's staff token, scoped to `store`.
+pub fn store_token(store: &str) -> String {
+    mint_staff_token(
+        STAFF_SECRET,
+        &format!("staff-of-{store}"),
+        ROLE_STORE,
+        Some(store),
+        3600,
+    )
 }
 
 /// Polls `check` until it returns `Some`, or panics after `deadline` naming `what`.
@@ -271,7 +296,7 @@ impl Stack {
         let r = self
             .http
             .put(format!("{}/v1/skus/{sku}", self.prelock))
-            .bearer_auth(OPS_TOKEN)
+            .bearer_auth(ops_token())
             .json(&body)
             .send()
             .await
@@ -323,7 +348,7 @@ impl Stack {
         let r = self
             .http
             .post(format!("{}/v1/admin/{action}", self.prelock))
-            .bearer_auth(OPS_TOKEN)
+            .bearer_auth(ops_token())
             .send()
             .await
             .expect(action);

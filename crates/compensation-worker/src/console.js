@@ -13,7 +13,6 @@ function cell(tr, text, code) {
 async function api(method, path, body) {
   const headers = { "Authorization": "Bearer " + sessionStorage.getItem("ops-token") };
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (method !== "GET") headers["X-Operator"] = sessionStorage.getItem("ops-operator");
   const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const data = await r.json().catch(() => ({}));
   if (!r.ok) { const e = new Error(data.message || r.statusText); e.status = r.status; throw e; }
@@ -131,12 +130,14 @@ async function refresh() {
 $("login-form").onsubmit = async (ev) => {
   ev.preventDefault();
   sessionStorage.setItem("ops-token", $("token").value);
-  sessionStorage.setItem("ops-operator", $("operator").value.trim());
   $("login-error").textContent = "";
   try { await start(); }
   catch (e) {
     sessionStorage.removeItem("ops-token");
-    $("login-error").textContent = e.status === 401 ? "That is not the ops token." : "Could not log in: " + e.message;
+    $("login-error").textContent =
+      e.status === 401 ? "That is not a valid operator token." :
+      e.status === 403 ? "That token is not an operator's: " + e.message :
+      "Could not log in: " + e.message;
   }
 };
 
@@ -166,11 +167,13 @@ $("refresh").onclick = () => refresh().catch((e) => alert(e.message));
 $("logout").onclick = () => { sessionStorage.clear(); location.reload(); };
 
 async function start() {
+  // who the token names: the audit records it, whatever anyone types
+  const me = await api("GET", "/v1/ops/whoami");
   await refresh();
   $("login-box").hidden = true;
   $("app").hidden = false;
   $("logout").hidden = false;
-  $("who").textContent = "operator: " + sessionStorage.getItem("ops-operator");
+  $("who").textContent = "operator: " + me.operator;
 }
 
 if (sessionStorage.getItem("ops-token")) start().catch(() => sessionStorage.clear());

@@ -193,8 +193,11 @@ impl App {
         if config.run_migrations {
             store.migrate().await?;
         }
-        let prelock =
-            PrelockClient::new(&config.prelock_url, &auth.ops_token, config.prelock_timeout)?;
+        let prelock = PrelockClient::new(
+            &config.prelock_url,
+            &auth.service_token,
+            config.prelock_timeout,
+        )?;
         let redis = ConnectionManager::new(redis::Client::open(config.redis_url.as_str())?)
             .await
             .map_err(|e| {

@@ -1,13 +1,14 @@
-//! The compensation worker's ops API (ops token; documented in `/openapi.json`) and console.
+//! The compensation worker's ops API (an operator's staff token; documented in `/openapi.json`) and console.
 //!
 //! - failures: list, inspect (with the audit trail), edit the replay parameters, replay;
-//!   every edit and replay is an audit row naming the operator (`X-Operator` header);
+//!   every edit and replay is an audit row naming the operator (the staff token's `sub`: the
+//!   credential says who, no header can);
 //! - the SLA figures (success rate, open failures, time from "provider says paid" to paid,
 //!   the poll mode);
 //! - the job routes every engine binary serves (`job_engine::ops`): dead jobs of every kind,
 //!   redrive, pause;
 //! - `GET /ops/`: the console, one static page (plain HTML, `console.js` and `console.css`, no
-//!   build step). The page itself holds nothing: it asks for the ops token and calls the API
+//!   build step). The page itself holds nothing: it asks for an operator token and calls the API
 //!   above with it. Every console file is served with a strict content security policy
 //!   ([`CONSOLE_CSP`]: no inline script, never framed), `nosniff` and `no-referrer`.
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap};
+use axum::http::header;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -23,7 +24,7 @@ use domain::PaymentStatus;
 use fulfillment::payments::Source;
 use job_engine::ops::{db, OpsState};
 use serde::{Deserialize, Serialize};
-use service_kit::auth::{AuthConfig, Ops};
+use service_kit::auth::{AuthConfig, Operator};
 use service_kit::error::ErrorBody;
 use service_kit::http::{ApiJson, BearerAuth};
 use service_kit::{ApiError, ErrorCode};
@@ -106,22 +107,6 @@ pub fn router(app: Arc<App>) -> Router {
         )
 }
 
-/// The operator an action is recorded under: the `X-Operator` header, 1 to 100 characters.
-fn operator(headers: &HeaderMap) -> Result<String, ApiError> {
-    let name = headers
-        .get("x-operator")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .unwrap_or_default();
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(ApiError::field(
-            "X-Operator",
-            "header must name the operator (1 to 100 characters)",
-        ));
-    }
-    Ok(name.to_owned())
-}
-
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct FailureQuery {
@@ -140,7 +125,7 @@ pub struct FailureQuery {
     security(("bearer" = [])))]
 async fn list_failures(
     State(s): State<OpsApp>,
-    _ops: Ops,
+    _operator: Operator,
     Query(q): Query<FailureQuery>,
 ) -> Result<Json<Vec<Failure>>, ApiError> {
     if let Some(st) = q.status.as_deref() {
@@ -181,7 +166,7 @@ async fn detail(app: &App, id: i64) -> Result<FailureDetail, ApiError> {
     security(("bearer" = [])))]
 async fn get_failure(
     State(s): State<OpsApp>,
-    _ops: Ops,
+    _operator: Operator,
     Path(id): Path<i64>,
 ) -> Result<Json<FailureDetail>, ApiError> {
     detail(&s.0, id).await.map(Json)
@@ -194,19 +179,17 @@ pub struct EditFailure {
 }
 
 #[utoipa::path(patch, path = "/v1/ops/compensation/failures/{id}", tag = "compensation",
-    description = "Sets the parameters the next replay uses (e.g. the provider's transaction id). Audited under the `X-Operator` header. 409 once resolved.",
-    params(("id" = i64, Path), ("X-Operator" = String, Header, description = "who does this")),
+    description = "Sets the parameters the next replay uses (e.g. the provider's transaction id). Audited under the operator the staff token names. 409 once resolved.",
+    params(("id" = i64, Path)),
     request_body = EditFailure,
     responses((status = 200, body = FailureDetail), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn edit_failure(
     State(s): State<OpsApp>,
-    _ops: Ops,
+    Operator(who): Operator,
     Path(id): Path<i64>,
-    headers: HeaderMap,
     ApiJson(edit): ApiJson<EditFailure>,
 ) -> Result<Json<FailureDetail>, ApiError> {
-    let who = operator(&headers)?;
     if let Some(t) = &edit.params.transaction_id {
         let ok = (1..=64).contains(&t.len())
             && t.bytes()
@@ -269,17 +252,15 @@ pub struct ReplayResult {
 }
 
 #[utoipa::path(post, path = "/v1/ops/compensation/failures/{id}/replay", tag = "compensation",
-    description = "Asks the provider again (by the edited transaction id when set, else by payment id) and, if paid, applies it through the same idempotent apply_payment as the webhook (source `replay`); for money owed (a refund that failed), asks for the refund again (the same refund id, so it is paid once). Audited under the `X-Operator` header whatever the outcome. 409 once resolved.",
-    params(("id" = i64, Path), ("X-Operator" = String, Header, description = "who does this")),
+    description = "Asks the provider again (by the edited transaction id when set, else by payment id) and, if paid, applies it through the same idempotent apply_payment as the webhook (source `replay`); for money owed (a refund that failed), asks for the refund again (the same refund id, so it is paid once). Audited under the operator the staff token names, whatever the outcome. 409 once resolved.",
+    params(("id" = i64, Path)),
     responses((status = 200, body = ReplayResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn replay(
     State(s): State<OpsApp>,
-    _ops: Ops,
+    Operator(who): Operator,
     Path(id): Path<i64>,
-    headers: HeaderMap,
 ) -> Result<Json<ReplayResult>, ApiError> {
-    let who = operator(&headers)?;
     let app = &s.0;
     let pool = &app.store.pool;
     let failure = records::get_failure(pool, id)
@@ -410,7 +391,7 @@ pub struct SlaQuery {
     security(("bearer" = [])))]
 async fn sla(
     State(s): State<OpsApp>,
-    _ops: Ops,
+    _operator: Operator,
     Query(q): Query<SlaQuery>,
 ) -> Result<Json<SlaView>, ApiError> {
     let window = q.window_secs.unwrap_or(3600);

@@ -13,6 +13,9 @@ pub enum FulfillmentError {
     UnknownSku,
     #[error("not found")]
     NotFound,
+    /// The voucher is another store's: a bar redeems its own only.
+    #[error("this voucher belongs to another store")]
+    OtherStore,
     #[error("not enough stock to pre-lock ({available} available)")]
     Shortage { available: i64 },
     #[error("at most {limit} per buyer: you hold {holds}, and {quantity} more would pass it")]

@@ -135,7 +135,14 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
 
     /// The bar redeems a voucher: CONFIRMED -> REDEEMED (`OrderRedeemed`), once. A second
     /// redemption, or one before the order is confirmed, is `InvalidTransition`.
-    pub async fn redeem_voucher(&self, code: &str) -> Result<OrderRow, FulfillmentError> {
+    /// Bar staff of `store` redeem a voucher: another store's is refused (`OtherStore`) and
+    /// left as it is.
+    pub async fn redeem_voucher(
+        &self,
+        code: &str,
+        store: &str,
+        staff: &str,
+    ) -> Result<OrderRow, FulfillmentError> {
         let mut tx = self.store.begin().await?;
         let voucher = vouchers::by_code(&mut *tx, code)
             .await?
@@ -143,6 +150,11 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         let order = orders::lock_order(&mut tx, voucher.order_id)
             .await?
             .ok_or(FulfillmentError::NotFound)?;
+        if order.store_id != store {
+            tracing::warn!(order_id = %order.id, voucher_store = %order.store_id, token_store = store, staff,
+                "a voucher of another store was presented: refused");
+            return Err(FulfillmentError::OtherStore);
+        }
         orders::transition(&mut tx, order.id, order.versioned(), OrderState::Redeemed).await?;
         vouchers::mark_redeemed(&mut tx, order.id).await?;
         effects::append_event(
@@ -151,6 +163,7 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         )
         .await?;
         tx.commit().await?;
+        tracing::info!(order_id = %order.id, store, staff, "voucher redeemed");
         orders::find_order(&self.store.pool, order.id)
             .await?
             .ok_or(FulfillmentError::NotFound)

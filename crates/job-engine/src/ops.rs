@@ -1,11 +1,11 @@
-//! The job ops routes every binary that runs the engine serves (ops token; documented in
+//! The job ops routes every binary that runs the engine serves (an operator's staff token; documented in
 //! its `/openapi.json`): jobs by state and kind, one job, redrive of a dead job, pause and
-//! resume of a kind. Mount them with [`routes`] next to the binary's own.
+//! resume of a kind, and who the token names. Mount them with [`routes`] next to the binary's own.
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use service_kit::auth::{AuthConfig, Ops};
+use service_kit::auth::{AuthConfig, Operator};
 use service_kit::error::ErrorBody;
 use service_kit::{ApiError, ErrorCode};
 use sqlx::PgPool;
@@ -33,6 +33,7 @@ pub fn routes(state: OpsState) -> OpenApiRouter {
         .routes(routes!(get_job))
         .routes(routes!(redrive_job))
         .routes(routes!(list_paused))
+        .routes(routes!(whoami))
         .routes(routes!(pause_kind, resume_kind))
         .with_state(state)
 }
@@ -69,7 +70,7 @@ pub fn db(e: sqlx::Error) -> ApiError {
     security(("bearer" = [])))]
 async fn list_jobs(
     State(s): State<OpsState>,
-    _ops: Ops,
+    _operator: Operator,
     Query(q): Query<JobQuery>,
 ) -> Result<Json<Vec<JobRow>>, ApiError> {
     if let Some(state) = q.state.as_deref() {
@@ -106,7 +107,7 @@ async fn list_jobs(
     security(("bearer" = [])))]
 async fn get_job(
     State(s): State<OpsState>,
-    _ops: Ops,
+    _operator: Operator,
     Path(id): Path<i64>,
 ) -> Result<Json<JobRow>, ApiError> {
     store::get_job(&s.pool, id)
@@ -123,7 +124,7 @@ async fn get_job(
     security(("bearer" = [])))]
 async fn redrive_job(
     State(s): State<OpsState>,
-    _ops: Ops,
+    Operator(operator): Operator,
     Path(id): Path<i64>,
 ) -> Result<Json<JobRow>, ApiError> {
     if !store::redrive(&s.pool, id, None).await.map_err(db)? {
@@ -135,9 +136,23 @@ async fn redrive_job(
             )),
         };
     }
-    tracing::warn!(job_id = id, "dead job redriven by an operator");
+    tracing::warn!(job_id = id, %operator, "dead job redriven by an operator");
     let job = store::get_job(&s.pool, id).await.map_err(db)?;
     job.map(Json).ok_or_else(|| ApiError::not_found("job"))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WhoAmI {
+    /// The operator the staff token names: what every audit row and log line records.
+    pub operator: String,
+}
+
+#[utoipa::path(get, path = "/v1/ops/whoami", tag = "jobs",
+    description = "The operator the bearer's staff token names (the console shows it).",
+    responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn whoami(Operator(operator): Operator) -> Json<WhoAmI> {
+    Json(WhoAmI { operator })
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -149,7 +164,14 @@ pub struct PausedKinds {
     description = "Job kinds no instance claims until resumed.",
     responses((status = 200, body = PausedKinds), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn list_paused(State(s): State<OpsState>, _ops: Ops) -> Result<Json<PausedKinds>, ApiError> {
+async fn list_paused(
+    State(s): State<OpsState>,
+    _operator: Operator,
+) -> Result<Json<PausedKinds>, ApiError> {
+    paused(&s).await
+}
+
+async fn paused(s: &OpsState) -> Result<Json<PausedKinds>, ApiError> {
     let paused = store::paused_kinds(&s.pool).await.map_err(db)?;
     Ok(Json(PausedKinds { paused }))
 }
@@ -174,14 +196,17 @@ pub fn check_kind(kind: &str) -> Result<(), ApiError> {
     security(("bearer" = [])))]
 async fn pause_kind(
     State(s): State<OpsState>,
-    _ops: Ops,
+    Operator(operator): Operator,
     Path(kind): Path<String>,
 ) -> Result<Json<PausedKinds>, ApiError> {
     check_kind(&kind)?;
-    if store::pause_kind(&s.pool, &kind, "ops").await.map_err(db)? {
-        tracing::warn!(%kind, "job kind paused by an operator");
+    if store::pause_kind(&s.pool, &kind, &operator)
+        .await
+        .map_err(db)?
+    {
+        tracing::warn!(%kind, %operator, "job kind paused by an operator");
     }
-    list_paused(State(s), Ops).await
+    paused(&s).await
 }
 
 #[utoipa::path(delete, path = "/v1/ops/kinds/{kind}/pause", tag = "jobs",
@@ -191,12 +216,12 @@ async fn pause_kind(
     security(("bearer" = [])))]
 async fn resume_kind(
     State(s): State<OpsState>,
-    _ops: Ops,
+    Operator(operator): Operator,
     Path(kind): Path<String>,
 ) -> Result<Json<PausedKinds>, ApiError> {
     check_kind(&kind)?;
     if store::resume_kind(&s.pool, &kind).await.map_err(db)? {
-        tracing::warn!(%kind, "job kind resumed by an operator");
+        tracing::warn!(%kind, %operator, "job kind resumed by an operator");
     }
-    list_paused(State(s), Ops).await
+    paused(&s).await
 }

@@ -2,21 +2,28 @@
 //!
 //! ```text
 //! loadgen burst [--buyers 2000] [--concurrency 64] [--stock 1000] [--sku sku-loadgen]
-//! loadgen token <user>      # prints a development JWT for curl
+//! loadgen token <user>                      # a buyer's token (AUTH_JWT_SECRET)
+//! loadgen token --operator <name>           # an operator's staff token (STAFF_JWT_SECRET)
+//! loadgen token --store <store_id> <name>   # bar staff of one store (STAFF_JWT_SECRET)
 //! ```
+//! Tokens live 12 hours (buyer tokens 24), and are signed with the local stack's development
+//! secrets unless the variables name others.
 //! `burst` stocks a SKU through prelock-service, then sends `--buyers` distinct buyers at
 //! `POST /v1/orders` with `--concurrency` in flight, and reports p50/p90/p99/max latency and
 //! outcomes. In the same run it measures a baseline, the same load against `GET /healthz`
 //! (the HTTP round trip with no work behind it), and prints each figure as a ratio to it and
 //! to the 150 ms "buy now" SLA. Targets: `ORDER_API_URL`, `PRELOCK_URL` (defaults are the
-//! local stack's), `AUTH_JWT_SECRET`, `OPS_TOKEN`.
+//! local stack's), `AUTH_JWT_SECRET`, `STAFF_JWT_SECRET` (stocking the SKU takes an operator
+//! token).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use service_kit::auth::{mint_token, DEV_JWT_SECRET, DEV_OPS_TOKEN};
+use service_kit::auth::{
+    mint_staff_token, mint_token, DEV_JWT_SECRET, DEV_STAFF_JWT_SECRET, ROLE_OPERATOR, ROLE_STORE,
+};
 use service_kit::config::env_string;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -56,15 +63,36 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         Some("token") => {
-            let user = args.next().context("usage: loadgen token <user>")?;
-            let secret = env_string("AUTH_JWT_SECRET", DEV_JWT_SECRET);
-            println!("{}", mint_token(&secret, &user, 24 * 3600));
+            const USAGE: &str = "usage: loadgen token <user> | loadgen token --operator <name> \
+                                 | loadgen token --store <store_id> <name>";
+            let staff = || env_string("STAFF_JWT_SECRET", DEV_STAFF_JWT_SECRET);
+            let token = match args.next().context(USAGE)?.as_str() {
+                "--operator" => {
+                    let name = args.next().context(USAGE)?;
+                    mint_staff_token(&staff(), &name, ROLE_OPERATOR, None, STAFF_TTL)
+                }
+                "--store" => {
+                    let store = args.next().context(USAGE)?;
+                    let name = args.next().context(USAGE)?;
+                    mint_staff_token(&staff(), &name, ROLE_STORE, Some(&store), STAFF_TTL)
+                }
+                flag if flag.starts_with('-') => bail!("{USAGE}"),
+                user => mint_token(
+                    &env_string("AUTH_JWT_SECRET", DEV_JWT_SECRET),
+                    user,
+                    24 * 3600,
+                ),
+            };
+            println!("{token}");
             Ok(())
         }
         Some("burst") => burst(parse(args)?).await,
-        _ => bail!("usage: loadgen burst [--buyers N] [--concurrency C] [--stock S] [--sku ID] | loadgen token <user>"),
+        _ => bail!("usage: loadgen burst [--buyers N] [--concurrency C] [--stock S] [--sku ID] | loadgen token [--operator | --store <store_id>] <name>"),
     }
 }
+
+/// How long a staff token minted here lives.
+const STAFF_TTL: i64 = 12 * 3600;
 
 struct Sample {
     latency: Duration,
@@ -76,7 +104,13 @@ async fn burst(a: Args) -> anyhow::Result<()> {
     let order_api = env_string("ORDER_API_URL", "http://127.0.0.1:8080");
     let prelock = env_string("PRELOCK_URL", "http://127.0.0.1:8081");
     let secret = env_string("AUTH_JWT_SECRET", DEV_JWT_SECRET);
-    let ops = env_string("OPS_TOKEN", DEV_OPS_TOKEN);
+    let ops = mint_staff_token(
+        &env_string("STAFF_JWT_SECRET", DEV_STAFF_JWT_SECRET),
+        "loadgen",
+        ROLE_OPERATOR,
+        None,
+        STAFF_TTL,
+    );
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(a.concurrency)
         .timeout(Duration::from_secs(10))

@@ -94,6 +94,10 @@ pub fn api_error(e: FulfillmentError) -> ApiError {
         F::Validation { field, message } => ApiError::field(field, message),
         F::UnknownSku => ApiError::new(ErrorCode::UnknownSku, "sku_id: no such SKU"),
         F::NotFound => ApiError::not_found("order"),
+        F::OtherStore => ApiError::new(
+            ErrorCode::Forbidden,
+            "this voucher belongs to another store: a store token redeems its own store's only",
+        ),
         F::Shortage { available } => ApiError::new(
             ErrorCode::StockShortage,
             format!("not enough stock to pre-lock ({available} available); refresh or pick another store"),

@@ -130,8 +130,11 @@ impl App {
         if config.run_migrations {
             store.migrate().await?;
         }
-        let prelock =
-            PrelockClient::new(&config.prelock_url, &auth.ops_token, config.prelock_timeout)?;
+        let prelock = PrelockClient::new(
+            &config.prelock_url,
+            &auth.service_token,
+            config.prelock_timeout,
+        )?;
         let gateway = GatewayClient::new(&config.gateway_url, config.gateway_timeout)?;
         let metrics = Metrics::new("order-api");
         store.export_outbox_lag(&metrics);

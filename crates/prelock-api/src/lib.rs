@@ -1,7 +1,8 @@
 //! The wire contract of prelock-service's reservation endpoints, and the HTTP client that
 //! implements [`domain::ports::StockPrelock`] for order-api.
 //!
-//! Routes (all take `Authorization: Bearer <OPS_TOKEN>`; reservation id = order id):
+//! Routes (all take `Authorization: Bearer <SERVICE_TOKEN>`, the reservation lookup an
+//! operator's staff token too; reservation id = order id):
 //! - `PUT    /v1/skus/{sku_id}/reservations/{id}`           `{"quantity","attempt","buyer","txid"?}` -> [`ReserveReply`]
 //! - `GET    /v1/skus/{sku_id}/reservations/{id}`           -> [`HoldsReply`] (operators)
 //! - `POST   /v1/skus/{sku_id}/reservations/{id}/pin`       `{"quantity","buyer"?}` -> [`PinReply`]

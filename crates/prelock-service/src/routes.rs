@@ -12,7 +12,7 @@ use prelock_api::{
     ReserveRequest, WithdrawReply, WithdrawRequest,
 };
 use serde::{Deserialize, Serialize};
-use service_kit::auth::Ops;
+use service_kit::auth::{Operator, Service, ServiceOrOperator};
 use service_kit::error::ErrorBody;
 use service_kit::http::ApiJson;
 use service_kit::http::BearerAuth;
@@ -99,7 +99,7 @@ pub struct SkuView {
     security(("bearer" = [])))]
 async fn put_sku(
     State(s): State<AppState>,
-    _ops: Ops,
+    Operator(operator): Operator,
     Path(sku_id): Path<String>,
     ApiJson(body): ApiJson<PutSku>,
 ) -> Result<Json<SkuView>, ApiError> {
@@ -162,7 +162,7 @@ async fn put_sku(
         .rebuilds
         .with_label_values(&["restock", "ok"])
         .inc();
-    tracing::info!(%sku, stock_real = row.stock_real, available = rebuilt.available, "stock set");
+    tracing::info!(%sku, %operator, stock_real = row.stock_real, available = rebuilt.available, "stock set");
     Ok(Json(SkuView {
         sku_id: row.id,
         store_id: row.store_id,
@@ -213,8 +213,9 @@ async fn get_sku(
     security(("bearer" = [])))]
 async fn rebuild_all(
     State(s): State<AppState>,
-    _ops: Ops,
+    Operator(operator): Operator,
 ) -> Result<Json<RebuildReport>, ApiError> {
+    tracing::warn!(%operator, "rebuild of every SKU asked by an operator");
     let report = rebuild::rebuild_all(&s.0, "admin")
         .await
         .map_err(rebuild_error)?;
@@ -227,7 +228,7 @@ async fn rebuild_all(
     security(("bearer" = [])))]
 async fn reconcile_all(
     State(s): State<AppState>,
-    _ops: Ops,
+    _caller: ServiceOrOperator,
 ) -> Result<Json<ReconcileReport>, ApiError> {
     let report = rebuild::reconcile_all(&s.0).await.map_err(rebuild_error)?;
     Ok(Json(report))
@@ -242,7 +243,7 @@ async fn reconcile_all(
     security(("bearer" = [])))]
 async fn reserve(
     State(s): State<AppState>,
-    _ops: Ops,
+    _service: Service,
     Path((sku_id, id)): Path<(String, String)>,
     ApiJson(body): ApiJson<ReserveRequest>,
 ) -> Result<Json<ReserveReply>, ApiError> {
@@ -294,7 +295,7 @@ async fn reserve(
     description = "The pre-lock store's clock (Redis `TIME`): the clock every lapse time is set by, and so the one an order expires by.",
     responses((status = 200, body = ClockReply), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn clock(State(s): State<AppState>, _ops: Ops) -> Result<Json<ClockReply>, ApiError> {
+async fn clock(State(s): State<AppState>, _service: Service) -> Result<Json<ClockReply>, ApiError> {
     let now_ms = s.0.redis.now_ms().await.map_err(unavailable)?;
     Ok(Json(ClockReply { now_ms }))
 }
@@ -306,7 +307,7 @@ async fn clock(State(s): State<AppState>, _ops: Ops) -> Result<Json<ClockReply>,
     security(("bearer" = [])))]
 async fn holds(
     State(s): State<AppState>,
-    _ops: Ops,
+    _caller: ServiceOrOperator,
     Path((sku_id, id)): Path<(String, String)>,
 ) -> Result<Json<HoldsReply>, ApiError> {
     let (sku, id) = parse_ids(&sku_id, &id)?;
@@ -324,7 +325,7 @@ async fn holds(
     security(("bearer" = [])))]
 async fn pin(
     State(s): State<AppState>,
-    _ops: Ops,
+    _service: Service,
     Path((sku_id, id)): Path<(String, String)>,
     ApiJson(body): ApiJson<PinRequest>,
 ) -> Result<Json<PinReply>, ApiError> {
@@ -358,7 +359,7 @@ async fn pin(
     security(("bearer" = [])))]
 async fn withdraw(
     State(s): State<AppState>,
-    _ops: Ops,
+    _service: Service,
     Path((sku_id, id)): Path<(String, String)>,
     ApiJson(body): ApiJson<WithdrawRequest>,
 ) -> Result<Json<WithdrawReply>, ApiError> {
@@ -384,7 +385,7 @@ async fn withdraw(
     security(("bearer" = [])))]
 async fn lapse(
     State(s): State<AppState>,
-    _ops: Ops,
+    _service: Service,
     Path((sku_id, id)): Path<(String, String)>,
 ) -> Result<Json<ReleaseReply>, ApiError> {
     let (sku, id) = parse_ids(&sku_id, &id)?;
@@ -401,7 +402,7 @@ async fn lapse(
     security(("bearer" = [])))]
 async fn deduct(
     State(s): State<AppState>,
-    _ops: Ops,
+    _service: Service,
     Path((sku_id, id)): Path<(String, String)>,
 ) -> Result<Json<DeductReply>, ApiError> {
     let (sku, id) = parse_ids(&sku_id, &id)?;
@@ -417,7 +418,7 @@ async fn deduct(
     security(("bearer" = [])))]
 async fn release(
     State(s): State<AppState>,
-    _ops: Ops,
+    _service: Service,
     Path((sku_id, id)): Path<(String, String)>,
 ) -> Result<Json<ReleaseReply>, ApiError> {
     let (sku, id) = parse_ids(&sku_id, &id)?;

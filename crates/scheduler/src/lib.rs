@@ -92,7 +92,7 @@ impl App {
         auth: service_kit::auth::AuthConfig,
         notify_secret: Option<String>,
     ) -> anyhow::Result<Arc<App>> {
-        let ops_token = auth.ops_token.as_str();
+        let ops_token = auth.service_token.as_str();
         let store = PgStore::connect_patiently(&config.database_url, &config.pg).await?;
         if config.run_migrations {
             store.migrate().await?;

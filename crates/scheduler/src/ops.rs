@@ -1,4 +1,4 @@
-//! The scheduler's ops API (ops token; documented in `/openapi.json`): the job routes every
+//! The scheduler's ops API (an operator's staff token; documented in `/openapi.json`): the job routes every
 //! engine binary serves (`job_engine::ops`), and the recurring schedules.
 
 use axum::extract::{Path, State};
@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use job_engine::ops::{check_kind, db, OpsState};
 use job_engine::schedule::{self, Put, Schedule, ScheduleDef};
 use serde::Serialize;
-use service_kit::auth::Ops;
+use service_kit::auth::Operator;
 use service_kit::error::ErrorBody;
 use service_kit::http::{ApiJson, BearerAuth};
 use service_kit::{ApiError, ErrorCode};
@@ -35,6 +35,15 @@ pub fn router(state: OpsState) -> Router {
     api.route("/openapi.json", get(move || async move { Json(doc) }))
 }
 
+/// The kinds an operator may schedule: maintenance that takes nothing from its payload. A
+/// refund or a stock deduction scheduled by hand would move money or stock on a payload
+/// nobody checked.
+pub const SCHEDULABLE: [&str; 3] = [
+    fulfillment::events::JOB_STOCK_RECONCILE,
+    fulfillment::events::JOB_OUTBOX_PRUNE,
+    fulfillment::events::JOB_PRUNE_LOST_ANSWERS,
+];
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ScheduleView {
     #[serde(flatten)]
@@ -59,7 +68,7 @@ impl From<Schedule> for ScheduleView {
     security(("bearer" = [])))]
 async fn list_schedules(
     State(s): State<OpsState>,
-    _ops: Ops,
+    _operator: Operator,
 ) -> Result<Json<Vec<ScheduleView>>, ApiError> {
     let all = schedule::list(&s.pool).await.map_err(db)?;
     Ok(Json(all.into_iter().map(ScheduleView::from).collect()))
@@ -71,7 +80,7 @@ async fn list_schedules(
     security(("bearer" = [])))]
 async fn get_schedule(
     State(s): State<OpsState>,
-    _ops: Ops,
+    _operator: Operator,
     Path(name): Path<String>,
 ) -> Result<Json<ScheduleView>, ApiError> {
     schedule::get(&s.pool, &name)
@@ -82,14 +91,14 @@ async fn get_schedule(
 }
 
 #[utoipa::path(put, path = "/v1/ops/schedules/{name}", tag = "schedules",
-    description = "Creates (201) or replaces (200) a schedule. A new one fires from now on; an edited one keeps what it already wrote. 400 names what is wrong with a recurrence, zone or policy.",
+    description = "Creates (201) or replaces (200) a schedule. A new one fires from now on; an edited one keeps what it already wrote. 400 names what is wrong with a recurrence, zone or policy, or a kind that may not be scheduled (only stock.reconcile, outbox.prune and orders.prune_lost_answers). 403 for a store token.",
     params(("name" = String, Path)),
     request_body = ScheduleDef,
     responses((status = 200, body = ScheduleView), (status = 201, body = ScheduleView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn put_schedule(
     State(s): State<OpsState>,
-    _ops: Ops,
+    Operator(operator): Operator,
     Path(name): Path<String>,
     ApiJson(def): ApiJson<ScheduleDef>,
 ) -> Result<(StatusCode, Json<ScheduleView>), ApiError> {
@@ -105,13 +114,23 @@ async fn put_schedule(
         ));
     }
     check_kind(&def.kind)?;
+    if !SCHEDULABLE.contains(&def.kind.as_str()) {
+        return Err(ApiError::field(
+            "kind",
+            format!(
+                "only maintenance kinds may be scheduled ({}): a job that moves money or \
+                 stock is written by the order flow, never from a payload an operator types",
+                SCHEDULABLE.join(", ")
+            ),
+        ));
+    }
     // the cursor starts at the database's now, not this instance's
     let now = postgres_store::database_now(&s.pool).await.map_err(db)?;
-    let put = schedule::put(&s.pool, &name, &def, "ops", now, false)
+    let put = schedule::put(&s.pool, &name, &def, &operator, now, false)
         .await
         .map_err(db)?
         .map_err(|e| ApiError::new(ErrorCode::Validation, e.to_string()))?;
-    tracing::warn!(schedule = %name, ?put, "schedule written by an operator");
+    tracing::warn!(schedule = %name, %operator, ?put, "schedule written by an operator");
     let row = schedule::get(&s.pool, &name)
         .await
         .map_err(db)?

@@ -8,8 +8,14 @@
 //!   With `AUTH_JWT_ISSUER` / `AUTH_JWT_AUDIENCE` set, `iss` must equal the issuer and `aud`
 //!   (a string or an array, RFC 7519 §4.1.3) must name the audience.
 //! - The scheme `Bearer` is matched case-insensitively (RFC 7235 §2.1).
-//! - Operators (and service-to-service calls): `Authorization: Bearer <OPS_TOKEN>`, compared in
-//!   constant time.
+//! - Staff: `Authorization: Bearer <JWT>` signed with `STAFF_JWT_SECRET` (a key of their own,
+//!   never the buyers'), with the same rules plus a `role` claim: `operator` (stock admin,
+//!   rebuilds, the job and compensation consoles, schedules; the audit records the token's
+//!   `sub`, never a header) or `store` (bar staff: redeems vouchers of the token's `store_id`
+//!   only). A valid token of the wrong role is `403 ERR_FORBIDDEN`.
+//! - Services (order-api, the scheduler and the worker calling prelock-service):
+//!   `Authorization: Bearer <SERVICE_TOKEN>`, compared in constant time; it opens the
+//!   service-to-service routes and nothing an operator does.
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
@@ -24,7 +30,12 @@ use crate::error::{ApiError, ErrorCode};
 /// Development defaults, documented in README.md; a service refuses to start with them unless
 /// `ALLOW_DEV_SECRETS=true` (see [`SecretLoader`]).
 pub const DEV_JWT_SECRET: &str = "dev-jwt-secret-change-me";
-pub const DEV_OPS_TOKEN: &str = "dev-ops-token";
+pub const DEV_SERVICE_TOKEN: &str = "dev-service-token";
+pub const DEV_STAFF_JWT_SECRET: &str = "dev-staff-jwt-secret-change-me";
+
+/// The `role` claim of a staff token.
+pub const ROLE_OPERATOR: &str = "operator";
+pub const ROLE_STORE: &str = "store";
 
 /// Default bound on a buyer token's lifetime (`AUTH_MAX_TOKEN_LIFETIME_SECS`).
 pub const DEFAULT_MAX_TOKEN_LIFETIME_SECS: i64 = 24 * 3600;
@@ -36,7 +47,10 @@ pub const CLOCK_LEEWAY_SECS: i64 = 30;
 #[derive(Clone)]
 pub struct AuthConfig {
     pub jwt_secret: String,
-    pub ops_token: String,
+    /// Signs staff tokens (operators and bar staff).
+    pub staff_secret: String,
+    /// The bearer secret of service-to-service calls.
+    pub service_token: String,
     /// Longest lifetime a buyer token may claim; longer ones are refused (a leaked
     /// long-lived token is a standing credential).
     pub max_token_lifetime_secs: i64,
@@ -47,11 +61,12 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
-    /// Buyer tokens and the ops token (order-api).
+    /// Buyer tokens, staff tokens and the service token (order-api).
     pub fn load(secrets: &mut SecretLoader) -> anyhow::Result<Self> {
         Ok(AuthConfig {
             jwt_secret: secrets.require("AUTH_JWT_SECRET", DEV_JWT_SECRET),
-            ops_token: secrets.require("OPS_TOKEN", DEV_OPS_TOKEN),
+            staff_secret: secrets.require("STAFF_JWT_SECRET", DEV_STAFF_JWT_SECRET),
+            service_token: secrets.require("SERVICE_TOKEN", DEV_SERVICE_TOKEN),
             max_token_lifetime_secs: crate::config::env_or(
                 "AUTH_MAX_TOKEN_LIFETIME_SECS",
                 DEFAULT_MAX_TOKEN_LIFETIME_SECS,
@@ -74,12 +89,13 @@ impl AuthConfig {
         }
     }
 
-    /// The ops token only (services that never see a buyer): no JWT verifies here, since the
-    /// JWT secret is a random value nobody holds.
-    pub fn load_ops_only(secrets: &mut SecretLoader) -> Self {
+    /// Staff tokens and the service token only (services that never see a buyer): no buyer
+    /// token verifies here, since the buyer secret is a random value nobody holds.
+    pub fn load_staff_only(secrets: &mut SecretLoader) -> Self {
         AuthConfig {
             jwt_secret: uuid::Uuid::new_v4().to_string(),
-            ops_token: secrets.require("OPS_TOKEN", DEV_OPS_TOKEN),
+            staff_secret: secrets.require("STAFF_JWT_SECRET", DEV_STAFF_JWT_SECRET),
+            service_token: secrets.require("SERVICE_TOKEN", DEV_SERVICE_TOKEN),
             max_token_lifetime_secs: DEFAULT_MAX_TOKEN_LIFETIME_SECS,
             issuer: None,
             audience: None,
@@ -115,6 +131,8 @@ pub enum TokenError {
     Issuer,
     #[error("token audience (aud) does not name this service")]
     Audience,
+    #[error("staff token has no usable role (operator, or store with a store_id)")]
+    Role,
 }
 
 /// What a token must satisfy beyond its signature and expiry.
@@ -139,6 +157,25 @@ pub fn mint_token(secret: &str, sub: &str, ttl_secs: i64) -> String {
         secret,
         &serde_json::json!({ "sub": sub, "iat": now, "exp": now + ttl_secs }),
     )
+}
+
+/// Mints a staff token: `role` is [`ROLE_OPERATOR`] or [`ROLE_STORE`] (then with `store_id`).
+/// For tests, `mint-token` and local development; production tokens come from the platform's
+/// identity service, signed with `STAFF_JWT_SECRET`.
+pub fn mint_staff_token(
+    secret: &str,
+    sub: &str,
+    role: &str,
+    store_id: Option<&str>,
+    ttl_secs: i64,
+) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let mut claims =
+        serde_json::json!({ "sub": sub, "role": role, "iat": now, "exp": now + ttl_secs });
+    if let Some(store) = store_id {
+        claims["store_id"] = store.into();
+    }
+    sign_claims(secret, &claims)
 }
 
 /// Signs arbitrary claims as an HS256 token (tests of the claim rules use this directly).
@@ -179,6 +216,51 @@ pub fn verify_token_with(
     now_secs: i64,
     rules: &TokenRules<'_>,
 ) -> Result<String, TokenError> {
+    verify_claims(secret, token, now_secs, rules).map(|(sub, _)| sub)
+}
+
+/// Who a staff token names and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Staff {
+    Operator(String),
+    Store { staff: String, store_id: String },
+}
+
+/// Verifies a staff token as [`verify_token_with`] does, and reads its `role` (and the
+/// `store_id` of a store token).
+pub fn verify_staff_token(
+    secret: &str,
+    token: &str,
+    now_secs: i64,
+    rules: &TokenRules<'_>,
+) -> Result<Staff, TokenError> {
+    let (sub, claims) = verify_claims(secret, token, now_secs, rules)?;
+    let text = |name: &str| {
+        claims
+            .get(name)
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty() && v.len() <= 100 && !v.contains(char::is_control))
+    };
+    if sub.len() > 100 || sub.contains(char::is_control) {
+        return Err(TokenError::Subject);
+    }
+    match (text("role"), text("store_id")) {
+        (Some(ROLE_OPERATOR), _) => Ok(Staff::Operator(sub)),
+        (Some(ROLE_STORE), Some(store)) => Ok(Staff::Store {
+            staff: sub,
+            store_id: store.to_owned(),
+        }),
+        _ => Err(TokenError::Role),
+    }
+}
+
+/// The signature and time rules; returns `sub` and every claim.
+fn verify_claims(
+    secret: &str,
+    token: &str,
+    now_secs: i64,
+    rules: &TokenRules<'_>,
+) -> Result<(String, serde_json::Value), TokenError> {
     let max_lifetime_secs = rules.max_lifetime_secs;
     let mut parts = token.split('.');
     let (Some(h), Some(c), Some(s), None) =
@@ -239,7 +321,7 @@ pub fn verify_token_with(
         }
     }
     match claims.get("sub").and_then(|s| s.as_str()) {
-        Some(sub) if !sub.is_empty() => Ok(sub.to_owned()),
+        Some(sub) if !sub.is_empty() => Ok((sub.to_owned(), claims.clone())),
         _ => Err(TokenError::Subject),
     }
 }
@@ -290,11 +372,84 @@ where
     }
 }
 
-/// An operator (or a trusted service) holding `OPS_TOKEN`.
-#[derive(Debug, Clone, Copy)]
-pub struct Ops;
+/// The staff a request's bearer names: `Err` 401 when it is no staff token (a service token
+/// is not one either: 403, it is a credential of the wrong kind).
+fn staff(parts: &Parts, cfg: &AuthConfig) -> Result<Staff, ApiError> {
+    let token = bearer(parts)?;
+    if secret_eq(token, &cfg.service_token) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "the service token cannot do this: use a staff token",
+        ));
+    }
+    // staff tokens are ours, not the identity platform's: no iss / aud rules
+    let rules = TokenRules {
+        max_lifetime_secs: cfg.max_token_lifetime_secs,
+        issuer: None,
+        audience: None,
+    };
+    verify_staff_token(
+        &cfg.staff_secret,
+        token,
+        chrono::Utc::now().timestamp(),
+        &rules,
+    )
+    .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
+}
 
-impl<S> FromRequestParts<S> for Ops
+/// An operator: a staff token with the `operator` role. Holds the operator's identity (the
+/// token's `sub`), which every audit row records.
+#[derive(Debug, Clone)]
+pub struct Operator(pub String);
+
+impl<S> FromRequestParts<S> for Operator
+where
+    AuthConfig: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match staff(parts, &AuthConfig::from_ref(state))? {
+            Staff::Operator(sub) => Ok(Operator(sub)),
+            Staff::Store { .. } => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "a store token may only redeem vouchers",
+            )),
+        }
+    }
+}
+
+/// Bar staff: a staff token with the `store` role, scoped to one store.
+#[derive(Debug, Clone)]
+pub struct StoreStaff {
+    pub staff: String,
+    pub store_id: String,
+}
+
+impl<S> FromRequestParts<S> for StoreStaff
+where
+    AuthConfig: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match staff(parts, &AuthConfig::from_ref(state))? {
+            Staff::Store { staff, store_id } => Ok(StoreStaff { staff, store_id }),
+            Staff::Operator(_) => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "vouchers are redeemed with a store token",
+            )),
+        }
+    }
+}
+
+/// A trusted service holding `SERVICE_TOKEN`.
+#[derive(Debug, Clone, Copy)]
+pub struct Service;
+
+impl<S> FromRequestParts<S> for Service
 where
     AuthConfig: FromRef<S>,
     S: Send + Sync,
@@ -303,11 +458,46 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let cfg = AuthConfig::from_ref(state);
-        if secret_eq(bearer(parts)?, &cfg.ops_token) {
-            Ok(Ops)
-        } else {
-            Err(ApiError::new(ErrorCode::Unauthorized, "invalid ops token"))
+        let token = bearer(parts)?;
+        if secret_eq(token, &cfg.service_token) {
+            return Ok(Service);
         }
+        match staff(parts, &cfg) {
+            Ok(_) => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "a service-to-service route: staff tokens cannot call it",
+            )),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "invalid service token",
+            )),
+        }
+    }
+}
+
+/// A service or an operator (routes both may call, such as the reconciliation the
+/// scheduler runs nightly and an operator runs by hand).
+#[derive(Debug, Clone)]
+pub enum ServiceOrOperator {
+    Service,
+    Operator(String),
+}
+
+impl<S> FromRequestParts<S> for ServiceOrOperator
+where
+    AuthConfig: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let cfg = AuthConfig::from_ref(state);
+        if secret_eq(bearer(parts)?, &cfg.service_token) {
+            return Ok(ServiceOrOperator::Service);
+        }
+        Operator::from_request_parts(parts, state)
+            .await
+            .map(|o| ServiceOrOperator::Operator(o.0))
     }
 }
 
@@ -466,6 +656,61 @@ mod tests {
             let (parts, _) = req.into_parts();
             assert_eq!(bearer(&parts).ok(), want, "{header:?}");
         }
+    }
+
+    #[test]
+    fn staff_tokens_carry_a_role_and_a_store_for_the_store_role() {
+        let now = chrono::Utc::now().timestamp();
+        let rules = TokenRules {
+            max_lifetime_secs: DAY,
+            issuer: None,
+            audience: None,
+        };
+        let op = mint_staff_token("k", "alice", ROLE_OPERATOR, None, 60);
+        assert_eq!(
+            verify_staff_token("k", &op, now, &rules),
+            Ok(Staff::Operator("alice".into()))
+        );
+        let store = mint_staff_token("k", "bob", ROLE_STORE, Some("bar-1"), 60);
+        assert_eq!(
+            verify_staff_token("k", &store, now, &rules),
+            Ok(Staff::Store {
+                staff: "bob".into(),
+                store_id: "bar-1".into()
+            })
+        );
+        for claims in [
+            json!({"sub": "x", "exp": now + 60}),
+            json!({"sub": "x", "exp": now + 60, "role": "admin"}),
+            json!({"sub": "x", "exp": now + 60, "role": "store"}),
+            json!({"sub": "x", "exp": now + 60, "role": "store", "store_id": ""}),
+            json!({"sub": "x", "exp": now + 60, "role": ["operator"]}),
+        ] {
+            let t = sign_claims("k", &claims);
+            assert_eq!(
+                verify_staff_token("k", &t, now, &rules),
+                Err(TokenError::Role),
+                "{claims}"
+            );
+        }
+        // a buyer token (no role) is no staff token, and the buyers' key signs none
+        assert_eq!(
+            verify_staff_token("k", &mint_token("k", "u", 60), now, &rules),
+            Err(TokenError::Role)
+        );
+        assert_eq!(
+            verify_staff_token("other", &op, now, &rules),
+            Err(TokenError::Signature)
+        );
+        // an identity with control characters would forge audit lines
+        let t = sign_claims(
+            "k",
+            &json!({"sub": "eve\nadmin", "exp": now + 60, "role": "operator"}),
+        );
+        assert_eq!(
+            verify_staff_token("k", &t, now, &rules),
+            Err(TokenError::Subject)
+        );
     }
 
     #[test]

@@ -398,8 +398,8 @@ where
     }
 }
 
-/// OpenAPI modifier declaring the `bearer` security scheme (JWT for buyers, the ops token
-/// for operators) that operations reference with `security(("bearer" = []))`.
+/// OpenAPI modifier declaring the `bearer` security scheme (JWT for buyers and for staff, the
+/// service token between services) that operations reference with `security(("bearer" = []))`.
 pub struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {

@@ -137,8 +137,9 @@ pub async fn get_order(
     )))
 }
 
-/// The bar redeems a buyer's voucher (ops token): the order goes CONFIRMED -> REDEEMED. A
-/// second redemption answers 409.
+/// The bar redeems a buyer's voucher (a store token: a staff token with the `store` role
+/// and the bar's `store_id`): the order goes CONFIRMED -> REDEEMED. Another store's voucher
+/// answers 403; a second redemption 409.
 #[utoipa::path(
     post,
     path = "/v1/vouchers/{code}/redeem",
@@ -147,6 +148,7 @@ pub async fn get_order(
     responses(
         (status = 200, description = "Now REDEEMED", body = OrderView),
         (status = 401, body = ErrorBody),
+        (status = 403, description = "ERR_FORBIDDEN: another store's voucher, or a token that is not a store token", body = ErrorBody),
         (status = 404, description = "ERR_NOT_FOUND: no such voucher", body = ErrorBody),
         (status = 409, description = "ERR_INVALID_TRANSITION: already redeemed, or not confirmed yet", body = ErrorBody),
     ),
@@ -154,7 +156,7 @@ pub async fn get_order(
 )]
 pub async fn redeem_voucher(
     State(s): State<AppState>,
-    _ops: service_kit::auth::Ops,
+    staff: service_kit::auth::StoreStaff,
     Path(code): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     if code.len() != 12 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -162,7 +164,7 @@ pub async fn redeem_voucher(
     }
     let order =
         s.0.fulfillment
-            .redeem_voucher(&code.to_ascii_uppercase())
+            .redeem_voucher(&code.to_ascii_uppercase(), &staff.store_id, &staff.staff)
             .await
             .map_err(|e| match e {
                 fulfillment::FulfillmentError::NotFound => ApiError::not_found("voucher"),
