@@ -178,6 +178,15 @@ async fn every_openapi_document_is_valid_and_its_parameters_are_where_it_says() 
         );
         for (path, ops) in doc["paths"].as_object().unwrap() {
             for (method, op) in ops.as_object().unwrap() {
+                // a route that takes a credential documents both ways of being refused
+                if op["security"].as_array().is_some_and(|s| !s.is_empty()) {
+                    for status in ["401", "403"] {
+                        assert!(
+                            op["responses"][status].is_object(),
+                            "{name}: {method} {path} does not document {status}"
+                        );
+                    }
+                }
                 let params = op["parameters"].as_array().cloned().unwrap_or_default();
                 let mut query = Vec::new();
                 for p in &params {

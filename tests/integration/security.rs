@@ -136,6 +136,61 @@ async fn one_buyer_cannot_hoard_a_flash_sale_with_fifty_orders_at_once_nor_after
     s.assert_consistent(sku).await;
     // and the reconciliation finds nothing to repair
     assert_eq!(s.reconcile().await["drifted"], json!([]));
+    // a restock that names no limit keeps the SKU's: still not one unit more
+    let view = s
+        .put_sku_with(
+            sku,
+            json!({"store_id": "bar-1", "price_cents": 100, "stock": 80}),
+        )
+        .await;
+    assert_eq!(view["max_per_buyer"], 20);
+    let (status, body) = s
+        .create_order("hoarder", "after-restock", sku, "bar-1", 1)
+        .await;
+    assert_eq!(body["code"], "ERR_PURCHASE_LIMIT", "{status} {body}");
+}
+
+/// A buyer cannot hold twice the limit by letting an order's pre-lock lapse, ordering the
+/// same units again, and then paying the lapsed order: the late payment would have to take
+/// its units again past the limit, so its money goes back instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paying_a_lapsed_order_late_never_takes_a_buyer_past_the_limit() {
+    let s = Stack::start().await;
+    let sku = "sku-late";
+    s.put_sku_with(
+        sku,
+        json!({"store_id": "bar-1", "price_cents": 100, "stock": 10, "max_per_buyer": 2,
+               "prelock_ttl_seconds": 1}),
+    )
+    .await;
+    let (status, first) = s.create_order("racer", "a", sku, "bar-1", 2).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let first_id = first["order_id"].as_str().unwrap().to_owned();
+    let (payment, _) = s.start_payment("racer", &first_id, "alipay").await;
+    let lapse: chrono::DateTime<chrono::Utc> =
+        first["expires_at"].as_str().unwrap().parse().unwrap();
+    eventually("the pre-lock to lapse", Duration::from_secs(10), || async {
+        (chrono::Utc::now() > lapse + chrono::Duration::milliseconds(200)).then_some(())
+    })
+    .await;
+    // the lapsed units went back and stopped counting: a new order of two is taken
+    let (status, second) = s.create_order("racer", "b", sku, "bar-1", 2).await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    // then the money for the lapsed one arrives
+    let body = json!({
+        "event_id": "evt-late-racer", "payment_id": payment, "order_id": first_id,
+        "amount_cents": 200, "status": "SUCCESS", "paid_at": chrono::Utc::now(),
+    });
+    let (status, ack) = integration_tests::post_callback(&s, "alipay", &body, None, None).await;
+    assert!(status.is_success(), "{status} {ack}");
+    assert_eq!(s.order_state(&first_id).await, "REFUND_PENDING", "{ack}");
+    assert_eq!(held_by(&s, "racer", sku).await, 2);
+    let sku_id = domain::SkuId::parse(sku).unwrap();
+    assert_eq!(
+        s.prelock_app.redis.bought(&sku_id).await.unwrap(),
+        vec![("racer".to_owned(), 2)]
+    );
+    s.assert_consistent(sku).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,6 +699,7 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
             ("HTTP_HEADER_READ_TIMEOUT_MS", "3000".to_owned()),
             ("HTTP_REQUEST_TIMEOUT_MS", "1500".to_owned()),
             ("HTTP_MAX_CONNECTIONS", "200".to_owned()),
+            ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "150".to_owned()),
         ],
     )
     .await;
@@ -685,6 +741,23 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
     // what the server holds while they trickle
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mid = open_fds(pid);
+    // one address holds at most its share: another address is served meanwhile
+    let other = {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut stream = sock.connect(addr.parse().unwrap()).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer))
+            .await
+            .expect("another address answered while one holds its connections")
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
     let mut closed = Vec::new();
     while let Some(r) = set.join_next().await {
         let (i, at) = r.unwrap();
@@ -693,8 +766,8 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
     }
     let slowest = closed.iter().max().unwrap();
     eprintln!(
-        "slow clients: 300 trickling sockets, cap 200: {} descriptors more mid-way, the last \
-         closed after {slowest:?} (header timeout 3 s)",
+        "slow clients: 300 trickling sockets from one address, cap 150 an address: {} \
+         descriptors more mid-way, the last closed after {slowest:?} (header timeout 3 s)",
         mid.saturating_sub(before)
     );
     // the header-read timeout (3 s) and scheduling; nowhere near the 18 s they would trickle
@@ -703,8 +776,8 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
         "the last slow socket closed after {slowest:?}"
     );
     assert!(
-        mid <= before + 200 + 20,
-        "{mid} descriptors open with 300 slow clients (cap 200, {before} before)"
+        mid <= before + 150 + 20,
+        "{mid} descriptors open with 300 slow clients from one address (150 each, {before} before)"
     );
     let after = eventually("descriptors back", Duration::from_secs(10), || async {
         let n = open_fds(pid);
@@ -712,6 +785,40 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
     })
     .await;
     assert!(after <= before + 5);
+    let page = s
+        .http
+        .get(format!("{}/metrics", s.order_api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused =
+        integration_tests::metric_value(&page, "http_connections_refused_per_address_total", &[])
+            .expect("http_connections_refused_per_address_total");
+    assert!(refused >= 150.0, "{refused}");
+    // and the process-wide cap: 120 from each of two addresses (each inside its share) make
+    // 240, of which 200 are held
+    let mut held = Vec::new();
+    for source in ["127.0.0.1", "127.0.0.3"] {
+        for _ in 0..120 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            held.push(sock.connect(addr.parse().unwrap()).await.unwrap());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let full = open_fds(pid);
+    assert!(
+        full <= before + 200 + 20,
+        "{full} descriptors open with 240 idle clients (cap 200, {before} before)"
+    );
+    drop(held);
+    eventually("descriptors back", Duration::from_secs(10), || async {
+        (open_fds(pid) <= before + 5).then_some(())
+    })
+    .await;
     let page = s
         .http
         .get(format!("{}/metrics", s.order_api))
@@ -816,6 +923,12 @@ async fn the_services_run_as_an_application_role_that_cannot_change_the_schema()
         "DELETE FROM _sqlx_migrations",
         "ALTER TABLE orders DISABLE TRIGGER ALL",
         "DROP FUNCTION outbox_next_id()",
+        // the state machine is read only, the evidence logs append-only
+        "INSERT INTO order_transition VALUES ('REDEEMED', 'CONFIRMED')",
+        "DELETE FROM order_transition",
+        "DELETE FROM compensation_audit",
+        "UPDATE compensation_audit SET operator = 'nobody'",
+        "DELETE FROM payment_events",
     ] {
         let err = sqlx::query(sql).execute(&pool).await.unwrap_err();
         let code = err
@@ -1099,4 +1212,60 @@ async fn each_credential_opens_only_what_it_is_for_and_names_who_used_it() {
             .await
             .unwrap();
     assert_eq!(refunds, 0);
+    // an operator removes a schedule; the service token cannot
+    let url = format!("{scheduler}/v1/ops/schedules/by-bob");
+    let (status, _) = call(Method::DELETE, url.clone(), SERVICE_TOKEN.into(), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = call(Method::DELETE, url.clone(), bob.clone(), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = call(Method::DELETE, url, bob.clone(), None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("ERR_NOT_FOUND"))
+    );
+
+    // and a refund job written by hand (as a schedule would) for a payment its order keeps
+    // pays nothing back, whatever amount it names
+    let (order, payment, _) = s
+        .order_with_payment("cred-buyer", "k", ("sku-cred", "bar-1"), "wechat")
+        .await;
+    s.pay(&payment).await;
+    eventually("the order paid", Duration::from_secs(20), || async {
+        (integration_tests::order_state(&db, &order).await != "PENDING").then_some(())
+    })
+    .await;
+    let mut conn = db.acquire().await.unwrap();
+    job_engine::store::insert(
+        &mut conn,
+        &job_engine::NewJob {
+            kind: "payment.refund".to_owned(),
+            payload: json!({"payment_id": payment, "amount_cents": 1}),
+            priority: job_engine::Priority::P0,
+            run_at: chrono::Utc::now().into(),
+            max_attempts: 3,
+            dedupe_key: None,
+        },
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let error: String = eventually("the hand-written refund refused", Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT last_error FROM delayed_job_all WHERE kind = 'payment.refund' AND state = 'dead'",
+        )
+        .fetch_optional(&db)
+        .await
+        .unwrap()
+        .flatten()
+    })
+    .await;
+    assert!(error.contains("not owed a refund"), "{error}");
+    let report = integration_tests::assert_money_invariant(
+        &s.http,
+        &s.gateway,
+        &db,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!((report.paid, report.kept), (1, 1));
 }

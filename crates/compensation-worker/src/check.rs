@@ -546,9 +546,25 @@ impl Checker {
             Ok(v) => v,
             Err(failed) => return failed,
         };
-        let amount = job.payload["amount_cents"]
-            .as_i64()
-            .unwrap_or(payment.amount_cents);
+        // only money the order flow marked as owed goes back, and always all of it: never an
+        // amount or a payment a job's payload names on its own (a refund job written by hand,
+        // or by a schedule, for a payment the order keeps must not pay anything)
+        if payment.status != PaymentStatus::RefundRequired {
+            tracing::error!(payment_id = %payment.id, status = ?payment.status,
+                "a refund job for a payment that is owed nothing: refused");
+            return (
+                "not_owed",
+                Outcome::Permanent(format!(
+                    "payment {} is {:?}, not owed a refund",
+                    payment.id, payment.status
+                )),
+            );
+        }
+        let amount = payment.amount_cents;
+        if job.payload["amount_cents"].as_i64() != Some(amount) {
+            tracing::warn!(payment_id = %payment.id, payload = %job.payload["amount_cents"],
+                amount, "a refund job's amount is not the payment's: the payment's is paid back");
+        }
         let (label, outcome) = self.pay_back(&payment, amount).await;
         (label, self.unless_last(job, outcome).await)
     }

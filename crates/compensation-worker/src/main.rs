@@ -14,7 +14,7 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let addr = listen_addr("COMPENSATION_ADDR", "127.0.0.1:8083")?;
     let mut secrets = SecretLoader::from_env();
-    let auth = AuthConfig::load_staff_only(&mut secrets);
+    let auth = AuthConfig::load_staff_only(&mut secrets)?;
     secrets.finish()?;
     let app = App::build(config, auth).await?;
 

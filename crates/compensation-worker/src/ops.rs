@@ -91,6 +91,7 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(OpsApp(app))
         .merge(jobs)
         .split_for_parts();
+    let doc = service_kit::http::document_auth(doc);
     api.route("/openapi.json", get(move || async move { Json(doc) }))
         .route("/ops", get(|| async { Redirect::permanent("/ops/") }))
         .route(

@@ -20,7 +20,10 @@
 //! units go back (release, lapse, withdrawal); it is checked in that step too, so concurrent
 //! orders of one buyer can never pass the limit together ([`SkuLedger::reserve_for`]). An
 //! existing reservation (a retry) is never refused by the limit, and neither is a payment
-//! ([`SkuLedger::pin_for`]): money already paid keeps its units.
+//! whose reservation is live. A payment that must take its units again (its pre-lock lapsed)
+//! is refused them past the limit ([`SkuLedger::pin_for`], `OverLimit`: the money goes back):
+//! else a buyer could hold one order's units, let it lapse, order the same units again and
+//! then pay the lapsed one, holding twice the limit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -97,6 +100,9 @@ pub enum PinOutcome {
     Shortage { available: i64 },
     /// A live reservation with another quantity holds this id: nothing changed.
     Mismatch { held: u32 },
+    /// It had lapsed or was gone, and taking the units again would take the buyer past the
+    /// SKU's purchase limit (they hold `holds`): nothing changed.
+    OverLimit { holds: u32, limit: u32 },
 }
 
 /// What withdrawing one attempt's claim did.
@@ -300,8 +306,8 @@ impl<K: Ord + Clone> SkuLedger<K> {
         self.pin_as(id, quantity, now_ms, None)
     }
 
-    /// [`SkuLedger::pin`] for `buyer`'s order: units taken again count against the buyer, but
-    /// the limit never refuses them (the money is paid).
+    /// [`SkuLedger::pin`] for `buyer`'s order: a live reservation is pinned whatever the
+    /// limit; units taken again count against the buyer and are refused past the limit.
     pub fn pin_for(&mut self, id: K, quantity: u32, now_ms: i64, buyer: &str) -> PinOutcome {
         self.pin_as(id, quantity, now_ms, Some(buyer))
     }
@@ -316,6 +322,15 @@ impl<K: Ord + Clone> SkuLedger<K> {
             h.expires_at_ms = None;
             h.claims.insert(Claim::Order);
             return PinOutcome::Pinned { quantity };
+        }
+        if let Some(b) = buyer {
+            let holds = self.bought(b);
+            if self.limit > 0 && u64::from(holds) + u64::from(quantity) > u64::from(self.limit) {
+                return PinOutcome::OverLimit {
+                    holds,
+                    limit: self.limit,
+                };
+            }
         }
         if self.available < i64::from(quantity) {
             return PinOutcome::Shortage {
@@ -603,12 +618,17 @@ mod tests {
         assert_eq!(l.bought("u"), 3);
         assert_eq!(l.release(&3), ReleaseOutcome::NotFound);
         assert_eq!(l.bought("v"), 0);
-        // a payment that takes units again counts them, past the limit if it must
-        assert!(matches!(
+        // a payment that takes units again counts them, and is refused them past the limit
+        assert_eq!(
             l.pin_for(5, 4, 200, "u"),
+            PinOutcome::OverLimit { holds: 3, limit: 5 }
+        );
+        assert_eq!(l.bought("u"), 3);
+        assert!(matches!(
+            l.pin_for(5, 2, 200, "u"),
             PinOutcome::Repinned { .. }
         ));
-        assert_eq!(l.bought("u"), 7);
+        assert_eq!(l.bought("u"), 5);
     }
 
     #[test]

@@ -146,7 +146,11 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
                 .await?
             {
                 PinOutcome::Pinned { .. } | PinOutcome::Repinned { .. } => true,
-                PinOutcome::Shortage { .. } | PinOutcome::Mismatch { .. } => false,
+                // taking the units again would pass the buyer's purchase limit (they ordered
+                // the same units again after this order lapsed): the money goes back
+                PinOutcome::Shortage { .. }
+                | PinOutcome::Mismatch { .. }
+                | PinOutcome::OverLimit { .. } => false,
             },
         };
         let plan = resolve_payment(order.state, held);

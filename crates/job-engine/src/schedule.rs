@@ -593,6 +593,15 @@ pub async fn get(pool: &PgPool, name: &str) -> Result<Option<Schedule>, sqlx::Er
         .await
 }
 
+/// Removes a schedule; its jobs already written stay. Returns whether it existed.
+pub async fn delete(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM job_schedule WHERE name = $1")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Writes the jobs of every unpaused schedule's occurrences up to `until` (the leader calls
 /// this each maintenance round, ahead of time, so occurrences fire from the engine's timer
 /// on time). Occurrences older than `now - grace` were missed and follow the schedule's

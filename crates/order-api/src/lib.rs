@@ -172,6 +172,7 @@ impl App {
         let (api, openapi) = openapi_router()
             .with_state(AppState(self.clone()))
             .split_for_parts();
+        let openapi = service_kit::http::document_auth(openapi);
         let app = self.clone();
         let ready = service_kit::http::ready_check(move || {
             let app = app.clone();
@@ -209,5 +210,5 @@ pub fn openapi_router() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document (also served at `GET /openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    openapi_router().split_for_parts().1
+    service_kit::http::document_auth(openapi_router().split_for_parts().1)
 }

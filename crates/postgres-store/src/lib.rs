@@ -199,6 +199,13 @@ impl PgStore {
                 "REVOKE TRUNCATE, REFERENCES, TRIGGER ON ALL TABLES IN SCHEMA public FROM {role}"
             ),
             format!("REVOKE ALL ON TABLE _sqlx_migrations FROM {role}"),
+            // the transition table is the state machine the trigger enforces: read only
+            format!("REVOKE INSERT, UPDATE, DELETE ON TABLE order_transition FROM {role}"),
+            // logs that are evidence (who did what to a failure; what each provider said):
+            // appended to, never rewritten
+            format!(
+                "REVOKE UPDATE, DELETE ON TABLE compensation_audit, payment_events FROM {role}"
+            ),
             format!("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}"),
             format!("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}"),
         ] {

@@ -99,7 +99,10 @@ pub async fn upsert_sku(
          ON CONFLICT (id) DO UPDATE SET store_id = EXCLUDED.store_id,
              price_cents = EXCLUDED.price_cents, stock_real = EXCLUDED.stock_real,
              prelock_ttl_seconds = EXCLUDED.prelock_ttl_seconds,
-             max_per_buyer = EXCLUDED.max_per_buyer, updated_at = now()
+             -- a restock that names no limit keeps the SKU's (mid-sale, leaving it out must not
+             -- lift a limit)
+             max_per_buyer = COALESCE(EXCLUDED.max_per_buyer, skus.max_per_buyer),
+             updated_at = now()
          RETURNING {SKU_COLUMNS}"
     ))
     .bind(id)

@@ -51,7 +51,7 @@ pub struct ClockReply {
 pub struct PinRequest {
     pub quantity: u32,
     /// The order's user: units taken again (the reservation had lapsed) count against their
-    /// purchase limit, which never refuses a payment.
+    /// purchase limit, and are refused past it (`over_limit`).
     #[serde(default)]
     pub buyer: String,
 }
@@ -171,15 +171,22 @@ pub enum PinStatus {
     Repinned,
     Shortage,
     Mismatch,
+    /// Taking the units again would pass the buyer's purchase limit (`quantity` = what they
+    /// hold).
+    OverLimit,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PinReply {
     pub outcome: PinStatus,
-    /// Units pinned (`pinned`, `repinned`) or held under another quantity (`mismatch`).
+    /// Units pinned (`pinned`, `repinned`), held under another quantity (`mismatch`), or
+    /// held by the buyer already (`over_limit`).
     pub quantity: Option<u32>,
     /// Units left after the call (`repinned`, `shortage`).
     pub available: Option<i64>,
+    /// The SKU's purchase limit (`over_limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 impl From<PinOutcome> for PinReply {
@@ -192,11 +199,16 @@ impl From<PinOutcome> for PinReply {
             } => (PinStatus::Repinned, Some(quantity), Some(available)),
             PinOutcome::Shortage { available } => (PinStatus::Shortage, None, Some(available)),
             PinOutcome::Mismatch { held } => (PinStatus::Mismatch, Some(held), None),
+            PinOutcome::OverLimit { holds, .. } => (PinStatus::OverLimit, Some(holds), None),
         };
         PinReply {
             outcome,
             quantity,
             available,
+            limit: match o {
+                PinOutcome::OverLimit { limit, .. } => Some(limit),
+                _ => None,
+            },
         }
     }
 }
@@ -217,6 +229,10 @@ impl PinReply {
             },
             PinStatus::Mismatch => PinOutcome::Mismatch {
                 held: self.quantity.ok_or_else(bad)?,
+            },
+            PinStatus::OverLimit => PinOutcome::OverLimit {
+                holds: self.quantity.ok_or_else(bad)?,
+                limit: self.limit.ok_or_else(bad)?,
             },
         })
     }

@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(clock))
         .with_state(state)
         .split_for_parts();
+    let doc = service_kit::http::document_auth(doc);
     api.route("/openapi.json", get(move || async move { Json(doc) }))
 }
 
@@ -69,7 +70,8 @@ pub struct PutSku {
     #[serde(default)]
     pub prelock_ttl_seconds: Option<i32>,
     /// Most units one buyer may hold of this SKU, in live and paid orders ("limit N per
-    /// person"); absent = the service default (`PRELOCK_MAX_PER_BUYER`), 0 = no limit.
+    /// person"); 0 = no limit; absent = the SKU's current limit (a restock cannot lift it by
+    /// leaving it out), or the service default (`PRELOCK_MAX_PER_BUYER`) for a new SKU.
     #[serde(default)]
     pub max_per_buyer: Option<i32>,
 }
@@ -228,8 +230,11 @@ async fn rebuild_all(
     security(("bearer" = [])))]
 async fn reconcile_all(
     State(s): State<AppState>,
-    _caller: ServiceOrOperator,
+    caller: ServiceOrOperator,
 ) -> Result<Json<ReconcileReport>, ApiError> {
+    if let ServiceOrOperator::Operator(operator) = &caller {
+        tracing::warn!(%operator, "reconciliation of every SKU asked by an operator");
+    }
     let report = rebuild::reconcile_all(&s.0).await.map_err(rebuild_error)?;
     Ok(Json(report))
 }
@@ -346,6 +351,7 @@ async fn pin(
             PinOutcome::Repinned { .. } => "repinned",
             PinOutcome::Shortage { .. } => "shortage",
             PinOutcome::Mismatch { .. } => "mismatch",
+            PinOutcome::OverLimit { .. } => "over_limit",
         },
     );
     Ok(Json(outcome.into()))

@@ -189,9 +189,10 @@ return {confirmed, back, kept}
 "#;
 
 /// The payment path: confirm, or reserve again, in one step. ARGV: id, qty, reclaim_batch,
-/// buyer (units taken again count against them; the limit never refuses a payment).
+/// buyer, default_limit (units taken again count against the buyer, and are refused past
+/// the limit; a live reservation is pinned whatever it).
 /// Returns PINNED(qty) | REPINNED(qty, available) | SHORTAGE(available) | MISMATCH(held)
-/// | NOT_LOADED.
+/// | LIMIT(holds, limit) | NOT_LOADED.
 const PIN: &str = r#"
 reclaim(tonumber(ARGV[3]))
 local qty = tonumber(ARGV[2])
@@ -209,6 +210,11 @@ if held then
   redis.call('ZADD', KEYS[3], '+inf', ARGV[1])
   claim(ARGV[1], 'order')
   return {'PINNED', qty, 0}
+end
+if ARGV[4] ~= '' then
+  local limit = tonumber(redis.call('GET', KEYS[7]) or ARGV[5])
+  local holds = tonumber(redis.call('HGET', KEYS[8], ARGV[4]) or '0')
+  if limit > 0 and holds + qty > limit then return {'LIMIT', holds, limit} end
 end
 local avail = tonumber(redis.call('GET', KEYS[1]))
 if avail < qty then return {'SHORTAGE', avail, 0} end
@@ -485,6 +491,7 @@ impl RedisPrelock {
             quantity.to_string(),
             RECLAIM_BATCH.to_string(),
             buyer.to_owned(),
+            self.default_limit.to_string(),
         ];
         let (status, a, b) = self.run(&self.pin, sku, &args).await?;
         let quantity = u32::try_from(a).unwrap_or(0);
@@ -496,6 +503,10 @@ impl RedisPrelock {
             }),
             "SHORTAGE" => Ok(PinOutcome::Shortage { available: a }),
             "MISMATCH" => Ok(PinOutcome::Mismatch { held: quantity }),
+            "LIMIT" => Ok(PinOutcome::OverLimit {
+                holds: quantity,
+                limit: u32::try_from(b).unwrap_or(u32::MAX),
+            }),
             other => Err(unexpected(other)),
         }
     }

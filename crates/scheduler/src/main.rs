@@ -17,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let addr = listen_addr("SCHEDULER_ADDR", "127.0.0.1:8082")?;
     let mut secrets = SecretLoader::from_env();
-    let auth = AuthConfig::load_staff_only(&mut secrets);
+    let auth = AuthConfig::load_staff_only(&mut secrets)?;
     let notify_secret = config
         .notify_url
         .as_ref()

@@ -28,11 +28,29 @@ struct ApiDoc;
 pub fn router(state: OpsState) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_schedules))
-        .routes(routes!(get_schedule, put_schedule))
+        .routes(routes!(get_schedule, put_schedule, delete_schedule))
         .with_state(state.clone())
         .merge(job_engine::ops::routes(state))
         .split_for_parts();
+    let doc = service_kit::http::document_auth(doc);
     api.route("/openapi.json", get(move || async move { Json(doc) }))
+}
+
+#[utoipa::path(delete, path = "/v1/ops/schedules/{name}", tag = "schedules",
+    description = "Removes a schedule (the jobs it already wrote stay). 404 if there is none.",
+    params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn delete_schedule(
+    State(s): State<OpsState>,
+    Operator(operator): Operator,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if !schedule::delete(&s.pool, &name).await.map_err(db)? {
+        return Err(ApiError::not_found("schedule"));
+    }
+    tracing::warn!(schedule = %name, %operator, "schedule removed by an operator");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The kinds an operator may schedule: maintenance that takes nothing from its payload. A

@@ -91,15 +91,19 @@ impl AuthConfig {
 
     /// Staff tokens and the service token only (services that never see a buyer): no buyer
     /// token verifies here, since the buyer secret is a random value nobody holds.
-    pub fn load_staff_only(secrets: &mut SecretLoader) -> Self {
-        AuthConfig {
+    /// Staff tokens live at most `AUTH_MAX_TOKEN_LIFETIME_SECS` here as at order-api.
+    pub fn load_staff_only(secrets: &mut SecretLoader) -> anyhow::Result<Self> {
+        Ok(AuthConfig {
             jwt_secret: uuid::Uuid::new_v4().to_string(),
             staff_secret: secrets.require("STAFF_JWT_SECRET", DEV_STAFF_JWT_SECRET),
             service_token: secrets.require("SERVICE_TOKEN", DEV_SERVICE_TOKEN),
-            max_token_lifetime_secs: DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+            max_token_lifetime_secs: crate::config::env_or(
+                "AUTH_MAX_TOKEN_LIFETIME_SECS",
+                DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+            )?,
             issuer: None,
             audience: None,
-        }
+        })
     }
 }
 
@@ -239,9 +243,9 @@ pub fn verify_staff_token(
         claims
             .get(name)
             .and_then(|v| v.as_str())
-            .filter(|v| !v.is_empty() && v.len() <= 100 && !v.contains(char::is_control))
+            .filter(|v| !v.is_empty() && v.len() <= 100 && !v.contains(hidden))
     };
-    if sub.len() > 100 || sub.contains(char::is_control) {
+    if sub.len() > 100 || sub.contains(hidden) {
         return Err(TokenError::Subject);
     }
     match (text("role"), text("store_id")) {
@@ -252,6 +256,18 @@ pub fn verify_staff_token(
         }),
         _ => Err(TokenError::Role),
     }
+}
+
+/// A character that would make an identity in an audit row or a log line read as another:
+/// control characters, and the invisible formatting ones (zero-width, bidirectional
+/// overrides and isolates, soft hyphen, word joiners, tags): `dora\u{200b}` shows as "dora",
+/// `\u{202e}nimda-ecila` as "alice-admin".
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}' | '\u{e0000}'..='\u{e007f}')
 }
 
 /// The signature and time rules; returns `sub` and every claim.
@@ -710,6 +726,31 @@ mod tests {
         assert_eq!(
             verify_staff_token("k", &t, now, &rules),
             Err(TokenError::Subject)
+        );
+        for sub in [
+            "dora\u{200b}",
+            "\u{202e}nimda-ecila",
+            "al\u{00ad}ice",
+            "bob\u{e0041}",
+        ] {
+            let t = sign_claims(
+                "k",
+                &json!({"sub": sub, "exp": now + 60, "role": "operator"}),
+            );
+            assert_eq!(
+                verify_staff_token("k", &t, now, &rules),
+                Err(TokenError::Subject),
+                "{sub:?}"
+            );
+        }
+        // names in any script are fine
+        let t = sign_claims(
+            "k",
+            &json!({"sub": "王小明", "exp": now + 60, "role": "operator"}),
+        );
+        assert_eq!(
+            verify_staff_token("k", &t, now, &rules),
+            Ok(Staff::Operator("王小明".into()))
         );
     }
 

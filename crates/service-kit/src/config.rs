@@ -58,6 +58,10 @@ pub struct SecretLoader {
 /// signed token.
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// The fewest distinct non-blank characters a secret may have outside development: a random
+/// 32-byte secret (hex, base64) has well over this; `aaaa...` or 32 spaces has one.
+pub const MIN_SECRET_DISTINCT: usize = 8;
+
 impl SecretLoader {
     pub fn from_env() -> Self {
         let allow_dev = std::env::var(ALLOW_DEV_SECRETS)
@@ -87,6 +91,17 @@ impl SecretLoader {
                 let mut problems = Vec::new();
                 if v.len() < MIN_SECRET_BYTES {
                     problems.push(format!("{name} is shorter than {MIN_SECRET_BYTES} bytes"));
+                }
+                let distinct = v
+                    .bytes()
+                    .filter(|b| !b.is_ascii_whitespace())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
+                if distinct < MIN_SECRET_DISTINCT {
+                    problems.push(format!(
+                        "{name} has fewer than {MIN_SECRET_DISTINCT} distinct characters \
+                         (a repeated or blank value, not a random one)"
+                    ));
                 }
                 if let Some((other, _)) = self.seen.iter().find(|(_, s)| s == v) {
                     problems.push(format!("{name} is the same secret as {other}"));
@@ -220,17 +235,26 @@ mod tests {
                 ("S1", "a"),
                 ("K1", &long),
                 ("K2", &long),
-                ("OK", &"z".repeat(40)),
+                ("OK", "3f9c1a7e5b2d8c4a6e0f1b3d5a7c9e2f4b6d8a0c"),
+                ("BLANK", &" ".repeat(40)),
+                ("SAME", &"z".repeat(40)),
             ],
             false,
         );
         l.require("S1", "dev-s1");
         l.require("K1", "dev-k1");
         l.require("K2", "dev-k2");
-        assert_eq!(l.require("OK", "dev-ok"), "z".repeat(40));
+        assert_eq!(
+            l.require("OK", "dev-ok"),
+            "3f9c1a7e5b2d8c4a6e0f1b3d5a7c9e2f4b6d8a0c"
+        );
+        l.require("BLANK", "dev-blank");
+        l.require("SAME", "dev-same");
         let err = l.finish().unwrap_err().to_string();
         assert!(err.contains("S1 is shorter than 32 bytes"), "{err}");
         assert!(err.contains("K2 is the same secret as K1"), "{err}");
+        assert!(err.contains("BLANK has fewer than 8 distinct"), "{err}");
+        assert!(err.contains("SAME has fewer than 8 distinct"), "{err}");
         assert!(!err.contains("OK"), "{err}");
         // in development they are only warned about
         let mut dev = loader(&[("S1", "a"), ("K1", "a")], true);

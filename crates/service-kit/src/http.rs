@@ -95,6 +95,12 @@ pub struct ServeLimits {
     /// Open connections at most (`HTTP_MAX_CONNECTIONS`, 1024); more are closed at accept
     /// and counted in `http_connections_refused_total`.
     pub max_connections: usize,
+    /// Open connections from one client address at most (an IPv4 address, or an IPv6 /64;
+    /// `HTTP_MAX_CONNECTIONS_PER_ADDRESS`, 256; 0 = no such bound), so one client cannot take
+    /// every slot; more are closed at accept and counted in
+    /// `http_connections_refused_per_address_total`. Behind a proxy every client shares the
+    /// proxy's address: raise it or set 0 there.
+    pub max_per_address: usize,
 }
 
 impl ServeLimits {
@@ -104,6 +110,7 @@ impl ServeLimits {
             header_read: env_millis("HTTP_HEADER_READ_TIMEOUT_MS", 10_000)?,
             request: env_millis("HTTP_REQUEST_TIMEOUT_MS", 30_000)?,
             max_connections: env_or("HTTP_MAX_CONNECTIONS", 1024usize)?.max(1),
+            max_per_address: env_or("HTTP_MAX_CONNECTIONS_PER_ADDRESS", 256usize)?,
         })
     }
 }
@@ -130,6 +137,10 @@ pub async fn serve_with(
     use hyper_util::rt::{TokioIo, TokioTimer};
     tracing::info!(addr = %listener.local_addr()?, ?limits, "listening");
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let per_address = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        std::net::IpAddr,
+        usize,
+    >::new()));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut refused_logged = Instant::now() - std::time::Duration::from_secs(60);
@@ -154,6 +165,19 @@ pub async fn serve_with(
                 tracing::warn!(
                     max = limits.max_connections,
                     "connection limit reached; closing new connections"
+                );
+            }
+            continue;
+        };
+        let Some(address_slot) = AddressSlot::take(&per_address, peer.ip(), limits.max_per_address)
+        else {
+            drop(stream);
+            CONNECTIONS_REFUSED_PER_ADDRESS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if refused_logged.elapsed() > std::time::Duration::from_secs(10) {
+                refused_logged = Instant::now();
+                tracing::warn!(
+                    max = limits.max_per_address,
+                    "one address holds its connection limit; closing its new connections"
                 );
             }
             continue;
@@ -189,6 +213,7 @@ pub async fn serve_with(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(address_slot);
             drop(slot);
         });
     }
@@ -203,6 +228,62 @@ pub async fn serve_with(
     tracing::info!("stopped");
     Ok(())
 }
+
+/// One connection's place in its address's count; given back on drop.
+struct AddressSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    key: std::net::IpAddr,
+}
+
+impl AddressSlot {
+    /// A place for one more connection from `ip` (an IPv6 address counts as its /64), or
+    /// `None` when it already holds `max` (0 = no bound).
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+        max: usize,
+    ) -> Option<AddressSlot> {
+        let key = match ip {
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => std::net::IpAddr::V4(v4),
+                None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                    u128::from(v6) & !((1u128 << 64) - 1),
+                )),
+            },
+            v4 => v4,
+        };
+        let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = all.entry(key).or_insert(0);
+        if max > 0 && *n >= max {
+            if *n == 0 {
+                all.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: counts.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut all = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = all.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                all.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Connections closed at accept because one address held
+/// [`ServeLimits::max_per_address`] (`http_connections_refused_per_address_total`).
+pub static CONNECTIONS_REFUSED_PER_ADDRESS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Connections closed at accept because [`ServeLimits::max_connections`] were open (every
 /// service's `/metrics` shows it as `http_connections_refused_total`).
@@ -262,9 +343,13 @@ async fn render_metrics(State(s): State<OpsState>) -> Response {
         format!(
             "{}# HELP http_connections_refused_total Connections closed at accept: the connection limit (HTTP_MAX_CONNECTIONS) was reached\n\
              # TYPE http_connections_refused_total counter\n\
-             http_connections_refused_total {}\n",
+             http_connections_refused_total {}\n\
+             # HELP http_connections_refused_per_address_total Connections closed at accept: their address held HTTP_MAX_CONNECTIONS_PER_ADDRESS\n\
+             # TYPE http_connections_refused_per_address_total counter\n\
+             http_connections_refused_per_address_total {}\n",
             s.metrics.render(),
-            CONNECTIONS_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
+            CONNECTIONS_REFUSED.load(std::sync::atomic::Ordering::Relaxed),
+            CONNECTIONS_REFUSED_PER_ADDRESS.load(std::sync::atomic::Ordering::Relaxed)
         ),
     )
         .into_response()
@@ -408,7 +493,65 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Each route takes one kind of credential: a buyer's JWT \
+                         (AUTH_JWT_SECRET) for orders and payments; a store's staff JWT \
+                         (STAFF_JWT_SECRET, `role` = store, `store_id`) to redeem that store's \
+                         vouchers; an operator's staff JWT (`role` = operator) for stock admin \
+                         and every /v1/ops route; the service token (SERVICE_TOKEN) for the \
+                         reservation routes and the clock (reconcile and the reservation \
+                         lookup take an operator's token too). An invalid credential is 401, \
+                         a valid one of the wrong kind 403.",
+                    ))
+                    .build(),
+            ),
         );
     }
+}
+
+/// Documents on every operation that takes a credential the answers every such route can
+/// give: `401` (no or an invalid credential) and `403` (a valid one of the wrong kind), in the
+/// house error format. Call it on a document after its routes are merged.
+pub fn document_auth(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let answer = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for item in doc.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if op.security.as_ref().is_none_or(|s| s.is_empty()) {
+                continue;
+            }
+            let responses = &mut op.responses.responses;
+            responses
+                .entry("401".to_owned())
+                .or_insert_with(|| answer("ERR_UNAUTHORIZED: no credential, or an invalid one"));
+            responses.entry("403".to_owned()).or_insert_with(|| {
+                answer("ERR_FORBIDDEN: a valid credential of a kind this route does not take")
+            });
+        }
+    }
+    doc
 }

@@ -8,8 +8,9 @@
 //!
 //! The client address is the peer of the TCP connection; behind a proxy or load balancer that
 //! is the proxy, so `RATE_LIMIT_TRUST_FORWARDED=true` takes the rightmost `X-Forwarded-For`
-//! entry instead (the one the proxy itself added; set it only behind a proxy that does, or
-//! any client picks its own address).
+//! entry instead (the one the proxy itself added, with or without a port; set it only behind
+//! a proxy that does, or any client picks its own address; an entry that cannot be read falls
+//! back to the peer). IPv6 clients are budgeted per /64.
 //! Limiters live in each instance's memory: with N instances behind a balancer a key gets up
 //! to N times its budget, which is the usual trade for not adding a network hop per request.
 //! Keys not seen for a while are forgotten (a sweep every [`SWEEP_EVERY`] checks).
@@ -166,7 +167,7 @@ impl RateLimits {
     /// buyer's budget.
     pub fn buyer_request(&self, buyer: &str, from: &ClientAddr) -> Result<(), ApiError> {
         if let Some(ip) = from.ip(self.trust_forwarded) {
-            self.address.check(&ip.to_string())?;
+            self.address.check(&budget_key(ip))?;
         }
         self.buyer.check(buyer)
     }
@@ -174,14 +175,48 @@ impl RateLimits {
     /// A payment provider's callback, by its caller's address.
     pub fn webhook_request(&self, from: &ClientAddr) -> Result<(), ApiError> {
         match from.ip(self.trust_forwarded) {
-            Some(ip) => self.webhook.check(&ip.to_string()),
+            Some(ip) => self.webhook.check(&budget_key(ip)),
             None => self.webhook.check("unknown"),
         }
     }
 }
 
+/// What an address budget is kept under: an IPv4 address, or an IPv6 address's /64 (one
+/// subscriber's network: a client owns a whole /64 and could take a fresh address per
+/// request).
+fn budget_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
+/// One `X-Forwarded-For` entry: an address, or an address with a port (`ip:port`,
+/// `[v6]:port`, `[v6]`), as proxies write them.
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse::<IpAddr>().ok())
+        })
+}
+
 /// Where a request came from: the TCP peer, and the rightmost `X-Forwarded-For` entry (the
-/// one a proxy in front added); either may be unknown (a router driven in-process).
+/// one the proxy in front added: the entries to its left are the client's to write). When the
+/// rightmost entry cannot be read, the peer stands in: an earlier entry never does.
+/// Either may be unknown (a router driven in-process).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr {
     pub peer: Option<IpAddr>,
@@ -205,8 +240,8 @@ impl ClientAddr {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-            .next_back();
+            .next_back()
+            .and_then(forwarded_ip);
         ClientAddr {
             peer: parts
                 .extensions
@@ -284,5 +319,35 @@ mod tests {
         let from = ClientAddr::of(&parts);
         assert_eq!(from.ip(false), Some(IpAddr::from([10, 0, 0, 1])));
         assert_eq!(from.ip(true), Some(IpAddr::from([198, 51, 100, 7])));
+        // the rightmost entry, whatever port it carries; one that cannot be read falls back
+        // to the peer, never to an entry the client wrote
+        for (header, want) in [
+            ("6.6.6.6, 203.0.113.7:51234", IpAddr::from([203, 0, 113, 7])),
+            ("6.6.6.6, [2001:db8::7]:443", "2001:db8::7".parse().unwrap()),
+            ("6.6.6.6, [2001:db8::7]", "2001:db8::7".parse().unwrap()),
+            ("6.6.6.6, garbage", IpAddr::from([10, 0, 0, 1])),
+            ("6.6.6.6,", IpAddr::from([10, 0, 0, 1])),
+        ] {
+            let req = axum::http::Request::builder()
+                .header("x-forwarded-for", header)
+                .body(())
+                .unwrap();
+            let (mut parts, _) = req.into_parts();
+            parts
+                .extensions
+                .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
+            assert_eq!(ClientAddr::of(&parts).ip(true), Some(want), "{header}");
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_share_one_budget_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(budget_key(a), budget_key(b));
+        assert_ne!(budget_key(a), budget_key(c));
+        assert_eq!(budget_key("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1");
+        assert_eq!(budget_key(IpAddr::from([10, 0, 0, 1])), "10.0.0.1");
     }
 }
