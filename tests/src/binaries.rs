@@ -599,13 +599,19 @@ impl Services {
 
     /// Breaks (or mends) the provider's query by payment id for one payment.
     pub async fn break_query(&self, payment_id: &str, broken: bool) {
+        self.payment_faults(payment_id, serde_json::json!({ "query_broken": broken }))
+            .await;
+    }
+
+    /// Sets one payment's faults at the simulator (`query_broken`, `refund_refused`).
+    pub async fn payment_faults(&self, payment_id: &str, faults: serde_json::Value) {
         let r = self
             .http
             .put(format!(
                 "{}/v1/sim/payments/{payment_id}/faults",
                 self.gateway
             ))
-            .json(&serde_json::json!({ "query_broken": broken }))
+            .json(&faults)
             .send()
             .await
             .expect("payment faults");

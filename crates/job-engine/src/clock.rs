@@ -7,13 +7,17 @@
 //! for a round trip (how long to sleep until a job is due, how late it fired, when to retry).
 //!
 //! - [`DbClock`], the one the binaries use: the SQL decides by the database's clock, and the
-//!   reading is the database's time as last sampled (`SELECT clock_timestamp()`, corrected by
-//!   half the round trip) plus the monotonic time since. The host's wall clock is never read,
-//!   so setting it (or skewing it with libfaketime) moves nothing; a sample is taken at start
-//!   and every maintenance round.
+//!   reading is the database's time as last sampled (`SELECT clock_timestamp()`, taken as read
+//!   when its answer arrived: the database read it no later, so the reading is never ahead of
+//!   the database's clock and a job never fires early, at most one round trip late) plus the
+//!   monotonic time since; it never goes backwards (a new sample that reads earlier than the
+//!   last reading holds it until time catches up). The host's wall clock is never read once
+//!   a sample exists, so setting it (or skewing it with libfaketime) moves nothing; a sample
+//!   is taken at start and every maintenance round.
 //! - [`ManualClock`] (tests): both the SQL and the reading use a time that moves only when told
 //!   to, so delayed jobs are tested by moving time instead of sleeping.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,12 +44,16 @@ pub struct DbClock {
     /// the round trip it took. `None` until the first sample: the host's clock stands in
     /// until then.
     sample: Mutex<Option<(DateTime<Utc>, Instant, Duration)>>,
+    /// The latest sampled reading given out (microseconds since the epoch): readings never go
+    /// below it.
+    floor: AtomicI64,
 }
 
 impl DbClock {
     pub fn new() -> Self {
         DbClock {
             sample: Mutex::new(None),
+            floor: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -76,7 +84,17 @@ impl Clock for DbClock {
     fn now(&self) -> DateTime<Utc> {
         let sample = *self.sample.lock().unwrap_or_else(|p| p.into_inner());
         match sample {
-            Some((db, at, _)) => db + chrono::Duration::from_std(at.elapsed()).unwrap_or_default(),
+            Some((db, at, _)) => {
+                let read = db + chrono::Duration::from_std(at.elapsed()).unwrap_or_default();
+                let micros = read.timestamp_micros();
+                let before = self.floor.fetch_max(micros, Ordering::Relaxed);
+                if before > micros {
+                    DateTime::from_timestamp_micros(before).unwrap_or(read)
+                } else {
+                    read
+                }
+            }
+            // the host's clock until the first sample; it sets no floor (it may be off)
             None => Utc::now(),
         }
     }
@@ -89,8 +107,10 @@ impl Clock for DbClock {
                 return; // a slow answer says less than the sample we have
             }
         }
-        // the database read its clock somewhere in the round trip: assume the middle
-        *sample = Some((db, sent + rtt / 2, rtt));
+        // the database read its clock somewhere in the round trip: taking it as read on
+        // arrival keeps the reading at or behind the database's (never early, at most `rtt`
+        // late)
+        *sample = Some((db, received, rtt));
     }
 }
 
@@ -137,7 +157,7 @@ mod tests {
         let sent = Instant::now();
         clock.observe(db, sent, sent + Duration::from_millis(10));
         let read = clock.now();
-        // the sample is taken as read mid-way (5 ms after `sent`), and runs on from there
+        // the sample is taken as read on arrival, and runs on from there
         let since = read - db;
         assert!(since >= chrono::Duration::zero(), "{since}");
         assert!(since < chrono::Duration::seconds(5), "{since}");
@@ -149,5 +169,16 @@ mod tests {
         );
         assert!(clock.now() - db < chrono::Duration::minutes(1));
         assert_eq!(clock.decide_at(), None, "the SQL decides by the database");
+        // a later sample that reads earlier does not take the reading back
+        let before = clock.now();
+        std::thread::sleep(Duration::from_millis(40));
+        let resampled = Instant::now();
+        clock.observe(
+            db - chrono::Duration::seconds(10),
+            resampled,
+            resampled + Duration::from_millis(1),
+        );
+        assert!(clock.now() >= before);
+        assert!(clock.now() - before < chrono::Duration::seconds(1));
     }
 }

@@ -317,7 +317,13 @@ async fn fire(shared: Arc<Shared>, kind: Kind, mut guard: ReportGuard, stop: Can
     let (key, run_at) = ((job.id, job.lease_token), job.run_at);
     let span = job.span();
     let handed = job.as_handed();
-    if let Ok(wait) = (run_at - shared.clock.now()).to_std() {
+    // sleep until due, and ask the clock again on waking: a new sample of the database's
+    // clock taken meanwhile may have set the reading back, and a job never fires before it
+    // is due by the clock it is judged by
+    while let Ok(wait) = (run_at - shared.clock.now()).to_std() {
+        if wait.is_zero() {
+            break;
+        }
         tokio::select! {
             _ = stop.cancelled() => return guard.give_back(),
             _ = tokio::time::sleep(wait) => {}

@@ -135,6 +135,10 @@ pub struct SimPayment {
     /// The query by payment id answers 500, always (the query by transaction id still
     /// works): a payment compensation cannot resolve on its own.
     pub query_broken: bool,
+    /// The refund API refuses this payment's refunds (409), always: money the provider will
+    /// not give back.
+    #[serde(default)]
+    pub refund_refused: bool,
     /// Whether the callback was dropped by the drop fault.
     pub callback_dropped: bool,
     /// Callback copies sent (1 + duplicates), and how many were acknowledged with 2xx.
@@ -271,6 +275,7 @@ async fn create_payment(
             paid_at: None,
             transaction_id: None,
             query_broken: false,
+            refund_refused: false,
             callback_dropped: false,
             callbacks_planned: 0,
             callbacks_acknowledged: 0,
@@ -405,7 +410,11 @@ async fn close(
 #[serde(deny_unknown_fields)]
 pub struct PaymentFaults {
     /// The query by payment id answers 500 for this payment until set back to false.
+    #[serde(default)]
     pub query_broken: bool,
+    /// The refund API refuses this payment's refunds (409) until set back to false.
+    #[serde(default)]
+    pub refund_refused: bool,
 }
 
 /// Faults of one payment (on top of the global rates).
@@ -419,6 +428,7 @@ async fn put_payment_faults(
 ) -> Result<Json<SimPayment>, ApiError> {
     s.0.with_payment(&id, |sp| {
         sp.query_broken = req.query_broken;
+        sp.refund_refused = req.refund_refused;
         sp.clone()
     })
     .map(Json)
@@ -429,7 +439,7 @@ async fn put_payment_faults(
 /// id again answers the refund already made, whatever its amount). Refunds of one payment
 /// never exceed what was paid.
 #[utoipa::path(post, path = "/v1/{provider}/refunds", tag = "provider",
-    description = "Refund, idempotent by refund_id. Faults: `refund_error_rate` (500, nothing refunded), `refund_timeout_rate` (refunded, but the answer comes late).",
+    description = "Refund, idempotent by refund_id. Faults: `refund_error_rate` (500, nothing refunded), `refund_timeout_rate` (refunded, but the answer comes late), a payment's `refund_refused` (409).",
     params(("provider" = String, Path, description = "wechat, alipay or douyin")), request_body = RefundRequest,
     responses((status = 200, body = Refund), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "not paid, or more than was paid", body = ErrorBody), (status = 500, body = ErrorBody)))]
@@ -469,6 +479,12 @@ async fn refund(
                     .ok_or_else(|| ApiError::not_found("payment"))?;
                 if sp.status != "PAID" {
                     return Err(ApiError::new(ErrorCode::Conflict, "payment is not paid"));
+                }
+                if sp.refund_refused {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        "refund refused for this payment (simulated)",
+                    ));
                 }
                 // checked: a huge amount must be refused, not wrap around past the check
                 let refunded = sp
