@@ -344,6 +344,25 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
     .await;
     assert_eq!(events, 3);
 
+    // a job asking for less than was paid (written by hand, or tampered with) still pays all
+    // of it back: the amount is the payment's, never the payload's
+    let tampered = format!("payment.refund:{}", owed[0].1);
+    eventually(
+        "the refund tampered with",
+        Duration::from_secs(20),
+        || async {
+            let done = sqlx::query(
+                "UPDATE delayed_job SET payload = jsonb_set(payload, '{amount_cents}', '1')
+                 WHERE dedupe_key = $1 AND state = 'scheduled'",
+            )
+            .bind(&tampered)
+            .execute(&db)
+            .await
+            .unwrap();
+            (done.rows_affected() == 1).then_some(())
+        },
+    )
+    .await;
     // the third the provider will refuse (a 4xx: it will not give this money back)
     let key = format!("payment.refund:{}", refused.1);
     s.payment_faults(&refused.1, json!({ "refund_refused": true }))
@@ -357,6 +376,7 @@ async fn money_owed_is_refunded_however_long_the_provider_fails() {
         .await;
         let sim = s.sim_payment(payment).await;
         assert_eq!(sim["refunds"].as_array().unwrap().len(), 1, "{sim}");
+        assert_eq!(sim["refunds"][0]["amount_cents"], 2_500, "{sim}");
     }
     // the refused one stops, and its failure now says so: alerted and announced again
     let open = eventually(

@@ -1259,7 +1259,7 @@ async fn each_credential_opens_only_what_it_is_for_and_names_who_used_it() {
         .flatten()
     })
     .await;
-    assert!(error.contains("not owed a refund"), "{error}");
+    assert!(error.contains("payment is SUCCEEDED"), "{error}");
     let report = integration_tests::assert_money_invariant(
         &s.http,
         &s.gateway,

@@ -546,20 +546,9 @@ impl Checker {
             Ok(v) => v,
             Err(failed) => return failed,
         };
-        // only money the order flow marked as owed goes back, and always all of it: never an
-        // amount or a payment a job's payload names on its own (a refund job written by hand,
-        // or by a schedule, for a payment the order keeps must not pay anything)
-        if payment.status != PaymentStatus::RefundRequired {
-            tracing::error!(payment_id = %payment.id, status = ?payment.status,
-                "a refund job for a payment that is owed nothing: refused");
-            return (
-                "not_owed",
-                Outcome::Permanent(format!(
-                    "payment {} is {:?}, not owed a refund",
-                    payment.id, payment.status
-                )),
-            );
-        }
+        // all of the money goes back, never an amount a job's payload names (a job written by
+        // hand, or by a schedule, asking for less would settle the refund id for that); only a
+        // payment marked as owed is paid back at all (`pay_back`)
         let amount = payment.amount_cents;
         if job.payload["amount_cents"].as_i64() != Some(amount) {
             tracing::warn!(payment_id = %payment.id, payload = %job.payload["amount_cents"],
