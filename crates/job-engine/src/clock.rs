@@ -10,8 +10,10 @@
 //!   reading is the database's time as last sampled (`SELECT clock_timestamp()`, taken as read
 //!   when its answer arrived: the database read it no later, so the reading is never ahead of
 //!   the database's clock and a job never fires early, at most one round trip late) plus the
-//!   monotonic time since; it never goes backwards (a new sample that reads earlier than the
-//!   last reading holds it until time catches up). The host's wall clock is never read once
+//!   monotonic time since. It does not go back for sampling error (a new sample that reads up
+//!   to a second earlier than the last reading holds it until time catches up), but follows
+//!   the database's clock when that is set back further (an NTP step), rather than stand
+//!   still; a waiting job asks it again on waking. The host's wall clock is never read once
 //!   a sample exists, so setting it (or skewing it with libfaketime) moves nothing; a sample
 //!   is taken at start and every maintenance round.
 //! - [`ManualClock`] (tests): both the SQL and the reading use a time that moves only when told
@@ -79,6 +81,9 @@ impl Default for DbClock {
 /// replace it, unless ours is older than [`SAMPLE_KEPT`].
 const SLOW_SAMPLE: Duration = Duration::from_millis(50);
 const SAMPLE_KEPT: Duration = Duration::from_secs(30);
+/// How far back a new sample may read before the reading follows it rather than holds: more
+/// than sampling error (a round trip) means the database's clock itself was set back.
+const STEP_BACK: Duration = Duration::from_secs(1);
 
 impl Clock for DbClock {
     fn now(&self) -> DateTime<Utc> {
@@ -88,9 +93,15 @@ impl Clock for DbClock {
                 let read = db + chrono::Duration::from_std(at.elapsed()).unwrap_or_default();
                 let micros = read.timestamp_micros();
                 let before = self.floor.fetch_max(micros, Ordering::Relaxed);
-                if before > micros {
+                if before > micros && before - micros <= STEP_BACK.as_micros() as i64 {
+                    // a sample that reads a little earlier (a round trip's worth): hold
                     DateTime::from_timestamp_micros(before).unwrap_or(read)
                 } else {
+                    if before > micros {
+                        // the database's clock was set back (NTP): follow it, rather than
+                        // stand still until it catches up (heartbeats and rounds would stop)
+                        self.floor.store(micros, Ordering::Relaxed);
+                    }
                     read
                 }
             }
@@ -169,7 +180,8 @@ mod tests {
         );
         assert!(clock.now() - db < chrono::Duration::minutes(1));
         assert_eq!(clock.decide_at(), None, "the SQL decides by the database");
-        // a later sample that reads earlier does not take the reading back
+        // a later sample that reads ten seconds earlier: the database's clock was set back,
+        // and the reading follows it rather than stand still
         let before = clock.now();
         std::thread::sleep(Duration::from_millis(40));
         let resampled = Instant::now();
@@ -178,7 +190,15 @@ mod tests {
             resampled,
             resampled + Duration::from_millis(1),
         );
+        assert!(clock.now() < before);
+        // a sample a little earlier (sampling error) holds the reading where it was
+        let before = clock.now();
+        let resampled = Instant::now();
+        clock.observe(
+            before - chrono::Duration::milliseconds(300),
+            resampled,
+            resampled + Duration::from_millis(1),
+        );
         assert!(clock.now() >= before);
-        assert!(clock.now() - before < chrono::Duration::seconds(1));
     }
 }

@@ -166,9 +166,11 @@ impl PgStore {
     }
 
     /// Least privilege: grants `role` (the services' application role) what the services
-    /// need and nothing more: `SELECT, INSERT, UPDATE, DELETE` on every table, the sequences
-    /// and the functions. No DDL (the tables belong to the migrating role, so the application
-    /// role can neither alter nor drop them), no `TRUNCATE`, no `CREATE` in the schema, and
+    /// need and nothing more: `SELECT, INSERT, UPDATE, DELETE` on the tables, except that
+    /// `order_transition` (the state machine) is read only and `compensation_audit` and
+    /// `payment_events` (evidence) are append-only; the sequences and the functions. No DDL
+    /// (the tables belong to the migrating role, so the application role can neither alter
+    /// nor drop them), no `TRUNCATE`, no `CREATE` in the schema, no temporary tables, and
     /// nothing on the migration history. Idempotent; `db-migrate` runs it after every
     /// migration, so tables a migration adds are covered.
     pub async fn grant_application_role(&self, role: &str) -> anyhow::Result<()> {
@@ -192,6 +194,13 @@ impl PgStore {
         for statement in [
             format!("GRANT USAGE ON SCHEMA public TO {role}"),
             format!("REVOKE CREATE ON SCHEMA public FROM {role}"),
+            // no temporary tables either (a session's own table would shadow a real one in an
+            // unqualified name); a migrating role that does not own the database is warned, not
+            // failed
+            format!(
+                "DO $$ BEGIN EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC, {role}', \
+                 current_database()); END $$"
+            ),
             format!(
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
             ),

@@ -98,9 +98,9 @@ pub async fn upsert_sku(
          VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (id) DO UPDATE SET store_id = EXCLUDED.store_id,
              price_cents = EXCLUDED.price_cents, stock_real = EXCLUDED.stock_real,
-             prelock_ttl_seconds = EXCLUDED.prelock_ttl_seconds,
-             -- a restock that names no limit keeps the SKU's (mid-sale, leaving it out must not
-             -- lift a limit)
+             -- a restock that names no pre-lock lifetime or limit keeps the SKU's (mid-sale,
+             -- leaving one out must not lift a limit nor stretch the pre-locks)
+             prelock_ttl_seconds = COALESCE(EXCLUDED.prelock_ttl_seconds, skus.prelock_ttl_seconds),
              max_per_buyer = COALESCE(EXCLUDED.max_per_buyer, skus.max_per_buyer),
              updated_at = now()
          RETURNING {SKU_COLUMNS}"

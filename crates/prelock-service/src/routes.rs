@@ -66,7 +66,8 @@ pub struct PutSku {
     pub store_id: String,
     pub price_cents: i64,
     pub stock: i64,
-    /// Pre-lock lifetime for this SKU; absent = the service default.
+    /// Pre-lock lifetime for this SKU; absent = the SKU's current one (a restock keeps it), or
+    /// the service default for a new SKU.
     #[serde(default)]
     pub prelock_ttl_seconds: Option<i32>,
     /// Most units one buyer may hold of this SKU, in live and paid orders ("limit N per

@@ -243,9 +243,9 @@ pub fn verify_staff_token(
         claims
             .get(name)
             .and_then(|v| v.as_str())
-            .filter(|v| !v.is_empty() && v.len() <= 100 && !v.contains(hidden))
+            .filter(|v| fit_name(v))
     };
-    if sub.len() > 100 || sub.contains(hidden) {
+    if !fit_name(&sub) {
         return Err(TokenError::Subject);
     }
     match (text("role"), text("store_id")) {
@@ -259,15 +259,28 @@ pub fn verify_staff_token(
 }
 
 /// A character that would make an identity in an audit row or a log line read as another:
-/// control characters, and the invisible formatting ones (zero-width, bidirectional
-/// overrides and isolates, soft hyphen, word joiners, tags): `dora\u{200b}` shows as "dora",
+/// control characters, whitespace other than a plain space (line and paragraph separators,
+/// no-break and ideographic spaces), blank-looking letters (Hangul fillers, the braille blank)
+/// and Unicode's default-ignorable code points (zero-width, bidirectional overrides, soft
+/// hyphen, variation selectors, tags, ...): `dora\u{200b}` shows as "dora",
 /// `\u{202e}nimda-ecila` as "alice-admin".
 fn hidden(c: char) -> bool {
-    c.is_control()
+    (c.is_control() || c.is_whitespace()) && c != ' '
         || matches!(c,
-            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}'
-            | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}'
-            | '\u{fff9}'..='\u{fffb}' | '\u{e0000}'..='\u{e007f}')
+            // Default_Ignorable_Code_Point (Unicode 15 DerivedCoreProperties)
+            '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}' | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff0}'..='\u{fffb}'
+            | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}' | '\u{e0000}'..='\u{e0fff}'
+            // blank-looking
+            | '\u{2800}')
+}
+
+/// A name fit for an audit row: 1 to 100 bytes, no hidden character, not blank, and no
+/// space at either end (`"dora "` would read as "dora").
+fn fit_name(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 100 && !v.contains(hidden) && v.trim() == v
 }
 
 /// The signature and time rules; returns `sub` and every claim.
@@ -732,6 +745,24 @@ mod tests {
             "\u{202e}nimda-ecila",
             "al\u{00ad}ice",
             "bob\u{e0041}",
+            "dora\u{034f}",
+            "dora\u{fe0f}",
+            "dora\u{e0100}",
+            "dora\u{3164}",
+            "dora\u{115f}",
+            "dora\u{ffa0}",
+            "dora\u{17b4}",
+            "dora\u{180b}",
+            "dora\u{1d173}",
+            "dora\u{1bca0}",
+            "dora\u{2028}admin",
+            "dora\u{2029}",
+            "dora\u{2800}",
+            "dora\u{00a0}",
+            "dora\u{3000}",
+            "dora ",
+            " dora",
+            "   ",
         ] {
             let t = sign_claims(
                 "k",

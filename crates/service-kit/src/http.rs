@@ -96,8 +96,9 @@ pub struct ServeLimits {
     /// and counted in `http_connections_refused_total`.
     pub max_connections: usize,
     /// Open connections from one client address at most (an IPv4 address, or an IPv6 /64;
-    /// `HTTP_MAX_CONNECTIONS_PER_ADDRESS`, 256; 0 = no such bound), so one client cannot take
-    /// every slot; more are closed at accept and counted in
+    /// `HTTP_MAX_CONNECTIONS_PER_ADDRESS`, 128; 0 = no such bound), so one client cannot take
+    /// every slot (eight addresses can: spreading over many addresses is a flood for the load
+    /// balancer or firewall in front to stop); more are closed at accept and counted in
     /// `http_connections_refused_per_address_total`. Behind a proxy every client shares the
     /// proxy's address: raise it or set 0 there.
     pub max_per_address: usize,
@@ -110,7 +111,7 @@ impl ServeLimits {
             header_read: env_millis("HTTP_HEADER_READ_TIMEOUT_MS", 10_000)?,
             request: env_millis("HTTP_REQUEST_TIMEOUT_MS", 30_000)?,
             max_connections: env_or("HTTP_MAX_CONNECTIONS", 1024usize)?.max(1),
-            max_per_address: env_or("HTTP_MAX_CONNECTIONS_PER_ADDRESS", 256usize)?,
+            max_per_address: env_or("HTTP_MAX_CONNECTIONS_PER_ADDRESS", 128usize)?,
         })
     }
 }

@@ -238,9 +238,11 @@ impl ClientAddr {
             .headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
+            // split the raw bytes: one unreadable byte in an entry the client wrote must not
+            // discard the proxy's entry after it
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .next_back()
+            .and_then(|entry| std::str::from_utf8(entry).ok())
             .and_then(forwarded_ip);
         ClientAddr {
             peer: parts
@@ -338,6 +340,25 @@ mod tests {
                 .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
             assert_eq!(ClientAddr::of(&parts).ip(true), Some(want), "{header}");
         }
+    }
+
+    #[test]
+    fn a_byte_that_is_not_text_in_the_clients_part_leaves_the_proxys_entry() {
+        let req = axum::http::Request::builder()
+            .header(
+                "x-forwarded-for",
+                axum::http::HeaderValue::from_bytes(b"\xff, 198.51.100.20").unwrap(),
+            )
+            .body(())
+            .unwrap();
+        let (mut parts, _) = req.into_parts();
+        parts
+            .extensions
+            .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
+        assert_eq!(
+            ClientAddr::of(&parts).ip(true),
+            Some(IpAddr::from([198, 51, 100, 20]))
+        );
     }
 
     #[test]
