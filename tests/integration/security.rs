@@ -785,15 +785,7 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
     })
     .await;
     assert!(after <= before + 5);
-    let page = s
-        .http
-        .get(format!("{}/metrics", s.order_api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = s.metrics(&s.order_api).await;
     let refused =
         integration_tests::metric_value(&page, "http_connections_refused_per_address_total", &[])
             .expect("http_connections_refused_per_address_total");
@@ -819,15 +811,7 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
         (open_fds(pid) <= before + 5).then_some(())
     })
     .await;
-    let page = s
-        .http
-        .get(format!("{}/metrics", s.order_api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = s.metrics(&s.order_api).await;
     let refused = integration_tests::metric_value(&page, "http_connections_refused_total", &[])
         .expect("http_connections_refused_total");
     assert!(refused >= 1.0, "{refused}");

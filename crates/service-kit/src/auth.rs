@@ -89,6 +89,16 @@ impl AuthConfig {
         }
     }
 
+    /// What a staff token must satisfy beyond its signature: the same lifetime bound, and no
+    /// `iss` / `aud` rules (staff tokens are ours, not the identity platform's).
+    pub fn staff_rules(&self) -> TokenRules<'_> {
+        TokenRules {
+            max_lifetime_secs: self.max_token_lifetime_secs,
+            issuer: None,
+            audience: None,
+        }
+    }
+
     /// Staff tokens and the service token only (services that never see a buyer): no buyer
     /// token verifies here, since the buyer secret is a random value nobody holds.
     /// Staff tokens live at most `AUTH_MAX_TOKEN_LIFETIME_SECS` here as at order-api.
@@ -411,17 +421,11 @@ fn staff(parts: &Parts, cfg: &AuthConfig) -> Result<Staff, ApiError> {
             "the service token cannot do this: use a staff token",
         ));
     }
-    // staff tokens are ours, not the identity platform's: no iss / aud rules
-    let rules = TokenRules {
-        max_lifetime_secs: cfg.max_token_lifetime_secs,
-        issuer: None,
-        audience: None,
-    };
     verify_staff_token(
         &cfg.staff_secret,
         token,
         chrono::Utc::now().timestamp(),
-        &rules,
+        &cfg.staff_rules(),
     )
     .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
 }

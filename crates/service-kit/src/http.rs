@@ -160,27 +160,23 @@ pub async fn serve_with(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(stream);
-            CONNECTIONS_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if refused_logged.elapsed() > std::time::Duration::from_secs(10) {
-                refused_logged = Instant::now();
-                tracing::warn!(
-                    max = limits.max_connections,
-                    "connection limit reached; closing new connections"
-                );
-            }
+            refused(
+                &CONNECTIONS_REFUSED,
+                &mut refused_logged,
+                limits.max_connections,
+                "connection limit reached; closing new connections",
+            );
             continue;
         };
         let Some(address_slot) = AddressSlot::take(&per_address, peer.ip(), limits.max_per_address)
         else {
             drop(stream);
-            CONNECTIONS_REFUSED_PER_ADDRESS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if refused_logged.elapsed() > std::time::Duration::from_secs(10) {
-                refused_logged = Instant::now();
-                tracing::warn!(
-                    max = limits.max_per_address,
-                    "one address holds its connection limit; closing its new connections"
-                );
-            }
+            refused(
+                &CONNECTIONS_REFUSED_PER_ADDRESS,
+                &mut refused_logged,
+                limits.max_per_address,
+                "one address holds its connection limit; closing its new connections",
+            );
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -230,6 +226,15 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// Counts a connection closed at accept, and says why at most every 10 s.
+fn refused(counter: &std::sync::atomic::AtomicU64, logged: &mut Instant, max: usize, why: &str) {
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if logged.elapsed() > std::time::Duration::from_secs(10) {
+        *logged = Instant::now();
+        tracing::warn!(max, "{why}");
+    }
+}
+
 /// One connection's place in its address's count; given back on drop.
 struct AddressSlot {
     counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
@@ -244,21 +249,10 @@ impl AddressSlot {
         ip: std::net::IpAddr,
         max: usize,
     ) -> Option<AddressSlot> {
-        let key = match ip {
-            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => std::net::IpAddr::V4(v4),
-                None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
-                    u128::from(v6) & !((1u128 << 64) - 1),
-                )),
-            },
-            v4 => v4,
-        };
+        let key = crate::limit::client_network(ip);
         let mut all = counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = all.entry(key).or_insert(0);
         if max > 0 && *n >= max {
-            if *n == 0 {
-                all.remove(&key);
-            }
             return None;
         }
         *n += 1;

@@ -181,20 +181,23 @@ impl RateLimits {
     }
 }
 
-/// What an address budget is kept under: an IPv4 address, or an IPv6 address's /64 (one
-/// subscriber's network: a client owns a whole /64 and could take a fresh address per
-/// request).
-fn budget_key(ip: IpAddr) -> String {
+/// The client an address stands for: an IPv4 address (an IPv4-mapped IPv6 one too), or an
+/// IPv6 address's /64 (one subscriber's network: a client owns a whole /64 and could take a
+/// fresh address per request). Address budgets and the per-address connection cap key by it.
+pub fn client_network(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
         },
+        v4 => v4,
     }
+}
+
+fn budget_key(ip: IpAddr) -> String {
+    client_network(ip).to_string()
 }
 
 /// One `X-Forwarded-For` entry: an address, or an address with a port (`ip:port`,
@@ -308,17 +311,25 @@ mod tests {
         assert_eq!(l.tracked(), 0);
     }
 
-    #[test]
-    fn the_address_is_the_peer_unless_a_trusted_proxy_says_otherwise() {
+    /// Where a request from peer 10.0.0.1 with this `X-Forwarded-For` came from.
+    fn from_peer_10_0_0_1(forwarded: &[u8]) -> ClientAddr {
         let req = axum::http::Request::builder()
-            .header("x-forwarded-for", "203.0.113.9, 198.51.100.7")
+            .header(
+                "x-forwarded-for",
+                axum::http::HeaderValue::from_bytes(forwarded).unwrap(),
+            )
             .body(())
             .unwrap();
         let (mut parts, _) = req.into_parts();
         parts
             .extensions
             .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
-        let from = ClientAddr::of(&parts);
+        ClientAddr::of(&parts)
+    }
+
+    #[test]
+    fn the_address_is_the_peer_unless_a_trusted_proxy_says_otherwise() {
+        let from = from_peer_10_0_0_1("203.0.113.9, 198.51.100.7".as_bytes());
         assert_eq!(from.ip(false), Some(IpAddr::from([10, 0, 0, 1])));
         assert_eq!(from.ip(true), Some(IpAddr::from([198, 51, 100, 7])));
         // the rightmost entry, whatever port it carries; one that cannot be read falls back
@@ -330,33 +341,15 @@ mod tests {
             ("6.6.6.6, garbage", IpAddr::from([10, 0, 0, 1])),
             ("6.6.6.6,", IpAddr::from([10, 0, 0, 1])),
         ] {
-            let req = axum::http::Request::builder()
-                .header("x-forwarded-for", header)
-                .body(())
-                .unwrap();
-            let (mut parts, _) = req.into_parts();
-            parts
-                .extensions
-                .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
-            assert_eq!(ClientAddr::of(&parts).ip(true), Some(want), "{header}");
+            let from = from_peer_10_0_0_1(header.as_bytes());
+            assert_eq!(from.ip(true), Some(want), "{header}");
         }
     }
 
     #[test]
     fn a_byte_that_is_not_text_in_the_clients_part_leaves_the_proxys_entry() {
-        let req = axum::http::Request::builder()
-            .header(
-                "x-forwarded-for",
-                axum::http::HeaderValue::from_bytes(b"\xff, 198.51.100.20").unwrap(),
-            )
-            .body(())
-            .unwrap();
-        let (mut parts, _) = req.into_parts();
-        parts
-            .extensions
-            .insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 1], 4000))));
         assert_eq!(
-            ClientAddr::of(&parts).ip(true),
+            from_peer_10_0_0_1(b"\xff, 198.51.100.20").ip(true),
             Some(IpAddr::from([198, 51, 100, 20]))
         );
     }
