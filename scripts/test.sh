@@ -15,9 +15,10 @@ scripts/kafka.sh --install >.run/logs/tansu-install.log 2>&1 &
 kafka_install=$!
 trap 'kill "$kafka_install" 2>/dev/null || true' EXIT
 
-# databases left by earlier runs (each test makes its own, named bft_<uuid>)
+# databases left by earlier runs (each test makes its own, named bft_<uuid>; a scenario run,
+# scenario_<run id>)
 psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc \
-  "select datname from pg_database where datname like 'bft\_%'" |
+  "select datname from pg_database where datname like 'bft\_%' or datname like 'scenario\_%'" |
   while read -r db; do psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "drop database if exists \"$db\" with (force)"; done
 # and the roles of the least-privilege test (bft_mig_*, bft_app_*)
 psql "postgres://postgres@127.0.0.1:5432/postgres" -Atc \

@@ -19,6 +19,7 @@ mod openapi;
 mod prelock_scripts;
 mod rebuild;
 mod reliability;
+mod scenario;
 mod scheduler_ops;
 mod schema;
 mod security;

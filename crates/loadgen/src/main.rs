@@ -1,25 +1,34 @@
-//! loadgen: flash-sale bursts against a running stack, with latency percentiles.
+//! loadgen: the load tool. Flash-sale bursts against a running stack with latency
+//! percentiles, the paper's stress test as one command, and tokens for trying the API.
 //!
 //! ```text
 //! loadgen burst [--buyers 2000] [--concurrency 64] [--stock 1000] [--sku sku-loadgen]
+//! loadgen scenario [--rate 200] [--duration 3m] [--faults all] [--paper] [--seed N] ...
 //! loadgen token <user>                      # a buyer's token (AUTH_JWT_SECRET)
 //! loadgen token --operator <name>           # an operator's staff token (STAFF_JWT_SECRET)
 //! loadgen token --store <store_id> <name>   # bar staff of one store (STAFF_JWT_SECRET)
 //! ```
-//! Tokens live 12 hours (buyer tokens 24), and are signed with the local stack's development
-//! secrets unless the variables name others.
+//! `loadgen <command> --help` explains every option. Tokens live 12 hours (buyer tokens 24),
+//! and are signed with the local stack's development secrets unless the variables name
+//! others.
+//!
 //! `burst` stocks a SKU through prelock-service, then sends `--buyers` distinct buyers at
-//! `POST /v1/orders` with `--concurrency` in flight, and reports p50/p90/p99/max latency and
-//! outcomes. In the same run it measures a baseline, the same load against `GET /healthz`
-//! (the HTTP round trip with no work behind it), and prints each figure as a ratio to it and
-//! to the 150 ms "buy now" SLA. Targets: `ORDER_API_URL`, `PRELOCK_URL` (defaults are the
-//! local stack's), `AUTH_JWT_SECRET`, `STAFF_JWT_SECRET` (stocking the SKU takes an operator
-//! token).
+//! `POST /v1/orders` with `--concurrency` in flight (closed loop), and reports p50/p90/p99/max
+//! latency and outcomes. In the same run it measures a baseline, the same load against
+//! `GET /healthz` (the HTTP round trip with no work behind it), and prints each figure as a
+//! ratio to it and to the 150 ms "buy now" SLA. Targets: `ORDER_API_URL`, `PRELOCK_URL`
+//! (defaults are the local stack's), `AUTH_JWT_SECRET`, `STAFF_JWT_SECRET` (stocking the SKU
+//! takes an operator token).
+//!
+//! `scenario` is described in [`scenario`] and README.md.
+
+mod scenario;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
 use serde_json::json;
 use service_kit::auth::{
     mint_staff_token, mint_token, DEV_JWT_SECRET, DEV_STAFF_JWT_SECRET, ROLE_OPERATOR, ROLE_STORE,
@@ -28,66 +37,84 @@ use service_kit::config::env_string;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Load for bar-fulfillment: bursts, the paper's stress test, tokens."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A closed-loop burst of distinct buyers at one SKU, with a /healthz baseline.
+    Burst(Args),
+    /// The white paper's stress test: a flash sale (open-loop arrivals, Zipf SKUs, buyers
+    /// paying, cancelling and walking away) against a whole stack under the providers' chaos
+    /// and process faults, every operation recorded, a checker after a quiet period, and the
+    /// paper's figures beside ours. Exits non-zero on any anomaly.
+    Scenario(Box<scenario::Options>),
+    /// Prints a token: a buyer's (`loadgen token alice`), an operator's (`--operator dora`)
+    /// or a bar's staff (`--store bar-1 barkeep`).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
 struct Args {
-    buyers: usize,
-    concurrency: usize,
+    /// Distinct buyers, one order each.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    buyers: u64,
+    /// Requests in flight at once (1 to 4096).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    concurrency: u64,
+    /// Units the SKU is stocked with.
+    #[arg(long, default_value_t = 1000)]
     stock: i64,
+    /// The SKU (stocked through prelock-service first).
+    #[arg(long, default_value = "sku-loadgen")]
     sku: String,
 }
 
-fn parse(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
-    let mut a = Args {
-        buyers: 2000,
-        concurrency: 64,
-        stock: 1000,
-        sku: "sku-loadgen".into(),
-    };
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--buyers" => a.buyers = value()?.parse().context("--buyers")?,
-            "--concurrency" => a.concurrency = value()?.parse().context("--concurrency")?,
-            "--stock" => a.stock = value()?.parse().context("--stock")?,
-            "--sku" => a.sku = value()?,
-            other => bail!("unknown flag {other}"),
-        }
-    }
-    if a.buyers == 0 || a.concurrency == 0 || a.concurrency > 4096 {
-        bail!("--buyers must be positive and --concurrency 1 to 4096");
-    }
-    Ok(a)
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["user", "operator", "store"])))]
+struct TokenArgs {
+    /// A buyer's user id.
+    user: Option<String>,
+    /// An operator's name (the audit records it).
+    #[arg(long)]
+    operator: Option<String>,
+    /// A bar's staff: the store id and the staff member's name.
+    #[arg(long, num_args = 2, value_names = ["STORE_ID", "NAME"])]
+    store: Option<Vec<String>>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        Some("token") => {
-            const USAGE: &str = "usage: loadgen token <user> | loadgen token --operator <name> \
-                                 | loadgen token --store <store_id> <name>";
+    match Cli::parse().command {
+        Command::Token(t) => {
             let staff = || env_string("STAFF_JWT_SECRET", DEV_STAFF_JWT_SECRET);
-            let token = match args.next().context(USAGE)?.as_str() {
-                "--operator" => {
-                    let name = args.next().context(USAGE)?;
+            let token = match (t.user, t.operator, t.store) {
+                (_, Some(name), _) => {
                     mint_staff_token(&staff(), &name, ROLE_OPERATOR, None, STAFF_TTL)
                 }
-                "--store" => {
-                    let store = args.next().context(USAGE)?;
-                    let name = args.next().context(USAGE)?;
-                    mint_staff_token(&staff(), &name, ROLE_STORE, Some(&store), STAFF_TTL)
+                (_, _, Some(v)) => {
+                    mint_staff_token(&staff(), &v[1], ROLE_STORE, Some(&v[0]), STAFF_TTL)
                 }
-                flag if flag.starts_with('-') => bail!("{USAGE}"),
-                user => mint_token(
+                (Some(user), _, _) => mint_token(
                     &env_string("AUTH_JWT_SECRET", DEV_JWT_SECRET),
-                    user,
+                    &user,
                     24 * 3600,
                 ),
+                _ => bail!("name a buyer, --operator or --store"),
             };
             println!("{token}");
             Ok(())
         }
-        Some("burst") => burst(parse(args)?).await,
-        _ => bail!("usage: loadgen burst [--buyers N] [--concurrency C] [--stock S] [--sku ID] | loadgen token [--operator | --store <store_id>] <name>"),
+        Command::Burst(a) => burst(a).await,
+        Command::Scenario(o) => scenario::run(*o).await,
     }
 }
 
@@ -112,7 +139,7 @@ async fn burst(a: Args) -> anyhow::Result<()> {
         STAFF_TTL,
     );
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(a.concurrency)
+        .pool_max_idle_per_host(a.concurrency as usize)
         .timeout(Duration::from_secs(10))
         .build()?;
 
@@ -133,7 +160,7 @@ async fn burst(a: Args) -> anyhow::Result<()> {
 
     // tokens are minted before the clock starts
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let tokens: Vec<String> = (0..a.buyers)
+    let tokens: Vec<String> = (0..a.buyers as usize)
         .map(|i| mint_token(&secret, &format!("lg-{run}-{i}"), 3600))
         .collect();
 
@@ -200,10 +227,10 @@ where
     F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 {
     let make = Arc::new(make);
-    let gate = Arc::new(Semaphore::new(a.concurrency));
+    let gate = Arc::new(Semaphore::new(a.concurrency as usize));
     let mut set = JoinSet::new();
     let started = Instant::now();
-    for i in 0..a.buyers {
+    for i in 0..a.buyers as usize {
         let (http, make, gate) = (http.clone(), make.clone(), gate.clone());
         set.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("semaphore open");
@@ -229,7 +256,7 @@ where
             }
         });
     }
-    let mut out = Vec::with_capacity(a.buyers);
+    let mut out = Vec::with_capacity(a.buyers as usize);
     while let Some(s) = set.join_next().await {
         out.push(s.expect("load task"));
     }

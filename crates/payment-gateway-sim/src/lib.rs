@@ -13,6 +13,7 @@
 //! - `PUT  /v1/sim/payments/{id}/faults`       this payment's own faults (a broken query)
 //! - `GET  /v1/sim/payments/{id}`              what the simulator did (callbacks, refunds)
 //! - `GET  /v1/sim/payments`                   every payment it holds (checkers)
+//! - `GET  /v1/sim/ledger?after=&limit=`       the same, a page at a time (large runs)
 //! - `GET|PUT /v1/sim/faults`                  fault rates (see [`Faults`])
 //!
 //! Callbacks are signed per `gateway_protocol` and retried on 5xx or network errors with
@@ -21,7 +22,7 @@
 //! it must never be pointed at real money, nor be reachable in production: it signs
 //! callbacks with the providers' secrets for anyone who asks it to "pay".
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -157,7 +158,8 @@ pub struct SimPayment {
 struct ApiDoc;
 
 pub struct Sim {
-    payments: Mutex<HashMap<String, SimPayment>>,
+    /// By payment id, in order: the ledger is read a page at a time.
+    payments: Mutex<BTreeMap<String, SimPayment>>,
     faults: RwLock<Faults>,
     secrets: ProviderSecrets,
     http: reqwest::Client,
@@ -173,7 +175,7 @@ pub struct SimState(pub Arc<Sim>);
 impl Sim {
     pub fn new(secrets: ProviderSecrets, public_url: &str) -> anyhow::Result<Arc<Sim>> {
         Ok(Arc::new(Sim {
-            payments: Mutex::new(HashMap::new()),
+            payments: Mutex::new(BTreeMap::new()),
             faults: RwLock::new(Faults::default()),
             secrets,
             http: reqwest::Client::builder()
@@ -198,6 +200,7 @@ impl Sim {
             .routes(routes!(pay))
             .routes(routes!(inspect))
             .routes(routes!(inspect_all))
+            .routes(routes!(ledger))
             .routes(routes!(get_faults, put_faults))
             .with_state(SimState(self.clone()))
             .split_for_parts();
@@ -662,9 +665,56 @@ async fn inspect(
     responses((status = 200, body = [SimPayment])))]
 async fn inspect_all(State(s): State<SimState>) -> Json<Vec<SimPayment>> {
     let payments = s.0.payments.lock().unwrap_or_else(|p| p.into_inner());
-    let mut all: Vec<SimPayment> = payments.values().cloned().collect();
-    all.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
-    Json(all)
+    Json(payments.values().cloned().collect())
+}
+
+/// A page of the ledger: [`ledger`]'s query and answer.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LedgerQuery {
+    /// Payments whose id sorts after this one (the previous page's `next_after`).
+    pub after: Option<String>,
+    /// At most this many (1 to 10000; default 1000).
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LedgerPage {
+    pub payments: Vec<SimPayment>,
+    /// Where the next page starts; absent on the last page.
+    pub next_after: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sim/ledger", tag = "simulation",
+    description = "Every payment the simulator holds with its refunds, in payment id order, a page at a time: a checker reads a large run's books without one huge answer.",
+    params(LedgerQuery),
+    responses((status = 200, body = LedgerPage), (status = 400, body = ErrorBody)))]
+async fn ledger(
+    State(s): State<SimState>,
+    axum::extract::Query(q): axum::extract::Query<LedgerQuery>,
+) -> Result<Json<LedgerPage>, ApiError> {
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::field("limit", "must be 1 to 10000"));
+    }
+    let payments = s.0.payments.lock().unwrap_or_else(|p| p.into_inner());
+    use std::ops::Bound;
+    let from = match &q.after {
+        Some(a) => Bound::Excluded(a.clone()),
+        None => Bound::Unbounded,
+    };
+    let mut page: Vec<&SimPayment> = payments
+        .range((from, Bound::Unbounded))
+        .map(|(_, p)| p)
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next_after = more.then(|| page[page.len() - 1].payment_id.clone());
+    Ok(Json(LedgerPage {
+        payments: page.into_iter().cloned().collect(),
+        next_after,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/sim/faults", tag = "simulation", responses((status = 200, body = Faults)))]
