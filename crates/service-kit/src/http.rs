@@ -398,8 +398,31 @@ pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> 
 pub fn finish(app: Router, metrics: Metrics, ready: ReadyCheck) -> Router {
     app.merge(ops_routes(metrics.clone(), ready))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
+        .layer(axum::middleware::from_fn(run_to_completion))
         .layer(axum::middleware::map_response(house_error_body))
         .layer(axum::middleware::from_fn_with_state(metrics, track))
+}
+
+/// Middleware: every handler runs to its end on a task of its own, whatever happens to the
+/// request that started it. Without it, a client that gave up (a phone that lost its signal,
+/// a load balancer's timeout) or the server's own request timeout dropped the handler's future
+/// halfway, inside a transaction or holding a pooled connection: sqlx then closes the
+/// connection from under the pool, and under load the pool lost its connections for good
+/// (`pool timed out while waiting for an open connection` on every request, with no
+/// connection open; the scenario saw "buy now" collapse at 200/s within seconds, and never
+/// come back). A detached handler commits or rolls back and returns its connection; the
+/// answer nobody reads is dropped.
+pub async fn run_to_completion(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "request handler failed");
+            ApiError::new(ErrorCode::Internal, "internal error").into_response()
+        }
+    }
 }
 
 /// Longest framework error text carried over into the house body.
