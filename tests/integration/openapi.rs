@@ -93,6 +93,7 @@ async fn prelock_service_and_the_simulator_document_their_paths() {
                 ("/v1/sim/payments/{payment_id}/faults", "put"),
                 ("/v1/sim/faults", "get"),
                 ("/v1/sim/faults", "put"),
+                ("/v1/sim/ledger", "get"),
             ],
         ),
     ];
@@ -132,6 +133,7 @@ fn sample(param: &str) -> &'static str {
         "limit" => "5",
         "status" => "open",
         "window_secs" => "60",
+        "after" => "p-0",
         other => panic!("no sample for query parameter {other:?}: add one"),
     }
 }

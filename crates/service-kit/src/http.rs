@@ -416,7 +416,31 @@ pub async fn run_to_completion(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match tokio::spawn(next.run(req)).await {
+    // The body is read here, under the request timeout, before the handler is detached: a
+    // client that never finishes its body is cut off by the timeout as before (a detached
+    // task holding the body would keep the connection open). Bodies are small JSON; the
+    // limit is axum's own default for its extractors.
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                ApiError::new(ErrorCode::PayloadTooLarge, "the request body is too large")
+            } else {
+                ApiError::new(
+                    ErrorCode::Validation,
+                    format!("the request body could not be read: {e}"),
+                )
+            }
+            .into_response();
+        }
+    };
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    // the task continues the request's span (and so its trace)
+    let work = tracing::Instrument::instrument(next.run(req), tracing::Span::current());
+    match tokio::spawn(work).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::error!(error = %e, "request handler failed");
@@ -424,6 +448,9 @@ pub async fn run_to_completion(
         }
     }
 }
+
+/// Largest request body read (axum's default limit for its extractors).
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 /// Longest framework error text carried over into the house body.
 const REJECTION_TEXT_MAX: usize = 1024;

@@ -199,8 +199,10 @@ pub async fn world(
     })
     .collect();
     let outbox = sqlx::query_as::<_, (i64, Uuid, String, DateTime<Utc>)>(
+        // CompensationFailed goes to the dead compensations topic, not the order topic the
+        // checker reads (its payment is judged by the money rules: an open failure)
         "SELECT id, event_id, aggregate_id, created_at FROM outbox
-         WHERE aggregate_type = 'order' ORDER BY id",
+         WHERE aggregate_type = 'order' AND event_type <> 'CompensationFailed' ORDER BY id",
     )
     .fetch_all(db)
     .await?
@@ -351,6 +353,7 @@ pub async fn server_figures(
     db: &PgPool,
     ledger: &[LedgerPayment],
     world: &World,
+    findings: &super::check::Findings,
 ) -> anyhow::Result<ServerFigures> {
     let mut f = ServerFigures::default();
     // the compensation's checks, from each payment's outcome history
@@ -358,14 +361,27 @@ pub async fn server_figures(
         sqlx::query_scalar("SELECT history FROM payment_check_state")
             .fetch_all(db)
             .await?;
-    let failure = |o: &str| o.starts_with("gateway_") || o == "refund_gateway_error";
+    // the worker's provider failures (compensation_worker::check::provider_failure_label and
+    // the refund's and answer's failures)
+    let failure = |o: &str| {
+        matches!(
+            o,
+            "gateway_timeout"
+                | "gateway_error"
+                | "unknown_at_provider"
+                | "bad_answer"
+                | "refund_gateway_error"
+        )
+    };
     let (mut first_failed, mut within3, mut after5) = (0i64, 0i64, 0i64);
     for h in &histories {
         let outcomes: Vec<&str> = h
             .as_array()
             .map(|a| a.iter().filter_map(|e| e["outcome"].as_str()).collect())
             .unwrap_or_default();
-        if outcomes.is_empty() {
+        // a check that found the callback had already made it paid asked the provider
+        // nothing: not a compensation task
+        if outcomes.is_empty() || outcomes[0] == "duplicate" {
             continue;
         }
         f.checked_payments += 1;
@@ -425,14 +441,10 @@ pub async fn server_figures(
         bound = next;
     }
 
-    let resolved: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM payments p JOIN orders o ON o.id = p.order_id
-         WHERE (p.status = 'SUCCEEDED' AND o.state IN ('PAID', 'CONFIRMED', 'REDEEMED'))
-            OR p.status = 'REFUNDED'",
-    )
-    .fetch_one(db)
-    .await?;
-    f.compensation_success_rate = share(resolved.min(f.paid_at_provider), f.paid_at_provider);
+    // kept or refunded, of those paid at the provider (the checker's money rule counts them)
+    let counted = |k: &str| findings.counts.get(k).copied().unwrap_or(0);
+    let resolved = counted("payments_kept") + counted("payments_refunded");
+    f.compensation_success_rate = share(resolved, f.paid_at_provider);
 
     let ms_of = |sql: &'static str| async move {
         let v: Vec<f64> = sqlx::query_scalar(sql).fetch_all(db).await?;

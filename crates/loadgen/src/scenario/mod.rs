@@ -47,6 +47,9 @@ fn duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} is not a duration"));
     }
+    if secs > 24.0 * 3600.0 {
+        return Err(format!("{s:?}: at most 24h"));
+    }
     Ok(Duration::from_secs_f64(secs))
 }
 
@@ -63,11 +66,12 @@ fn share(s: &str) -> Result<f64, String> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
     /// "Buy now" arrivals per second (open loop: sent on schedule whatever the server does).
-    #[arg(long, default_value_t = 200.0)]
-    pub rate: f64,
-    /// How long arrivals come (ms, s, m or h).
-    #[arg(long, default_value = "3m", value_parser = duration)]
-    pub duration: Duration,
+    /// Default 200 (2,400 with --paper).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// How long arrivals come (ms, s, m or h; at most 24h). Default 3m (15m with --paper).
+    #[arg(long, value_parser = duration)]
+    pub duration: Option<Duration>,
     /// Evenly spaced arrivals instead of Poisson's.
     #[arg(long)]
     pub even: bool,
@@ -173,21 +177,30 @@ pub struct Options {
     pub history: Option<PathBuf>,
 }
 
+impl Options {
+    /// `--rate`, else 200 (2,400 with `--paper`).
+    pub fn rate(&self) -> f64 {
+        self.rate.unwrap_or(if self.paper { 2400.0 } else { 200.0 })
+    }
+
+    /// `--duration`, else 3 minutes (15 with `--paper`).
+    pub fn duration(&self) -> Duration {
+        self.duration
+            .unwrap_or(Duration::from_secs(if self.paper { 900 } else { 180 }))
+    }
+}
+
 /// What is running at the moment (the progress line shows it).
 type Current = Arc<Mutex<String>>;
 
-pub async fn run(mut o: Options) -> anyhow::Result<()> {
-    if o.paper {
-        if o.rate == 200.0 {
-            o.rate = 2400.0;
-        }
-        if o.duration == Duration::from_secs(180) {
-            o.duration = Duration::from_secs(900);
-        }
-        o.faults.get_or_insert_with(|| "paper".to_owned());
-    }
-    let kinds = faults::parse(o.faults.as_deref().unwrap_or("all")).map_err(anyhow::Error::msg)?;
-    if !(o.rate > 0.0 && o.rate <= 100_000.0) {
+pub async fn run(o: Options) -> anyhow::Result<()> {
+    let kinds = faults::parse(
+        o.faults
+            .as_deref()
+            .unwrap_or(if o.paper { "paper" } else { "all" }),
+    )
+    .map_err(anyhow::Error::msg)?;
+    if !(o.rate() > 0.0 && o.rate() <= 100_000.0) {
         bail!("--rate must be above 0 and at most 100000");
     }
     if o.skus == 0 || o.skus > 10_000 {
@@ -196,7 +209,7 @@ pub async fn run(mut o: Options) -> anyhow::Result<()> {
     if o.pay_share + o.cancel_share > 1.0 {
         bail!("--pay-share plus --cancel-share must be at most 1");
     }
-    if o.duration < Duration::from_secs(5) {
+    if o.duration() < Duration::from_secs(5) {
         bail!("--duration must be at least 5s");
     }
     let seed = o.seed.unwrap_or_else(|| fastrand::u64(..));
@@ -208,15 +221,15 @@ pub async fn run(mut o: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("logs"))?;
     let chaos = !kinds.is_empty();
     let calm_end = if chaos {
-        o.duration.mul_f64(o.calm).max(Duration::from_secs(3))
+        o.duration().mul_f64(o.calm).max(Duration::from_secs(3))
     } else {
-        o.duration
+        o.duration()
     };
-    let plan = faults::plan(&kinds, calm_end, o.duration, seed);
+    let plan = faults::plan(&kinds, calm_end, o.duration(), seed);
     eprintln!(
         "scenario {run_id}: {:.0}/s for {:?} ({}), seed {seed}, faults: {}",
-        o.rate,
-        o.duration,
+        o.rate(),
+        o.duration(),
         if o.even { "even" } else { "Poisson" },
         if kinds.is_empty() {
             "none".to_owned()
@@ -324,7 +337,7 @@ async fn drive(
     // the sale: SKUs with a Zipf popularity
     let store = format!("bar-{run_id}");
     let skus: Vec<String> = (1..=o.skus).map(|i| format!("sc-{run_id}-{i}")).collect();
-    let asked = o.rate * o.duration.as_secs_f64() * 2.0;
+    let asked = o.rate() * o.duration().as_secs_f64() * 2.0;
     let per_sku = o
         .stock
         .unwrap_or_else(|| ((asked / o.skus as f64).ceil() as i64).max(10));
@@ -381,7 +394,7 @@ async fn drive(
         timeout: o.timeout,
         jwt_secret: secret,
     });
-    let arrivals = load::arrivals(o.rate, o.duration, !o.even, seed);
+    let arrivals = load::arrivals(o.rate(), o.duration(), !o.even, seed);
     let targets = Arc::new(load::Targets {
         order_api: stack.order_api.clone(),
         gateway: stack.gateway.clone(),
@@ -428,7 +441,7 @@ async fn drive(
         // the stack moves into the fault driver for the run and comes back with its result
         let mut st = std::mem::replace(stack, placeholder());
         let admin = admin.clone();
-        let end = o.duration;
+        let end = o.duration();
         tokio::spawn(async move {
             if provider {
                 tokio::time::sleep_until(start + calm_end).await;
@@ -515,7 +528,7 @@ async fn drive(
     let progress = {
         let rec = rec.clone();
         let current = current.clone();
-        let total = o.duration.as_secs();
+        let total = o.duration().as_secs();
         tokio::spawn(async move {
             let bar = indicatif::ProgressBar::new(total);
             let tty = !bar.is_hidden();
@@ -592,7 +605,9 @@ async fn drive(
 
     // the quiet period: chaos off, the system settles, then the checker
     if provider {
-        set_faults(&http, &ends.gateway, json!({})).await?;
+        if let Err(e) = set_faults(&http, &ends.gateway, json!({})).await {
+            eprintln!("the providers' chaos could not be switched off for the quiet period: {e:#}");
+        }
     }
     let quiet = o
         .quiet
@@ -602,19 +617,33 @@ async fn drive(
         o.settle_timeout
     );
     tokio::time::sleep(quiet).await;
-    let redis = redis_prelock::RedisPrelock::connect(
-        &ends.redis_url,
-        &ends.redis_prefix,
-        Duration::from_secs(5),
-        Duration::from_secs(2),
-    )
-    .await?;
     let ops: Vec<load::Op> = rec.ops.lock().map(|v| v.clone()).unwrap_or_default();
     let client = client_orders(&ops, &rec_user_ids(&ops));
-    let deadline = Instant::now() + o.settle_timeout;
-    let (findings, open, world) = loop {
-        let open = collect::unsettled(&admin).await?;
-        let snapshot = seen.lock().map(|v| v.clone()).unwrap_or_default();
+    // judged once, on a settled system: nothing due is waiting and the checker's consumer has
+    // stopped reading new events (a judgement repeated until it passes would hide an anomaly
+    // that comes and goes)
+    let judged: anyhow::Result<(check::Findings, Vec<String>, check::World)> = async {
+        let deadline = Instant::now() + o.settle_timeout;
+        let mut read = usize::MAX;
+        let open = loop {
+            let open = collect::unsettled(&admin).await?;
+            let now_read = seen.lock().map(|v| v.len()).unwrap_or_default();
+            if (open.is_empty() && now_read == read) || Instant::now() > deadline {
+                break open;
+            }
+            if !open.is_empty() {
+                eprintln!("  not settled yet: {}", open.join(", "));
+            }
+            read = now_read;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        };
+        let redis = redis_prelock::RedisPrelock::connect(
+            &ends.redis_url,
+            &ends.redis_prefix,
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+        )
+        .await?;
         let world = collect::world(
             &admin,
             &http,
@@ -623,38 +652,29 @@ async fn drive(
             &stocked,
             check::World {
                 client: client.clone(),
-                seen: snapshot,
+                seen: seen.lock().map(|v| v.clone()).unwrap_or_default(),
                 broker_restarts: restarts.lock().map(|v| v.clone()).unwrap_or_default(),
                 ..Default::default()
             },
         )
         .await?;
-        let findings = check::check(&world);
-        if (open.is_empty() && findings.total() == 0) || Instant::now() > deadline {
-            break (findings, open, world);
-        }
-        eprintln!(
-            "  not settled yet: {}{} anomalies so far",
-            if open.is_empty() {
-                String::new()
-            } else {
-                format!("{}; ", open.join(", "))
-            },
-            findings.total()
-        );
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    };
+        Ok((check::check(&world), open, world))
+    }
+    .await;
+    // the stack comes back from the fault driver whatever the judgement did, so it is
+    // stopped (or kept) either way
     stop_reader.cancel();
     let _ = reader.await;
     stop_supervising.cancel();
     *stack = faults_done.await.context("the fault driver")?;
+    let (findings, open, world) = judged?;
 
     // figures
     let ledger = collect::ledger(&http, &stack.gateway).await?;
-    let server = collect::server_figures(&admin, &ledger, &world).await?;
-    let mut cf = client_figures(&ops, offered, o.duration, calm_end, chaos);
+    let server = collect::server_figures(&admin, &ledger, &world, &findings).await?;
+    let mut cf = client_figures(&ops, offered, o.duration(), calm_end, chaos);
     cf.prelock_timeout_rate = prelock_timeout_rate(&http, &stack.order_api).await;
-    let seconds = per_second(&ops, o.duration);
+    let seconds = per_second(&ops, o.duration());
     let runs = fault_runs.lock().map(|v| v.clone()).unwrap_or_default();
     let died = unplanned.lock().map(|v| v.clone()).unwrap_or_default();
     let rows = report::rows(&cf, &server, findings.total(), died.len(), chaos);
@@ -706,7 +726,7 @@ async fn drive(
         "run_id": run_id,
         "seed": seed,
         "options": {
-            "rate": o.rate, "duration_s": o.duration.as_secs_f64(), "poisson": !o.even,
+            "rate": o.rate(), "duration_s": o.duration().as_secs_f64(), "poisson": !o.even,
             "faults": kinds.iter().map(|k| k.name()).collect::<Vec<_>>(),
             "calm_share": o.calm, "skus": o.skus, "zipf": o.zipf, "stock_per_sku": per_sku,
             "prelock_ttl_secs": o.prelock_ttl_secs, "pay_share": o.pay_share,
@@ -964,7 +984,11 @@ fn per_second(ops: &[load::Op], duration: Duration) -> Vec<Second> {
             ..Default::default()
         })
         .collect();
-    let mut hists: Vec<hdrhistogram::Histogram<u64>> = (0..n).map(|_| load::histogram()).collect();
+    // two significant digits per second (a few KB each, so a 24-hour run's stay small); the
+    // run's own percentiles keep three
+    let mut hists: Vec<hdrhistogram::Histogram<u64>> = (0..n)
+        .map(|_| hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 2).expect("bounds"))
+        .collect();
     for op in ops
         .iter()
         .filter(|op| op.kind == OpKind::Create && op.attempt == 1)

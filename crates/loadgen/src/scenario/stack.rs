@@ -44,9 +44,8 @@ impl Member {
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
-        // its own process group: a Ctrl-C at the terminal reaches the scenario, which stops
-        // the stack itself (or leaves it running with --keep)
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // in the terminal's process group: a Ctrl-C stops the stack with the scenario (its
+        // database stays, and scripts/test.sh drops leftovers)
         let child = cmd
             .spawn()
             .with_context(|| format!("start {} ({})", self.name, self.argv[0]))?;
