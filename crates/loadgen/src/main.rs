@@ -118,6 +118,32 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Stocks `sku` at prelock-service (`PUT /v1/skus/{sku}` with `body`) as an operator.
+async fn stock_sku(
+    http: &reqwest::Client,
+    prelock: &str,
+    operator_token: &str,
+    sku: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<()> {
+    let r = http
+        .put(format!("{prelock}/v1/skus/{sku}"))
+        .bearer_auth(operator_token)
+        .timeout(Duration::from_secs(10))
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("stock {sku} at prelock-service"))?;
+    if !r.status().is_success() {
+        bail!(
+            "stocking {sku} failed: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 /// How long a staff token minted here lives.
 const STAFF_TTL: i64 = 12 * 3600;
 
@@ -143,20 +169,14 @@ async fn burst(a: Args) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(10))
         .build()?;
 
-    let r = http
-        .put(format!("{prelock}/v1/skus/{}", a.sku))
-        .bearer_auth(&ops)
-        .json(&json!({"store_id": "store-loadgen", "price_cents": 9_900, "stock": a.stock}))
-        .send()
-        .await
-        .context("stock the SKU at prelock-service")?;
-    if !r.status().is_success() {
-        bail!(
-            "stocking the SKU failed: {} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        );
-    }
+    stock_sku(
+        &http,
+        &prelock,
+        &ops,
+        &a.sku,
+        json!({"store_id": "store-loadgen", "price_cents": 9_900, "stock": a.stock}),
+    )
+    .await?;
 
     // tokens are minted before the clock starts
     let run = uuid::Uuid::new_v4().simple().to_string();

@@ -323,7 +323,7 @@ pub async fn buyer(
         Journey::Cancel => {
             tokio::time::sleep(think(&mut rng)).await;
             let url = format!("{}/v1/orders/{order_id}/cancel", t.order_api);
-            step(&rec, &t, i, OpKind::Cancel, &order_id, || {
+            step(&rec, i, OpKind::Cancel, &order_id, || {
                 t.http.post(&url).bearer_auth(&token).timeout(plan.timeout)
             })
             .await;
@@ -331,7 +331,7 @@ pub async fn buyer(
         Journey::Pay => {
             let provider = PROVIDERS[rng.usize(0..3)];
             let url = format!("{}/v1/orders/{order_id}/payments", t.order_api);
-            let started = step(&rec, &t, i, OpKind::StartPayment, &order_id, || {
+            let started = step(&rec, i, OpKind::StartPayment, &order_id, || {
                 t.http
                     .post(&url)
                     .bearer_auth(&token)
@@ -345,7 +345,7 @@ pub async fn buyer(
             };
             tokio::time::sleep(think(&mut rng)).await;
             let url = format!("{}/v1/sim/payments/{payment}/pay", t.gateway);
-            step(&rec, &t, i, OpKind::Pay, &order_id, || {
+            step(&rec, i, OpKind::Pay, &order_id, || {
                 t.http.post(&url).timeout(plan.timeout)
             })
             .await;
@@ -357,7 +357,6 @@ pub async fn buyer(
 /// idempotent) up to three times; its body when it succeeded.
 async fn step(
     rec: &Recorder,
-    _t: &Targets,
     buyer: u64,
     kind: OpKind,
     order_id: &str,

@@ -342,23 +342,15 @@ async fn drive(
         .stock
         .unwrap_or_else(|| ((asked / o.skus as f64).ceil() as i64).max(10));
     for sku in &skus {
-        let r = http
-            .put(format!("{}/v1/skus/{sku}", stack.prelock))
-            .bearer_auth(&ops_token)
-            .json(
-                &json!({"store_id": store, "price_cents": 6_800, "stock": per_sku,
-                          "prelock_ttl_seconds": o.prelock_ttl_secs}),
-            )
-            .send()
-            .await
-            .context("stock the sale at prelock-service")?;
-        if !r.status().is_success() {
-            bail!(
-                "stocking {sku}: {} {}",
-                r.status(),
-                r.text().await.unwrap_or_default()
-            );
-        }
+        crate::stock_sku(
+            &http,
+            &stack.prelock,
+            &ops_token,
+            sku,
+            json!({"store_id": store, "price_cents": 6_800, "stock": per_sku,
+                   "prelock_ttl_seconds": o.prelock_ttl_secs}),
+        )
+        .await?;
     }
     let stocked: Vec<(String, i64)> = skus.iter().map(|s| (s.clone(), per_sku)).collect();
     let admin = sqlx::postgres::PgPoolOptions::new()
@@ -886,9 +878,8 @@ fn rec_user_ids(ops: &[load::Op]) -> HashMap<u64, String> {
 }
 
 /// The client's view of each "buy now": ok if any attempt was answered 201, unknown if none
-/// was and one timed out, else refused. An unknown one with no id known is looked up by
-/// the id the domain derives from (buyer, key): not available here, so only named ones
-/// are checked, and the rest counted.
+/// was and one timed out, else refused. Every attempt names the order id (the answer's, or
+/// the one the domain derives from buyer and key), so an unknown one is looked up too.
 fn client_orders(ops: &[load::Op], ids: &HashMap<u64, String>) -> Vec<ClientOrder> {
     let mut by_buyer: BTreeMap<u64, ClientOutcome> = BTreeMap::new();
     for op in ops.iter().filter(|op| op.kind == OpKind::Create) {
