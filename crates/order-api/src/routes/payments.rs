@@ -138,7 +138,7 @@ async fn start_at_gateway(
     // (ours stays unused at the provider: its pay_url is never shown, so it is never paid).
     // the payment and its first compensation check commit together: a payment whose
     // callback is lost is always found again
-    let mut tx = pool.begin().await.map_err(db_error)?;
+    let mut tx = app.fulfillment.store.begin().await.map_err(db_error)?;
     let payment = pay_store::insert_payment_or_open(
         &mut tx,
         payment_id,
