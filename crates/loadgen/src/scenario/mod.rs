@@ -8,6 +8,7 @@ pub mod check;
 pub mod collect;
 pub mod faults;
 pub mod load;
+pub mod maintenance;
 pub mod report;
 pub mod stack;
 
@@ -143,6 +144,11 @@ pub struct Options {
     /// what is still open).
     #[arg(long, default_value = "5m", value_parser = duration)]
     pub settle_timeout: Duration,
+    /// When the server's autovacuum is off, stand in for it this often (0: never): vacuum and
+    /// analyze the run's tables past autovacuum's thresholds, at its throttled pace. Without
+    /// it the job table's dead rows slow every claim of a long run.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub vacuum_every: Duration,
     /// Drive the stack scripts/dev-up.sh started (its pid files in .run/pids, its URLs)
     /// instead of starting one. That stack runs one instance of each binary.
     #[arg(long)]
@@ -211,6 +217,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     }
     if o.duration() < Duration::from_secs(5) {
         bail!("--duration must be at least 5s");
+    }
+    if !o.vacuum_every.is_zero() && o.vacuum_every < Duration::from_secs(1) {
+        bail!("--vacuum-every must be 0 (never) or at least 1s");
     }
     let seed = o.seed.unwrap_or_else(|| fastrand::u64(..));
     let run_id = format!("{:x}", fastrand::u32(..));
@@ -358,6 +367,13 @@ async fn drive(
         .connect(&stack.admin_database_url)
         .await
         .context("connect to the run's database")?;
+    let stop_vacuum = tokio_util::sync::CancellationToken::new();
+    let vacuums = maintenance::stand_in_for_autovacuum(
+        &stack.admin_database_url,
+        o.vacuum_every,
+        stop_vacuum.clone(),
+    )
+    .await?;
 
     // the checker's consumer reads from the start
     let life = Arc::new(AtomicU32::new(0));
@@ -656,6 +672,7 @@ async fn drive(
     // the stack comes back from the fault driver whatever the judgement did, so it is
     // stopped (or kept) either way
     stop_reader.cancel();
+    stop_vacuum.cancel();
     let _ = reader.await;
     stop_supervising.cancel();
     *stack = faults_done.await.context("the fault driver")?;
@@ -707,6 +724,20 @@ async fn drive(
             println!("  {:>7.1} s  {}: {}", f.at_s, f.target, f.detail);
         }
     }
+    let vacuums = vacuums.lock().map(|v| v.clone()).unwrap_or_default();
+    if vacuums.autovacuum_off {
+        println!(
+            "autovacuum off on this server: the scenario stood in for it: {} tables vacuumed, {} analyzed ({:.1} s in all){}",
+            vacuums.vacuumed,
+            vacuums.analyzed,
+            vacuums.seconds,
+            if vacuums.failures.is_empty() {
+                String::new()
+            } else {
+                format!("; failed {} times: {}", vacuums.failures.len(), vacuums.failures.join("; "))
+            }
+        );
+    }
     if !open.is_empty() {
         println!(
             "not settled after the quiet period and {:?}: {}",
@@ -729,6 +760,7 @@ async fn drive(
             "callback_duplicate_share": o.callback_duplicate_share,
             "callback_delay_share": o.callback_delay_share,
             "quiet_s": quiet.as_secs_f64(), "attach": o.attach,
+            "vacuum_every_s": o.vacuum_every.as_secs_f64(),
         },
         "stack": {
             "database_url": stack.database_url,
@@ -751,6 +783,7 @@ async fn drive(
         "unsettled": open,
         "faults": runs,
         "unplanned_exits": died,
+        "vacuums": vacuums,
         "seconds": seconds,
     });
     if let Some(path) = &o.json {

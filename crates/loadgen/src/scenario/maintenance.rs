@@ -1,0 +1,146 @@
+//! What production Postgres does on its own and a test server may not: when `autovacuum` is
+//! off (as on our CI machines), a long run's churned tables (`delayed_job` above all: every
+//! job is inserted, leased, updated and moved to the archive) fill with dead rows and every
+//! claim reads through them. The scenario then stands in for autovacuum, by its rules and at
+//! its pace: every `--vacuum-every` it vacuums (and analyzes) each table of the run's database
+//! whose dead rows pass autovacuum's default threshold (50 + 20 % of its live rows), and
+//! analyzes each whose changes since the last analyze pass 50 + 10 %, throttled as autovacuum
+//! is (`vacuum_cost_delay` 2 ms, `vacuum_cost_limit` 200), one table at a time. An unthrottled
+//! `VACUUM` of the whole database every 30 s was tried first: its second of I/O and CPU on
+//! two cores showed as "buy now" p99 spikes of 100 to 400 ms, which autovacuum would not cause.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::Connection;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What the stand-in did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Vacuums {
+    /// Whether the server's autovacuum was off (else nothing ran).
+    pub autovacuum_off: bool,
+    /// Tables vacuumed (with analyze), and analyzed only.
+    pub vacuumed: u32,
+    pub analyzed: u32,
+    pub seconds: f64,
+    pub failures: Vec<String>,
+}
+
+/// A table's vacuum or analyze may take this long before it is cut short (and reported).
+const PER_TABLE: Duration = Duration::from_secs(60);
+
+/// Starts the stand-in if the server's autovacuum is off (`every` zero: never); it runs
+/// until `stop` and its figures are read from the returned cell.
+pub async fn stand_in_for_autovacuum(
+    admin_url: &str,
+    every: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<Arc<Mutex<Vacuums>>> {
+    let mut conn = paced(admin_url).await?;
+    let setting: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&mut conn)
+        .await?;
+    let autovacuum_off = setting != "on";
+    let done = Arc::new(Mutex::new(Vacuums {
+        autovacuum_off,
+        ..Default::default()
+    }));
+    if !autovacuum_off || every.is_zero() {
+        return Ok(done);
+    }
+    eprintln!(
+        "autovacuum is off on this server: the scenario stands in for it every {every:?} (its thresholds and pace)"
+    );
+    let (figures, url) = (done.clone(), admin_url.to_owned());
+    tokio::spawn(async move {
+        let mut conn = Some(conn);
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let pass = async {
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => conn.insert(paced(&url).await?),
+                };
+                one_pass(c, &figures, &stop).await
+            };
+            if let Err(e) = pass.await {
+                // a connection lost or left mid-statement: a fresh one next time
+                conn = None;
+                if let Ok(mut f) = figures.lock() {
+                    f.failures.push(format!("{e:#}"));
+                }
+            }
+        }
+    });
+    Ok(done)
+}
+
+/// A connection that vacuums at autovacuum's own pace, not a manual VACUUM's (unthrottled).
+async fn paced(url: &str) -> anyhow::Result<sqlx::PgConnection> {
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(url))
+        .await
+        .map_err(|_| anyhow::anyhow!("connect: no answer within 10 s"))??;
+    sqlx::query("SET vacuum_cost_delay = '2ms'")
+        .execute(&mut conn)
+        .await?;
+    sqlx::query("SET vacuum_cost_limit = 200")
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// Vacuums or analyzes each table past autovacuum's default thresholds.
+async fn one_pass(
+    conn: &mut sqlx::PgConnection,
+    figures: &Mutex<Vacuums>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let due: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT format('%I.%I', schemaname, relname),
+                n_dead_tup > 50 + 0.2 * n_live_tup
+           FROM pg_stat_user_tables
+          WHERE n_dead_tup > 50 + 0.2 * n_live_tup
+             OR n_mod_since_analyze > 50 + 0.1 * n_live_tup
+          ORDER BY n_dead_tup DESC",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for (table, vacuum) in due {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        let sql = if vacuum {
+            format!("VACUUM (ANALYZE) {table}")
+        } else {
+            format!("ANALYZE {table}")
+        };
+        let began = Instant::now();
+        let outcome = tokio::time::timeout(PER_TABLE, sqlx::query(&sql).execute(&mut *conn)).await;
+        let took = began.elapsed().as_secs_f64();
+        if let Ok(mut f) = figures.lock() {
+            f.seconds += took;
+        }
+        match outcome {
+            Ok(Ok(_)) => {
+                if let Ok(mut f) = figures.lock() {
+                    if vacuum {
+                        f.vacuumed += 1;
+                    } else {
+                        f.analyzed += 1;
+                    }
+                }
+            }
+            Ok(Err(e)) => anyhow::bail!("{sql}: {e}"),
+            Err(_) => anyhow::bail!("{sql}: not done within {PER_TABLE:?}"),
+        }
+    }
+    Ok(())
+}
