@@ -100,7 +100,10 @@ async fn a_pool_under_contention_keeps_its_connections() {
         pids.extend(p);
         timed_out += n;
     }
-    assert!(timed_out > 0, "the pool was never contended: the test proves nothing");
+    assert!(
+        timed_out > 0,
+        "the pool was never contended: the test proves nothing"
+    );
     assert!(
         pids.len() <= 2,
         "queries ran on {} backends through a pool of 2: connections were destroyed and \
@@ -135,19 +138,23 @@ async fn a_transaction_begins_after_the_pools_connections_were_terminated() {
     .await
     .expect("terminate");
     assert_eq!(terminated, 2, "both pooled connections were terminated");
-    integration_tests::eventually("the terminated sessions to end", Duration::from_secs(5), || {
-        let admin = admin.clone();
-        let name = name.to_owned();
-        async move {
-            let left: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
-                    .bind(&name)
-                    .fetch_one(&admin)
-                    .await
-                    .expect("count");
-            (left == 0).then_some(())
-        }
-    })
+    integration_tests::eventually(
+        "the terminated sessions to end",
+        Duration::from_secs(5),
+        || {
+            let admin = admin.clone();
+            let name = name.to_owned();
+            async move {
+                let left: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                        .bind(&name)
+                        .fetch_one(&admin)
+                        .await
+                        .expect("count");
+                (left == 0).then_some(())
+            }
+        },
+    )
     .await;
     let mut tx = store.begin().await.expect("BEGIN on a fresh connection");
     let one: i32 = sqlx::query_scalar("SELECT 1")
