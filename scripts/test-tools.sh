@@ -2,7 +2,8 @@
 # Makes sure the tools the tests drive are here, from Debian's packages, installing what is
 # missing: Chromium and ChromeDriver (packages chromium and chromium-driver: the console test)
 # and libfaketime (package faketime: the clock-skew tests run real binaries with their wall
-# clock a minute off); and from PyPI openapi-spec-validator (every /openapi.json is checked
+# clock a minute off), promtool (package prometheus: the alert rules' unit tests and the
+# shipped configuration are checked with it); and from PyPI openapi-spec-validator (every /openapi.json is checked
 # with a real OpenAPI validator).
 set -euo pipefail
 
@@ -19,6 +20,7 @@ need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "test-tools: installing ${need[*]}"
 sudo=""
@@ -30,3 +32,4 @@ $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 command -v chromedriver >/dev/null 2>&1 || { echo "test-tools: chromedriver missing after install" >&2; exit 1; }
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || { echo "test-tools: libfaketime missing after install" >&2; exit 1; }
+command -v promtool >/dev/null 2>&1 || { echo "test-tools: promtool missing after install" >&2; exit 1; }

@@ -29,6 +29,15 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# the oldest rustc the workspace says it builds with (rust-version; the Docker image's builder):
+# a test keeps it in step with the lock file, this keeps the code building with it
+msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+if rustup toolchain install "$msrv" --profile minimal >.run/logs/rustup-msrv.log 2>&1; then
+  echo "== cargo +$msrv check (the workspace's rust-version)"
+  cargo "+$msrv" check --workspace --all-targets --locked
+else
+  echo "== rustc $msrv cannot be installed here (see .run/logs/rustup-msrv.log): the workspace is not built with its rust-version"
+fi
 echo "== build binaries (the end-to-end test runs them)"
 cargo build --workspace --bins --locked
 waited=0

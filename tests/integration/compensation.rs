@@ -133,6 +133,7 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
+    integration_tests::assert_buckets_span_the_alerts(&metrics, "payment_paid_latency_seconds");
     integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
         .await;
 }

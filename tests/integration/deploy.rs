@@ -436,3 +436,163 @@ fn deploy_files_and_code_agree_on_services_ports_and_variables() {
         "read by the code, documented nowhere in README.md: {undocumented:?}"
     );
 }
+
+/// `major.minor[.patch]` as a comparable triple.
+fn rust_version(v: &str) -> (u64, u64, u64) {
+    let mut parts = v.split('.').map(|p| {
+        p.parse::<u64>()
+            .unwrap_or_else(|_| panic!("{v:?} is not a rust version"))
+    });
+    let mut next = || parts.next().unwrap_or(0);
+    (next(), next(), next())
+}
+
+/// The image builds only with a rustc the locked dependencies accept: the workspace's
+/// `rust-version` is the newest `rust-version` any locked package declares (not older, so
+/// it tells the truth; not newer, so it asks no more than it needs), and the Dockerfile's
+/// builder is that toolchain. A `cargo update` that raises the need fails here until both
+/// follow. (`scripts/test.sh` also checks the workspace with that toolchain when rustup can
+/// install it.)
+#[test]
+fn the_image_and_the_workspace_name_the_rustc_the_lock_file_needs() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(repo())
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--locked",
+            "--filter-platform",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
+    let workspace: std::collections::HashSet<&str> = meta["workspace_members"]
+        .as_array()
+        .expect("workspace_members")
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    let resolved: std::collections::HashSet<&str> = meta["resolve"]["nodes"]
+        .as_array()
+        .expect("resolve")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    let (mut need, mut by) = ((0, 0, 0), String::new());
+    let mut ours = std::collections::BTreeSet::new();
+    for p in meta["packages"].as_array().expect("packages") {
+        let (Some(id), Some(rv)) = (p["id"].as_str(), p["rust_version"].as_str()) else {
+            continue;
+        };
+        if workspace.contains(id) {
+            ours.insert(rv.to_owned());
+        } else if resolved.contains(id) && rust_version(rv) > need {
+            need = rust_version(rv);
+            by = format!("{} {} (rust-version {rv})", p["name"], p["version"]);
+        }
+    }
+    let ours: Vec<String> = ours.into_iter().collect();
+    assert_eq!(
+        ours.len(),
+        1,
+        "every crate takes the workspace's rust-version: {ours:?}"
+    );
+    assert_eq!(
+        rust_version(&ours[0]),
+        need,
+        "Cargo.toml says rust-version {} but the newest a locked package needs is {by}",
+        ours[0]
+    );
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).expect("Dockerfile");
+    let builder = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .expect("the Dockerfile builds FROM rust:<version>-…");
+    let image = builder.split('-').next().unwrap_or_default();
+    assert_eq!(
+        rust_version(image),
+        need,
+        "deploy/Dockerfile builds with rust:{image}; the lock file needs {by}"
+    );
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore");
+    for dir in ["target/", ".run/"] {
+        assert!(
+            ignored.lines().any(|l| l.trim() == dir),
+            ".dockerignore leaves {dir} in the build context"
+        );
+    }
+}
+
+fn promtool(args: &[&str]) -> String {
+    let out = std::process::Command::new("promtool")
+        .current_dir(repo().join("deploy/prometheus"))
+        .args(args)
+        .output()
+        .expect("promtool (Debian's prometheus package; scripts/test-tools.sh installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+/// The alerts as Prometheus itself reads them: the rules and the shipped configuration pass
+/// `promtool check`, and `promtool test rules` runs a unit test of every alert
+/// (`deploy/prometheus/alerts.test.yml`) that sees it fire when it should and stay silent when
+/// all is well (an idle scheduler, every relay gone, a counter's first increase, ...).
+#[test]
+fn every_alert_fires_when_it_should_and_only_then() {
+    promtool(&["check", "rules", "alerts.yml"]);
+    promtool(&["check", "config", "prometheus.yml"]);
+    promtool(&["test", "rules", "alerts.test.yml"]);
+    let rules = &load("deploy/prometheus/alerts.yml")[0];
+    let tests = &load("deploy/prometheus/alerts.test.yml")[0];
+    let (mut fires, mut silent) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    for t in tests["tests"].as_sequence().expect("tests") {
+        for a in t["alert_rule_test"].as_sequence().expect("alert_rule_test") {
+            let name = a["alertname"].as_str().expect("alertname").to_owned();
+            match a["exp_alerts"].as_sequence() {
+                Some(v) if !v.is_empty() => fires.insert(name),
+                _ => silent.insert(name),
+            };
+        }
+    }
+    let mut histograms = std::collections::BTreeSet::new();
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let name = rule["alert"].as_str().expect("alert");
+            assert!(fires.contains(name), "no test sees {name} fire");
+            assert!(silent.contains(name), "no test sees {name} stay silent");
+            let expr = rule["expr"].as_str().unwrap_or_default();
+            if let Some(i) = expr.find("_bucket") {
+                let start = expr[..i]
+                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .map_or(0, |j| j + 1);
+                histograms.insert(expr[start..i].to_owned());
+            }
+        }
+    }
+    // each of these is checked against a live /metrics page
+    // (integration_tests::assert_buckets_span_the_alerts)
+    assert_eq!(
+        histograms.into_iter().collect::<Vec<_>>(),
+        [
+            "http_request_duration_seconds",
+            "job_fire_delay_seconds",
+            "payment_paid_latency_seconds"
+        ],
+        "a histogram an alert reads whose buckets no test checks against the alert"
+    );
+}

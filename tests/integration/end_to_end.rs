@@ -119,6 +119,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
     ] {
         assert!(page.contains(series), "{series} missing:\n{page}");
     }
+    integration_tests::assert_buckets_span_the_alerts(&page, "job_fire_delay_seconds");
     // the bar redeems the voucher once, with its own store's token: another bar's, an
     // operator's and the service token are refused, and change nothing
     let redeem_with = |token: String| {
@@ -185,6 +186,7 @@ async fn real_binaries_take_an_order_from_buy_now_to_a_redeemed_voucher() {
         "{metrics}"
     );
     assert!(!metrics.contains(&id));
+    integration_tests::assert_buckets_span_the_alerts(&metrics, "http_request_duration_seconds");
     let paid = metrics.lines().find(|l| {
         l.starts_with("payment_callbacks_total{")
             && l.contains(r#"outcome="PAID""#)

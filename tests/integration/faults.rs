@@ -112,38 +112,45 @@ async fn a_pool_under_contention_keeps_its_connections() {
     );
 }
 
-/// Connections an operator terminated while they sat idle in the pool (`pg_terminate_backend`,
-/// as after a failover) cost no transaction: a `BEGIN` that finds its connection dead is tried
-/// again on another.
+/// Connections an operator terminated while they sat in the pool (`pg_terminate_backend`, as
+/// after a failover) cost no request: a `BEGIN` or a read that finds its connection dead is
+/// tried again on another, as many times as the pool has dead connections. Here a pool of 6,
+/// every connection terminated, then 6 readers and a transaction at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_transaction_begins_after_the_pools_connections_were_terminated() {
+async fn requests_go_on_after_the_pools_connections_were_terminated() {
+    const POOL: u32 = 6;
     let db = integration_tests::fresh_database().await;
-    let store = postgres_store::PgStore::connect(&db, &integration_tests::test_pg_limits(2))
+    let store = postgres_store::PgStore::connect(&db, &integration_tests::test_pg_limits(POOL))
         .await
         .expect("connect");
-    // both connections open and idle in the pool
-    let (a, b) = tokio::join!(store.pool.acquire(), store.pool.acquire());
-    drop((a.expect("first"), b.expect("second")));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // every connection open and idle in the pool
+    let mut held = Vec::new();
+    for _ in 0..POOL {
+        held.push(store.pool.acquire().await.expect("a connection"));
+    }
+    drop(held);
     let admin = sqlx::PgPool::connect(&integration_tests::admin_url())
         .await
         .expect("admin");
-    let name = db.rsplit('/').next().expect("database name");
+    let name = db.rsplit('/').next().expect("database name").to_owned();
     let terminated: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE datname = $1 AND pid <> pg_backend_pid()) t",
     )
-    .bind(name)
+    .bind(&name)
     .fetch_one(&admin)
     .await
     .expect("terminate");
-    assert_eq!(terminated, 2, "both pooled connections were terminated");
+    assert_eq!(
+        terminated,
+        i64::from(POOL),
+        "every pooled connection was terminated"
+    );
     integration_tests::eventually(
         "the terminated sessions to end",
         Duration::from_secs(5),
         || {
-            let admin = admin.clone();
-            let name = name.to_owned();
+            let (admin, name) = (admin.clone(), name.clone());
             async move {
                 let left: i64 =
                     sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
@@ -156,11 +163,33 @@ async fn a_transaction_begins_after_the_pools_connections_were_terminated() {
         },
     )
     .await;
-    let mut tx = store.begin().await.expect("BEGIN on a fresh connection");
+    let readers: Vec<_> = (0..POOL)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .retry_dead(|pool| async move {
+                        sqlx::query_scalar::<_, i32>("SELECT 1")
+                            .fetch_one(&pool)
+                            .await
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut tx = store.begin().await.expect("BEGIN on a live connection");
     let one: i32 = sqlx::query_scalar("SELECT 1")
         .fetch_one(&mut *tx)
         .await
         .expect("a statement in the transaction");
     tx.commit().await.expect("commit");
     assert_eq!(one, 1);
+    for r in readers {
+        assert_eq!(
+            r.await
+                .expect("reader")
+                .expect("a read after the terminations"),
+            1
+        );
+    }
 }

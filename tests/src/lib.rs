@@ -893,3 +893,66 @@ pub async fn assert_money_invariant(
         }
     }
 }
+
+/// The thresholds the alerts in `deploy/prometheus/alerts.yml` compare a quantile of
+/// histogram `metric` with (`histogram_quantile(…, … metric_bucket …) > T`).
+pub fn alert_quantile_thresholds(metric: &str) -> Vec<f64> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yml");
+    let text = std::fs::read_to_string(&path).expect("deploy/prometheus/alerts.yml");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("alerts.yml parses");
+    let bucket = format!("{metric}_bucket");
+    let mut out = Vec::new();
+    for group in doc["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let expr = rule["expr"].as_str().unwrap_or_default();
+            if !(expr.contains("histogram_quantile(") && expr.contains(&bucket)) {
+                continue;
+            }
+            let (_, t) = expr
+                .rsplit_once('>')
+                .expect("a quantile alert compares with >");
+            out.push(
+                t.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("threshold of {expr}")),
+            );
+        }
+    }
+    out
+}
+
+/// Every threshold an alert compares a quantile of histogram `metric` with is one of its
+/// bucket bounds on this live `/metrics` page, with a finite bucket above it: otherwise
+/// `histogram_quantile` can never pass it (a p99 past the last finite bucket reads as that
+/// bucket) or passes it only by interpolation.
+pub fn assert_buckets_span_the_alerts(page: &str, metric: &str) {
+    let thresholds = alert_quantile_thresholds(metric);
+    assert!(
+        !thresholds.is_empty(),
+        "no alert uses a quantile of {metric}"
+    );
+    let prefix = format!("{metric}_bucket{{");
+    let bounds: Vec<f64> = page
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            le.parse::<f64>().ok().filter(|b| b.is_finite())
+        })
+        .collect();
+    assert!(
+        !bounds.is_empty(),
+        "{metric} has no buckets on the page:\n{page}"
+    );
+    for t in thresholds {
+        assert!(
+            bounds.iter().any(|b| (b - t).abs() < 1e-9),
+            "{metric}: an alert compares with {t} s, which is no bucket bound ({bounds:?})"
+        );
+        assert!(
+            bounds.iter().any(|b| *b > t),
+            "{metric}: an alert compares with {t} s, and no finite bucket lies above it ({bounds:?})"
+        );
+    }
+}

@@ -238,10 +238,11 @@ impl App {
                 "Payments archived as compensation failures, by reason",
                 &["reason"],
             ),
-            paid_latency: metrics.histogram(
+            paid_latency: metrics.histogram_with(
                 "payment_paid_latency_seconds",
                 "From the provider's paid time to the order paid here, by source (compensation, replay)",
                 &["source"],
+                service_kit::telemetry::SLA_BUCKETS,
             ),
             alerts: alerts_tx,
             sla: Mutex::new(SlaTrigger::new(
@@ -252,6 +253,8 @@ impl App {
             epoch: std::time::Instant::now(),
             fast: AtomicBool::new(false),
         });
+        // on /metrics from the start (its buckets at 0), as its alert reads it
+        checker.paid_latency.with_label_values(&["compensation"]);
         let alerts_sent = metrics.counter(
             "compensation_alerts_total",
             "Failure alerts (one per message, a summary counts once) by result: sent, failed, logged",

@@ -65,14 +65,22 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         // call; but only for a brand-new order id. A retry of a committed order gets its
         // order back below, and a retry whose first answer was lost may hold units in the
         // pre-lock: it must get them, not "sold out". One indexed read tells.
+        // (the first reads of a request: a connection found dead costs a retry, not the request)
         if self.sold_out.is_sold_out(&req.sku_id, Instant::now())
-            && !orders::id_may_hold_units(&self.store.pool, id.0).await?
+            && !self
+                .store
+                .retry_dead(|pool| async move { orders::id_may_hold_units(&pool, id.0).await })
+                .await?
         {
             return Err(FulfillmentError::Shortage { available: 0 });
         }
 
         // A retry of a request that already succeeded: answer from the row, touch nothing.
-        if let Some(existing) = orders::find_order(&self.store.pool, id.0).await? {
+        if let Some(existing) = self
+            .store
+            .retry_dead(|pool| async move { orders::find_order(&pool, id.0).await })
+            .await?
+        {
             return replay(existing, &fingerprint);
         }
 
@@ -324,7 +332,11 @@ impl<P: StockPrelock + Clone + 'static> Fulfillment<P> {
         user: &UserId,
         id: OrderId,
     ) -> Result<OrderRow, FulfillmentError> {
-        match orders::find_order(&self.store.pool, id.0).await? {
+        let found = self
+            .store
+            .retry_dead(|pool| async move { orders::find_order(&pool, id.0).await })
+            .await?;
+        match found {
             Some(o) if o.user_id == user.as_str() => Ok(o),
             _ => Err(FulfillmentError::NotFound),
         }

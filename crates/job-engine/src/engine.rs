@@ -57,9 +57,12 @@ pub struct Settled {
     pub priority: i16,
     /// Started at minus due at: how late the job fired (zero if it fired early).
     pub fire_delay: Duration,
-    /// `completed`, `retried`, `snoozed`, `dead` or `lease_lost`.
+    /// One of [`OUTCOMES`].
     pub outcome: &'static str,
 }
+
+/// What [`Settled::outcome`] can say.
+pub const OUTCOMES: [&str; 5] = ["completed", "retried", "snoozed", "dead", "lease_lost"];
 
 pub(crate) type Observer = dyn Fn(&Settled) + Send + Sync;
 type MaintenanceObserver = dyn Fn(&Maintenance) + Send + Sync;
@@ -259,6 +262,11 @@ impl Engine {
             observer: None,
             maintenance_observer: None,
         }
+    }
+
+    /// The kinds this instance has handlers for, in registration order.
+    pub fn kinds(&self) -> &[String] {
+        &self.kinds
     }
 
     /// Calls `f` for every job this instance settles (metrics: fire delay, outcomes).

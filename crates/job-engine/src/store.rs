@@ -13,8 +13,8 @@ use uuid::Uuid;
 /// Whether `err` means "the database is unavailable or too slow right now": the caller answers
 /// 503 with `Retry-After` rather than 500. Pool timeouts and closed pools, I/O and protocol
 /// errors on a dead connection, and the server's own refusals: `statement_timeout` (57014),
-/// `lock_timeout` (55P03), shutdown (57P01-57P03), too many connections (53300), and the
-/// connection exception class (08).
+/// `lock_timeout` (55P03), shutdown (57P01-57P03), an idle session timed out (57P05), too
+/// many connections (53300), and the connection exception class (08).
 pub fn is_transient(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
@@ -22,7 +22,7 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
             matches!(
                 &*c,
-                "57014" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
+                "57014" | "55P03" | "57P01" | "57P02" | "57P03" | "57P05" | "53300"
             ) || c.starts_with("08")
         }),
         _ => false,

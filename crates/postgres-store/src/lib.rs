@@ -42,9 +42,14 @@ pub const STARTUP_PATIENCE: Duration = Duration::from_secs(10);
 /// goodbye: `sessions_abandoned` in `pg_stat_database`), so the pool shrinks exactly when it
 /// is busiest, and regrowing it means connects that the same timeout cancels. The loadgen
 /// scenario found this at 200 orders/s: 300 to 450 abandoned sessions a second, the pool
-/// at 0 to 13 of its 24, every request 503 (sqlx's PR 4369 describes the same churn). A
-/// connection that broke while idle fails its first statement instead, and sqlx's ping on
-/// release then closes it; [`PgStore::begin`] retries a `BEGIN` that fails that way.
+/// at 0 to 13 of its 24, every request 503 (sqlx's PR 4369 describes the same churn).
+///
+/// Instead, only a connection that sat idle for [`PING_IDLE_AFTER`] is pinged (a pool with
+/// idle connections is not contended, so the ping has the whole acquire timeout): that finds
+/// the connections a quiet night, an `idle_session_timeout` or a restart broke. One that broke
+/// while busy fails its next statement, and sqlx's ping on release closes it;
+/// [`PgStore::begin`] and [`PgStore::retry_dead`] try such a statement again on another
+/// connection, so those cost retries, not requests.
 fn pool(options: &PgConnectOptions, limits: &PgLimits, settings: &[(&str, &str)]) -> PgPool {
     let ms = |d: Duration| d.as_millis().to_string();
     let mut session = vec![
@@ -57,8 +62,16 @@ fn pool(options: &PgConnectOptions, limits: &PgLimits, settings: &[(&str, &str)]
         .min_connections((limits.max_connections / 2).max(1))
         .acquire_timeout(limits.acquire_timeout)
         .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                Ok(meta.idle_for < PING_IDLE_AFTER || sqlx::Connection::ping(conn).await.is_ok())
+            })
+        })
         .connect_lazy_with(options.clone().options(session))
 }
+
+/// A pooled connection idle this long is pinged before it is handed out.
+pub const PING_IDLE_AFTER: Duration = Duration::from_secs(5);
 
 /// How long the services wait on Postgres before answering 503 (`PG_*_MS`).
 #[derive(Clone, Debug)]
@@ -286,15 +299,36 @@ impl PgStore {
             .map(|_| ())
     }
 
-    /// A transaction. A `BEGIN` that fails because its connection was dead (terminated by
-    /// an operator, or by a Postgres restart, while it sat idle in the pool) ran nothing: it
-    /// is tried again on another connection, up to [`BEGIN_ATTEMPTS`] times in all.
+    /// A transaction. A `BEGIN` that fails because its connection was dead ran nothing: it
+    /// is tried again on another connection ([`PgStore::retry_dead`]).
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        self.retry_dead(|pool| async move { pool.begin().await })
+            .await
+    }
+
+    /// Runs `op` (a read, or anything that did nothing when its connection turned out dead)
+    /// again on another connection when it failed because its connection was dead (terminated
+    /// by an operator or a failover, or by a Postgres restart). Each such failure closes one
+    /// dead connection (sqlx pings a connection when it comes back), so the pool's dead
+    /// connections cost tries, not requests: at most one try per connection of the pool and
+    /// one more, and only within the pool's acquire timeout, so a server that is really down
+    /// is answered 503 as fast as before.
+    pub async fn retry_dead<T, F, Fut>(&self, mut op: F) -> Result<T, sqlx::Error>
+    where
+        F: FnMut(PgPool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let options = self.pool.options();
+        let (tries, within) = (
+            options.get_max_connections() + 1,
+            options.get_acquire_timeout(),
+        );
+        let began = std::time::Instant::now();
         let mut attempt = 1;
         loop {
-            match self.pool.begin().await {
-                Err(e) if attempt < BEGIN_ATTEMPTS && is_dead_connection(&e) => {
-                    tracing::debug!(error = %e, attempt, "BEGIN on a dead connection; retrying");
+            match op(self.pool.clone()).await {
+                Err(e) if attempt < tries && began.elapsed() < within && is_dead_connection(&e) => {
+                    tracing::debug!(error = %e, attempt, "a dead connection; trying another");
                     attempt += 1;
                 }
                 other => return other,
@@ -313,18 +347,16 @@ pub async fn database_now(
         .await
 }
 
-/// How many connections [`PgStore::begin`] tries when `BEGIN` finds them dead.
-pub const BEGIN_ATTEMPTS: u32 = 3;
-
 /// Whether `err` says the connection itself is gone (the socket, or the server ending the
-/// session: `57P01` admin shutdown, `57P02` crash shutdown, `57P03` cannot connect now, class
-/// `08`), as opposed to a statement's failure.
+/// session: `57P01` admin shutdown, `57P02` crash shutdown, `57P05` idle session timeout,
+/// class `08`), as opposed to a statement's failure. (`57P03`, cannot connect now, is a
+/// refusal of new connections: trying again at once would not help.)
 pub fn is_dead_connection(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db
             .code()
-            .is_some_and(|c| matches!(&*c, "57P01" | "57P02" | "57P03") || c.starts_with("08")),
+            .is_some_and(|c| matches!(&*c, "57P01" | "57P02" | "57P05") || c.starts_with("08")),
         _ => false,
     }
 }

@@ -140,6 +140,13 @@ impl App {
         .with_default_limit(config.default_max_per_buyer);
         let metrics = Metrics::new("prelock-service");
         store.export_outbox_lag(&metrics);
+        // counted from 0, so the first drift is an increase an alert sees
+        let drift = metrics.counter(
+            "prelock_reconcile_drift_total",
+            "SKUs whose Redis state the reconciliation found drifted from Postgres and repaired",
+            &[],
+        );
+        drift.with_label_values::<&str>(&[]);
         let prelock_metrics = PrelockMetrics {
             requests: metrics.counter(
                 "prelock_requests_total",
@@ -161,11 +168,7 @@ impl App {
                 "Over-committed ledgers found by rebuilds, by what was done",
                 &["outcome"],
             ),
-            drift: metrics.counter(
-                "prelock_reconcile_drift_total",
-                "SKUs whose Redis state the reconciliation found drifted from Postgres and repaired",
-                &[],
-            ),
+            drift,
             confirmations: metrics.counter(
                 "prelock_confirmations_total",
                 "Pending pre-lock confirmations settled: confirmed (an order holds it), still_claimed, undecided (its transaction still running), given_back (calls that gave units back)",

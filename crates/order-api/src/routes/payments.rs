@@ -91,14 +91,17 @@ async fn start_at_gateway(
     order: &postgres_store::orders::OrderRow,
     provider: Provider,
 ) -> Result<(StatusCode, Json<PaymentStarted>), ApiError> {
-    let pool = &app.fulfillment.store.pool;
     let started = |p: pay_store::PaymentRow| PaymentStarted {
         payment_id: p.id.to_string(),
         pay_url: p.pay_url,
         provider: p.provider.as_str().to_owned(),
         amount_cents: p.amount_cents,
     };
-    if let Some(open) = pay_store::open_payment(pool, order.id, provider)
+    let order_id = order.id;
+    if let Some(open) = app
+        .fulfillment
+        .store
+        .retry_dead(|pool| async move { pay_store::open_payment(&pool, order_id, provider).await })
         .await
         .map_err(db_error)?
     {
