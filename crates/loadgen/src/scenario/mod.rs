@@ -144,10 +144,11 @@ pub struct Options {
     /// what is still open).
     #[arg(long, default_value = "5m", value_parser = duration)]
     pub settle_timeout: Duration,
-    /// When the server's autovacuum is off, stand in for it this often (0: never): vacuum and
-    /// analyze the run's tables past autovacuum's thresholds, at its throttled pace. Without
-    /// it the job table's dead rows slow every claim of a long run.
-    #[arg(long, default_value = "30s", value_parser = duration)]
+    /// When the server's autovacuum is off, stand in for it this often (0: never; the default
+    /// is autovacuum's naptime): vacuum and analyze the run's tables past autovacuum's
+    /// thresholds, at its throttled pace. Without it the job table's dead rows slow every
+    /// claim of a long run.
+    #[arg(long, default_value = "60s", value_parser = duration)]
     pub vacuum_every: Duration,
     /// Drive the stack scripts/dev-up.sh started (its pid files in .run/pids, its URLs)
     /// instead of starting one. That stack runs one instance of each binary.
