@@ -130,7 +130,7 @@ async fn fire(
         }
         tx.commit().await?;
         inserted += per_tick;
-        if inserted % (rate * 10) == 0 {
+        if inserted.is_multiple_of(rate * 10) {
             eprintln!(
                 "fire: {inserted} jobs inserted, {} fired",
                 delays.lock().map(|d| d.len()).unwrap_or(0)

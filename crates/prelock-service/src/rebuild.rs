@@ -248,7 +248,7 @@ pub async fn rebuild_all(app: &App, trigger: &str) -> Result<RebuildReport, Rebu
                 }
             }
             let done = report.skus + report.failed.len() as u64;
-            if done % 1000 == 0 {
+            if done.is_multiple_of(1000) {
                 tracing::info!(done, total, "rebuild progress");
             }
         }

@@ -581,7 +581,7 @@ async fn drive(
                 last_sent = sent;
                 bar.set_position(el.as_secs().min(total));
                 bar.set_message(msg.clone());
-                if !tty && el.as_secs() % 10 == 0 {
+                if !tty && el.as_secs().is_multiple_of(10) {
                     eprintln!("[{:>4} s] {msg}", el.as_secs());
                 }
                 if el.as_secs() >= total {
