@@ -217,7 +217,7 @@ impl App {
             fire_delay
                 .with_label_values(&[&s.kind, &priority])
                 .observe(s.fire_delay.as_secs_f64());
-            jobs.with_label_values(&[&s.kind, s.outcome]).inc();
+            jobs.with_label_values(&[s.kind.as_str(), s.outcome]).inc();
         });
         let depth = metrics.gauge(
             "job_queue_depth",
