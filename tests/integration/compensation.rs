@@ -550,3 +550,54 @@ async fn a_late_payment_found_by_compensation_is_re_reserved_or_refunded() {
     integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
         .await;
 }
+
+/// The compensation lock lives in Redis, and only saves work: a Redis that hangs (here
+/// `SIGSTOP`ped, its connection open and never answered) must cost a check its
+/// `REDIS_TIMEOUT_MS`, not hold it. The scenario saw a worker's checks wait two minutes after
+/// a Redis restart when the lock's calls had no bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_delays_compensation_by_its_timeout_only() {
+    let s = Services::start(
+        &[],
+        &[
+            ("PRELOCK_TIMEOUT_MS", "2000".to_owned()),
+            ("PAYMENT_FIRST_CHECK_MS", "300".to_owned()),
+        ],
+    )
+    .await;
+    let lock_redis =
+        integration_tests::binaries::ScratchRedis::start(integration_tests::binaries::free_port())
+            .await;
+    let (_worker, _) = s
+        .compensation_worker(&[
+            ("PAYMENT_CHECK_INTERVAL_MS", "700".to_owned()),
+            ("REDIS_URL", lock_redis.url()),
+            ("REDIS_TIMEOUT_MS", "300".to_owned()),
+        ])
+        .await;
+    let db = sqlx::PgPool::connect(&s.db).await.unwrap();
+    s.put_sku("sku-hung", "bar-h", 5_000, 10).await;
+    s.set_faults(json!({ "drop_rate": 1.0 })).await;
+    // the lock's connection is open (a first payment went through it) when Redis hangs
+    for (key, hang) in [("h-1", false), ("h-2", true)] {
+        let (id, _, pay_url) = s
+            .order_with_payment("hung-user", key, ("sku-hung", "bar-h"), "alipay")
+            .await;
+        if hang {
+            lock_redis.signal("STOP");
+        }
+        s.http.post(&pay_url).send().await.unwrap();
+        eventually(
+            "the lost callback compensated",
+            Duration::from_secs(20),
+            || {
+                let (db, id) = (db.clone(), id.clone());
+                async move {
+                    (integration_tests::order_state(&db, &id).await == "PAID").then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    lock_redis.signal("CONT");
+}

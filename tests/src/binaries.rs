@@ -194,9 +194,23 @@ impl ScratchRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sends `sig` (`STOP`: it hangs, its connections open and unanswered; `CONT`: it goes on).
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([format!("-{sig}"), c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -{sig} redis-server");
+        }
+    }
+
     /// Kills the server (as a crash would) and waits until it is gone.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -61,6 +61,8 @@ pub struct Config {
     pub redis_url: String,
     /// How long the compensation lock is held at most (a crashed holder frees it then).
     pub lock_ttl: Duration,
+    /// Bound on each call to Redis for the compensation lock (connect and answer).
+    pub redis_timeout: Duration,
     /// Between checks of a payment that is not paid yet (paper: 30 s).
     pub check_interval: Duration,
     /// The same while the SLA trigger says fast.
@@ -101,6 +103,7 @@ impl Config {
             query_hedges: env_or("PAYMENT_QUERY_HEDGES", 3)?,
             redis_url: env_string("REDIS_URL", "redis://127.0.0.1:6379/0"),
             lock_ttl: env_millis("COMPENSATION_LOCK_TTL_MS", 10_000)?,
+            redis_timeout: env_millis("REDIS_TIMEOUT_MS", 500)?,
             check_interval,
             // 5 s, or the normal interval when that is shorter
             fast_interval: env_millis(
@@ -198,12 +201,22 @@ impl App {
             &auth.service_token,
             config.prelock_timeout,
         )?;
-        let redis = ConnectionManager::new(redis::Client::open(config.redis_url.as_str())?)
-            .await
-            .map_err(|e| {
-                let at = service_kit::config::redact_url(&config.redis_url);
-                anyhow::anyhow!("redis at {at}: {e}")
-            })?;
+        // every call bounded: the lock only saves work, so a Redis that does not answer (killed,
+        // restarted, partitioned) must cost a check at most this long, never hold it (the
+        // scenario saw a worker's checks wait two minutes after a Redis restart without it)
+        let redis_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(config.redis_timeout)
+            .set_response_timeout(config.redis_timeout)
+            .set_number_of_retries(1);
+        let redis = ConnectionManager::new_with_config(
+            redis::Client::open(config.redis_url.as_str())?,
+            redis_config,
+        )
+        .await
+        .map_err(|e| {
+            let at = service_kit::config::redact_url(&config.redis_url);
+            anyhow::anyhow!("redis at {at}: {e}")
+        })?;
         let metrics = Metrics::new("compensation-worker");
         store.export_outbox_lag(&metrics);
         let (alerts_tx, alerts_rx) = mpsc::unbounded_channel();

@@ -118,13 +118,13 @@ async fn one_pass(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let due: Vec<(String, bool, bool)> = sqlx::query_as(
-        "SELECT table_name, vacuum, analyze FROM (
+        "SELECT table_name, do_vacuum, do_analyze FROM (
            SELECT format('%I.%I', schemaname, relname) AS table_name, n_dead_tup,
                   n_dead_tup > 50 + 0.2 * n_live_tup
-                    OR n_ins_since_vacuum > 1000 + 0.2 * n_live_tup AS vacuum,
-                  n_mod_since_analyze > 50 + 0.1 * n_live_tup AS analyze
+                    OR n_ins_since_vacuum > 1000 + 0.2 * n_live_tup AS do_vacuum,
+                  n_mod_since_analyze > 50 + 0.1 * n_live_tup AS do_analyze
              FROM pg_stat_user_tables) t
-          WHERE vacuum OR analyze
+          WHERE do_vacuum OR do_analyze
           ORDER BY n_dead_tup DESC",
     )
     .fetch_all(&mut *conn)
