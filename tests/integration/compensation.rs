@@ -130,10 +130,14 @@ async fn a_paid_payment_whose_callback_was_lost_is_found_and_applied_once() {
     for line in [
         r#"compensation_attempts_total{outcome="paid",service="compensation-worker"} 2"#,
         r#"compensation_attempts_total{outcome="order_closed",service="compensation-worker"} 1"#,
+        // the engine's metrics, every kind from 0: a first dead refund pages (JobsDead)
+        r#"jobs_total{kind="payment.refund",outcome="dead",service="compensation-worker"} 0"#,
+        r#"jobs_total{kind="payment.check",outcome="completed",service="compensation-worker"}"#,
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
     integration_tests::assert_buckets_span_the_alerts(&metrics, "payment_paid_latency_seconds");
+    integration_tests::assert_buckets_span_the_alerts(&metrics, "job_fire_delay_seconds");
     integration_tests::assert_money_invariant(&s.http, &s.gateway, &db, Duration::from_secs(30))
         .await;
 }
@@ -578,13 +582,17 @@ async fn a_hung_redis_delays_compensation_by_its_timeout_only() {
     let db = sqlx::PgPool::connect(&s.db).await.unwrap();
     s.put_sku("sku-hung", "bar-h", 5_000, 10).await;
     s.set_faults(json!({ "drop_rate": 1.0 })).await;
-    // the lock's connection is open (a first payment went through it) when Redis hangs
-    for (key, hang) in [("h-1", false), ("h-2", true)] {
+    // the lock's connection is open (a first payment went through it) when Redis hangs, and
+    // then when it is gone altogether (each call reconnects, and is bounded as a whole)
+    let mut lock_redis = lock_redis;
+    for (key, fault) in [("h-1", ""), ("h-2", "hang"), ("h-3", "gone")] {
         let (id, _, pay_url) = s
             .order_with_payment("hung-user", key, ("sku-hung", "bar-h"), "alipay")
             .await;
-        if hang {
-            lock_redis.signal("STOP");
+        match fault {
+            "hang" => lock_redis.signal("STOP"),
+            "gone" => lock_redis.stop(),
+            _ => {}
         }
         s.http.post(&pay_url).send().await.unwrap();
         eventually(
@@ -599,5 +607,4 @@ async fn a_hung_redis_delays_compensation_by_its_timeout_only() {
         )
         .await;
     }
-    lock_redis.signal("CONT");
 }

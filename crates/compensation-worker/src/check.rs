@@ -83,6 +83,8 @@ pub struct Checker {
     pub gateway: GatewayClient,
     pub redis: ConnectionManager,
     pub lock_ttl: Duration,
+    /// Bound on each compensation-lock call to Redis, reconnects included.
+    pub redis_timeout: Duration,
     pub check_interval: Duration,
     /// The poll interval while the SLA trigger says fast.
     pub fast_interval: Duration,
@@ -493,17 +495,22 @@ impl Checker {
         };
         let key = format!("compensate:order:{payment_id}");
         let token = Uuid::new_v4().to_string();
+        let mut locked = true;
         match self.lock(&key, &token).await {
             Ok(true) => {}
             Ok(false) => return Ok(Compensated::Locked),
             // the lock only saves work: without Redis, the version check still decides
+            // (a lock whose answer timed out may still land: it expires after its ttl)
             Err(e) => {
+                locked = false;
                 tracing::warn!(error = %e, %payment_id, "compensation lock unavailable; applying without it")
             }
         }
         let applied = self.fulfillment.apply_payment(&conf, source).await;
-        if let Err(e) = self.unlock(&key, &token).await {
-            tracing::warn!(error = %e, %payment_id, "compensation lock not released; it expires");
+        if locked {
+            if let Err(e) = self.unlock(&key, &token).await {
+                tracing::warn!(error = %e, %payment_id, "compensation lock not released; it expires");
+            }
         }
         let done = match applied.map_err(CompensateError::Apply)? {
             ApplyOutcome::Paid => Compensated::Paid,
@@ -689,30 +696,42 @@ impl Checker {
 
     async fn lock(&self, key: &str, token: &str) -> redis::RedisResult<bool> {
         let mut conn = self.redis.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(key)
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
             .arg(token)
             .arg("NX")
             .arg("PX")
-            .arg(self.lock_ttl.as_millis() as u64)
-            .query_async(&mut conn)
-            .await?;
-        Ok(set.is_some())
+            .arg(self.lock_ttl.as_millis() as u64);
+        let set = cmd.query_async::<Option<String>>(&mut conn);
+        Ok(bounded(self.redis_timeout, set).await?.is_some())
     }
 
     /// Compare-and-delete: only the holder's token frees the lock (a lock that expired and was
     /// taken by another worker stays theirs).
     async fn unlock(&self, key: &str, token: &str) -> redis::RedisResult<()> {
         let mut conn = self.redis.clone();
-        redis::Script::new(
+        let script = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-        )
-        .key(key)
-        .arg(token)
-        .invoke_async::<i64>(&mut conn)
-        .await?;
+        );
+        let mut call = script.key(key);
+        call.arg(token);
+        bounded(self.redis_timeout, call.invoke_async::<i64>(&mut conn)).await?;
         Ok(())
     }
+}
+
+/// A Redis call within `limit` as a whole (the client's own timeouts bound each connect and
+/// answer, not the reconnect and its backoff between them).
+async fn bounded<T>(
+    limit: std::time::Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "no answer within REDIS_TIMEOUT_MS",
+        )))
+    })
 }
 
 /// The `CompensationFailed` event of a payment archived (or restated) as `reason`.

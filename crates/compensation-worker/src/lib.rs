@@ -44,6 +44,9 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::Alert;
 use crate::check::{Checker, RetryPolicy};
 
+/// How long the worker waits at start for the Redis of its compensation lock before it gives up.
+const REDIS_STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
@@ -201,18 +204,27 @@ impl App {
             &auth.service_token,
             config.prelock_timeout,
         )?;
-        // every call bounded: the lock only saves work, so a Redis that does not answer (killed,
-        // restarted, partitioned) must cost a check at most this long, never hold it (the
+        // connect and answer bounded; each lock call is bounded as a whole too (Check::lock),
+        // reconnects included: the lock only saves work, so a Redis that does not answer
+        // (killed, restarted, partitioned) must cost a check little, never hold it (the
         // scenario saw a worker's checks wait two minutes after a Redis restart without it)
         let redis_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(config.redis_timeout)
             .set_response_timeout(config.redis_timeout)
             .set_number_of_retries(1);
-        let redis = ConnectionManager::new_with_config(
-            redis::Client::open(config.redis_url.as_str())?,
-            redis_config,
-        )
-        .await
+        let redis_client = redis::Client::open(config.redis_url.as_str())?;
+        let started = std::time::Instant::now();
+        let redis = loop {
+            match ConnectionManager::new_with_config(redis_client.clone(), redis_config.clone())
+                .await
+            {
+                Err(e) if started.elapsed() < REDIS_STARTUP_PATIENCE => {
+                    tracing::warn!(error = %e, "redis (the compensation lock) not answering yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => break other,
+            }
+        }
         .map_err(|e| {
             let at = service_kit::config::redact_url(&config.redis_url);
             anyhow::anyhow!("redis at {at}: {e}")
@@ -233,6 +245,7 @@ impl App {
             gateway: GatewayClient::new(&config.gateway_url, config.gateway_timeout)?,
             redis,
             lock_ttl: config.lock_ttl,
+            redis_timeout: config.redis_timeout,
             check_interval: config.check_interval,
             fast_interval: config.fast_interval,
             retry: config.retry.clone(),
@@ -292,6 +305,8 @@ impl App {
                 async move { checker.refund(&job).await }
             });
         }
+        // a dead refund or check pages (JobsDead), and their fire delay is charted
+        engine.export_job_metrics(&metrics);
         Ok(Arc::new(App {
             config,
             auth,

@@ -239,17 +239,22 @@ impl App {
             "Ranges of outbox ids the leading relay went past while no row held them, still looked up every round",
         )?;
         metrics.register(Box::new(gaps.clone()));
+        // counted from 0, so the first failed round is an increase RelayErrors sees
+        let errors = metrics.counter(
+            "relay_errors_total",
+            "Relay rounds that failed, by what failed: kafka, postgres, fenced (the lease was no longer this relay's)",
+            &["what"],
+        );
+        for what in ["kafka", "postgres", "fenced"] {
+            errors.with_label_values(&[what]);
+        }
         let m = RelayMetrics {
             published: metrics.counter(
                 "relay_published_total",
                 "Outbox events Kafka acknowledged, by topic",
                 &["topic"],
             ),
-            errors: metrics.counter(
-                "relay_errors_total",
-                "Relay rounds that failed, by what failed: kafka, postgres, fenced (the lease was no longer this relay's)",
-                &["what"],
-            ),
+            errors,
             leader,
             gaps,
             consumer_lag: metrics.gauge(

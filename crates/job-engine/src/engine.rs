@@ -269,6 +269,37 @@ impl Engine {
         &self.kinds
     }
 
+    /// Exports what this instance's jobs do on `metrics`: `job_fire_delay_seconds{kind,
+    /// priority}` (how late each started; buckets up to ten minutes) and
+    /// `jobs_total{kind,outcome}`, every registered kind's outcomes counted from 0 so the first
+    /// dead job of a kind is an increase an alert sees (a series born at 1 is not). Call it
+    /// after registering the kinds; it takes the [`Engine::on_settled`] hook.
+    pub fn export_job_metrics(&mut self, metrics: &service_kit::telemetry::Metrics) {
+        let fire_delay = metrics.histogram_with(
+            "job_fire_delay_seconds",
+            "How late each job started: claimed at minus due at",
+            &["kind", "priority"],
+            service_kit::telemetry::SLA_BUCKETS,
+        );
+        let jobs = metrics.counter(
+            "jobs_total",
+            "Jobs settled, by kind and outcome (completed, retried, snoozed: not due yet, spending no attempt; dead, lease_lost)",
+            &["kind", "outcome"],
+        );
+        for kind in &self.kinds {
+            for outcome in OUTCOMES {
+                jobs.with_label_values(&[kind.as_str(), outcome]);
+            }
+        }
+        self.on_settled(move |s| {
+            let priority = format!("P{}", s.priority);
+            fire_delay
+                .with_label_values(&[s.kind.as_str(), priority.as_str()])
+                .observe(s.fire_delay.as_secs_f64());
+            jobs.with_label_values(&[s.kind.as_str(), s.outcome]).inc();
+        });
+    }
+
     /// Calls `f` for every job this instance settles (metrics: fire delay, outcomes).
     pub fn on_settled(&mut self, f: impl Fn(&Settled) + Send + Sync + 'static) {
         self.observer = Some(Arc::new(f));

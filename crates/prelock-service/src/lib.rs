@@ -147,6 +147,17 @@ impl App {
             &[],
         );
         drift.with_label_values::<&str>(&[]);
+        // counted from 0, so a first failed rebuild is an increase PrelockRebuildFailing sees
+        let rebuilds = metrics.counter(
+            "prelock_rebuilds_total",
+            "SKU pre-lock rebuilds from Postgres",
+            &["trigger", "outcome"],
+        );
+        for trigger in ["admin", "not_loaded", "restock"] {
+            for outcome in ["ok", "error"] {
+                rebuilds.with_label_values(&[trigger, outcome]);
+            }
+        }
         let prelock_metrics = PrelockMetrics {
             requests: metrics.counter(
                 "prelock_requests_total",
@@ -158,11 +169,7 @@ impl App {
                 "Pre-lock calls that timed out or found Redis unreachable",
                 &["op"],
             ),
-            rebuilds: metrics.counter(
-                "prelock_rebuilds_total",
-                "SKU pre-lock rebuilds from Postgres",
-                &["trigger", "outcome"],
-            ),
+            rebuilds,
             overcommit: metrics.counter(
                 "prelock_overcommit_total",
                 "Over-committed ledgers found by rebuilds, by what was done",

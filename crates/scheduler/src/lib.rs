@@ -194,31 +194,7 @@ impl App {
         seed_schedules(&store, &config).await?;
         let metrics = Metrics::new("scheduler");
         store.export_outbox_lag(&metrics);
-        let fire_delay = metrics.histogram_with(
-            "job_fire_delay_seconds",
-            "How late each job started: claimed at minus due at",
-            &["kind", "priority"],
-            service_kit::telemetry::SLA_BUCKETS,
-        );
-        let jobs = metrics.counter(
-            "jobs_total",
-            "Jobs settled, by kind and outcome (completed, retried, snoozed: not due yet, spending no attempt; dead, lease_lost)",
-            &["kind", "outcome"],
-        );
-        // every kind this instance runs starts at 0 for every outcome, so the first dead job
-        // of a kind is an increase an alert sees (a series born at 1 is not)
-        for kind in engine.kinds() {
-            for outcome in job_engine::OUTCOMES {
-                jobs.with_label_values(&[kind.as_str(), outcome]);
-            }
-        }
-        engine.on_settled(move |s| {
-            let priority = format!("P{}", s.priority);
-            fire_delay
-                .with_label_values(&[&s.kind, &priority])
-                .observe(s.fire_delay.as_secs_f64());
-            jobs.with_label_values(&[s.kind.as_str(), s.outcome]).inc();
-        });
+        engine.export_job_metrics(&metrics);
         let depth = metrics.gauge(
             "job_queue_depth",
             "Jobs due and not yet claimed, by priority (set by the leader)",
