@@ -208,9 +208,6 @@ impl ScratchRedis {
     /// Kills the server (as a crash would) and waits until it is gone.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-CONT", &c.id().to_string()])
-                .status();
             let _ = c.kill();
             let _ = c.wait();
         }

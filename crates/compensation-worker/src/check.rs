@@ -495,17 +495,16 @@ impl Checker {
         };
         let key = format!("compensate:order:{payment_id}");
         let token = Uuid::new_v4().to_string();
-        let mut locked = true;
-        match self.lock(&key, &token).await {
-            Ok(true) => {}
+        let locked = match self.lock(&key, &token).await {
+            Ok(true) => true,
             Ok(false) => return Ok(Compensated::Locked),
             // the lock only saves work: without Redis, the version check still decides
             // (a lock whose answer timed out may still land: it expires after its ttl)
             Err(e) => {
-                locked = false;
-                tracing::warn!(error = %e, %payment_id, "compensation lock unavailable; applying without it")
+                tracing::warn!(error = %e, %payment_id, "compensation lock unavailable; applying without it");
+                false
             }
-        }
+        };
         let applied = self.fulfillment.apply_payment(&conf, source).await;
         if locked {
             if let Err(e) = self.unlock(&key, &token).await {

@@ -264,11 +264,6 @@ impl Engine {
         }
     }
 
-    /// The kinds this instance has handlers for, in registration order.
-    pub fn kinds(&self) -> &[String] {
-        &self.kinds
-    }
-
     /// Exports what this instance's jobs do on `metrics`: `job_fire_delay_seconds{kind,
     /// priority}` (how late each started; buckets up to ten minutes) and
     /// `jobs_total{kind,outcome}`, every registered kind's outcomes counted from 0 so the first

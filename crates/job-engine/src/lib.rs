@@ -36,7 +36,7 @@ pub mod store;
 
 pub use clock::{Clock, DbClock, ManualClock};
 pub use engine::{
-    Engine, EngineConfig, EngineError, Job, Maintenance, Outcome, RoundReport, Settled, OUTCOMES,
+    Engine, EngineConfig, EngineError, Job, Maintenance, Outcome, RoundReport, Settled,
 };
 pub use leader::Leadership;
 pub use store::{Coverage, Inserted, NewJob, Priority, RunAt, Settle};

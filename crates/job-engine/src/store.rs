@@ -16,15 +16,29 @@ use uuid::Uuid;
 /// `lock_timeout` (55P03), shutdown (57P01-57P03), an idle session timed out (57P05), too
 /// many connections (53300), and the connection exception class (08).
 pub fn is_transient(err: &sqlx::Error) -> bool {
+    is_dead_connection(err)
+        || match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+                true
+            }
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| matches!(&*c, "57014" | "55P03" | "57P03" | "53300")),
+            _ => false,
+        }
+}
+
+/// Whether `err` says the connection itself is gone (the socket, or the server ending the
+/// session: `57P01` admin shutdown, `57P02` crash shutdown, `57P05` idle session timeout,
+/// class `08`), as opposed to a statement's failure: the statement ran nothing and another
+/// connection may run it. (`57P03`, cannot connect now, refuses new connections: trying
+/// again at once would not help.)
+pub fn is_dead_connection(err: &sqlx::Error) -> bool {
     match err {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            matches!(
-                &*c,
-                "57014" | "55P03" | "57P01" | "57P02" | "57P03" | "57P05" | "53300"
-            ) || c.starts_with("08")
-        }),
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| matches!(&*c, "57P01" | "57P02" | "57P05") || c.starts_with("08")),
         _ => false,
     }
 }

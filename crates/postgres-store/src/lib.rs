@@ -347,23 +347,9 @@ pub async fn database_now(
         .await
 }
 
-/// Whether `err` says the connection itself is gone (the socket, or the server ending the
-/// session: `57P01` admin shutdown, `57P02` crash shutdown, `57P05` idle session timeout,
-/// class `08`), as opposed to a statement's failure. (`57P03`, cannot connect now, is a
-/// refusal of new connections: trying again at once would not help.)
-pub fn is_dead_connection(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| matches!(&*c, "57P01" | "57P02" | "57P05") || c.starts_with("08")),
-        _ => false,
-    }
-}
-
-/// The one classifier of database failures (`job_engine`, the lowest crate that speaks SQL,
-/// owns it): transient means 503 with `Retry-After`.
-pub use job_engine::store::{bad_input, is_transient};
+/// The one classifier of database failures, and of a dead connection (`job_engine`, the lowest
+/// crate that speaks SQL, owns them): transient means 503 with `Retry-After`.
+pub use job_engine::store::{bad_input, is_dead_connection, is_transient};
 
 /// Whether `err` is a unique violation (optionally of one named constraint).
 pub fn is_unique_violation(err: &sqlx::Error, constraint: Option<&str>) -> bool {
